@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what building and testing Tessera needs, when it is missing:
+# libclang (bindgen for RocksDB's bindings), a C++ compiler, and Debian's etcd
+# server and etcdctl, which the tests use as the reference implementation.
+# Usage: scripts/prereqs.sh [build|test]
+set -euo pipefail
+want=${1:-build}
+pkgs=()
+dpkg -s libclang-dev >/dev/null 2>&1 || pkgs+=(libclang-dev)
+command -v g++ >/dev/null 2>&1 || pkgs+=(g++)
+if [ "$want" = test ]; then
+  command -v etcd >/dev/null 2>&1 || pkgs+=(etcd-server)
+  command -v etcdctl >/dev/null 2>&1 || pkgs+=(etcd-client)
+fi
+if [ ${#pkgs[@]} -gt 0 ]; then
+  echo "installing: ${pkgs[*]}" >&2
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${pkgs[@]}" >/dev/null
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "cargo is not installed: install Rust from https://rustup.rs first" >&2
+  exit 1
+fi

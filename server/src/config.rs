@@ -1,0 +1,484 @@
+//! Command-line flags and `ETCD_*` environment variables, named as etcd names
+//! them so existing launch scripts and manifests start Tessera unchanged.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::parser::ValueSource;
+use clap::{Arg, ArgAction, ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
+
+/// The etcd API version Tessera reports (kube-apiserver gates features on it).
+pub const ETCD_VERSION: &str = "3.5.16";
+/// The cluster version reported next to it.
+pub const ETCD_CLUSTER_VERSION: &str = "3.5.0";
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "tessera",
+    about = "An etcd v3-compatible datastore on openraft and RocksDB",
+    disable_version_flag = true
+)]
+pub struct Config {
+    /// Human-readable name for this member.
+    #[arg(long, env = "ETCD_NAME", default_value = "default")]
+    pub name: String,
+    /// Path to the data directory (default: <name>.etcd).
+    #[arg(long, env = "ETCD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Comma-separated URLs to listen on for client traffic.
+    #[arg(long, env = "ETCD_LISTEN_CLIENT_URLS", default_value = "http://localhost:2379")]
+    pub listen_client_urls: String,
+    /// Comma-separated client URLs advertised to the rest of the cluster.
+    #[arg(long, env = "ETCD_ADVERTISE_CLIENT_URLS", default_value = "http://localhost:2379")]
+    pub advertise_client_urls: String,
+    /// Comma-separated URLs to listen on for peer traffic.
+    #[arg(long, env = "ETCD_LISTEN_PEER_URLS", default_value = "http://localhost:2380")]
+    pub listen_peer_urls: String,
+    /// Comma-separated peer URLs advertised to the rest of the cluster.
+    #[arg(long, env = "ETCD_INITIAL_ADVERTISE_PEER_URLS", default_value = "http://localhost:2380")]
+    pub initial_advertise_peer_urls: String,
+    /// Initial cluster configuration for bootstrapping (name=peer-url,...).
+    #[arg(long, env = "ETCD_INITIAL_CLUSTER")]
+    pub initial_cluster: Option<String>,
+    /// Initial cluster state ('new' or 'existing').
+    #[arg(long, env = "ETCD_INITIAL_CLUSTER_STATE", default_value = "new",
+          value_parser = ["new", "existing"])]
+    pub initial_cluster_state: String,
+    /// Initial cluster token for the cluster during bootstrap.
+    #[arg(long, env = "ETCD_INITIAL_CLUSTER_TOKEN", default_value = "etcd-cluster")]
+    pub initial_cluster_token: String,
+    /// Raise the NOSPACE alarm when the backend exceeds this many bytes (0 = 2 GiB).
+    #[arg(long, env = "ETCD_QUOTA_BACKEND_BYTES", default_value_t = 0, allow_negative_numbers = true)]
+    pub quota_backend_bytes: i64,
+    /// Maximum client request size in bytes the server will accept.
+    #[arg(long, env = "ETCD_MAX_REQUEST_BYTES", default_value_t = 1_572_864)]
+    pub max_request_bytes: u32,
+    /// Maximum number of operations permitted in a transaction.
+    #[arg(long, env = "ETCD_MAX_TXN_OPS", default_value_t = 128)]
+    pub max_txn_ops: u32,
+    /// Time (in milliseconds) of a heartbeat interval.
+    #[arg(long, env = "ETCD_HEARTBEAT_INTERVAL", default_value_t = 100)]
+    pub heartbeat_interval: u64,
+    /// Time (in milliseconds) for an election to timeout.
+    #[arg(long, env = "ETCD_ELECTION_TIMEOUT", default_value_t = 1000)]
+    pub election_timeout: u64,
+    /// Number of committed transactions to trigger a snapshot.
+    #[arg(long, env = "ETCD_SNAPSHOT_COUNT", default_value_t = 100_000)]
+    pub snapshot_count: u64,
+    /// Interpret 'auto-compaction-retention' as 'periodic' (duration) or 'revision'.
+    #[arg(long, env = "ETCD_AUTO_COMPACTION_MODE", default_value = "periodic",
+          value_parser = ["periodic", "revision"])]
+    pub auto_compaction_mode: String,
+    /// Auto compaction retention: a duration ('1h', '30m', or hours as a number) or a revision count; 0 disables.
+    #[arg(long, env = "ETCD_AUTO_COMPACTION_RETENTION", default_value = "0")]
+    pub auto_compaction_retention: String,
+    /// Log level: debug, info, warn, error, panic or fatal.
+    #[arg(long, env = "ETCD_LOG_LEVEL", default_value = "info",
+          value_parser = ["debug", "info", "warn", "error", "panic", "fatal"])]
+    pub log_level: String,
+    /// Print the version and exit.
+    #[arg(long, env = "ETCD_VERSION", num_args = 0..=1, default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
+    pub version: bool,
+    #[command(subcommand)]
+    pub command: Option<Tool>,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum Tool {
+    /// Create a new member's data directory from a file written by `etcdctl snapshot save`
+    /// against Tessera (the result is a fresh single-member cluster holding the snapshot's data).
+    SnapshotRestore {
+        /// The snapshot file.
+        file: PathBuf,
+    },
+}
+
+/// etcd 3.5 server flags Tessera accepts but does not act on yet, and whether
+/// each is a boolean switch. Passing one logs a warning naming it.
+pub const ACCEPTED_NOT_ACTED_ON: &[(&str, bool)] = &[
+    ("auth-token", false),
+    ("auth-token-ttl", false),
+    ("auto-tls", true),
+    ("backend-batch-interval", false),
+    ("backend-batch-limit", false),
+    ("backend-bbolt-freelist-type", false),
+    ("bcrypt-cost", false),
+    ("cert-file", false),
+    ("cipher-suites", false),
+    ("client-cert-allowed-hostname", false),
+    ("client-cert-auth", true),
+    ("client-cert-file", false),
+    ("client-crl-file", false),
+    ("client-key-file", false),
+    ("config-file", false),
+    ("cors", false),
+    ("debug", true),
+    ("discovery", false),
+    ("discovery-fallback", false),
+    ("discovery-proxy", false),
+    ("discovery-srv", false),
+    ("discovery-srv-name", false),
+    ("enable-grpc-gateway", true),
+    ("enable-log-rotation", true),
+    ("enable-pprof", true),
+    ("enable-v2", true),
+    ("experimental-backend-bbolt-freelist-type", false),
+    ("experimental-bootstrap-defrag-threshold-megabytes", false),
+    ("experimental-compact-hash-check-enabled", true),
+    ("experimental-compact-hash-check-time", false),
+    ("experimental-compaction-batch-limit", false),
+    ("experimental-compaction-sleep-interval", false),
+    ("experimental-corrupt-check-time", false),
+    ("experimental-distributed-tracing-address", false),
+    ("experimental-distributed-tracing-instance-id", false),
+    ("experimental-distributed-tracing-sampling-rate", false),
+    ("experimental-distributed-tracing-service-name", false),
+    ("experimental-downgrade-check-time", false),
+    ("experimental-enable-distributed-tracing", true),
+    ("experimental-enable-lease-checkpoint", true),
+    ("experimental-enable-lease-checkpoint-persist", true),
+    ("experimental-enable-v2v3", false),
+    ("experimental-initial-corrupt-check", true),
+    ("experimental-max-learners", false),
+    ("experimental-memory-mlock", true),
+    ("experimental-peer-skip-client-san-verification", true),
+    ("experimental-snapshot-catchup-entries", false),
+    ("experimental-stop-grpc-service-on-defrag", true),
+    ("experimental-txn-mode-write-with-shared-buffer", true),
+    ("experimental-wait-cluster-ready-timeout", false),
+    ("experimental-warning-apply-duration", false),
+    ("experimental-warning-unary-request-duration", false),
+    ("experimental-watch-progress-notify-interval", false),
+    ("force-new-cluster", true),
+    ("grpc-keepalive-interval", false),
+    ("grpc-keepalive-min-time", false),
+    ("grpc-keepalive-timeout", false),
+    ("host-whitelist", false),
+    ("initial-election-tick-advance", true),
+    ("key-file", false),
+    ("listen-client-http-urls", false),
+    ("listen-metrics-urls", false),
+    ("log-format", false),
+    ("log-outputs", false),
+    ("log-rotation-config-json", false),
+    ("logger", false),
+    ("max-concurrent-streams", false),
+    ("max-snapshots", false),
+    ("max-wals", false),
+    ("metrics", false),
+    ("peer-auto-tls", true),
+    ("peer-cert-allowed-cn", false),
+    ("peer-cert-allowed-hostname", false),
+    ("peer-cert-file", false),
+    ("peer-client-cert-auth", true),
+    ("peer-crl-file", false),
+    ("peer-key-file", false),
+    ("peer-trusted-ca-file", false),
+    ("pre-vote", true),
+    ("proxy", false),
+    ("proxy-dial-timeout", false),
+    ("proxy-failure-wait", false),
+    ("proxy-read-timeout", false),
+    ("proxy-refresh-interval", false),
+    ("proxy-write-timeout", false),
+    ("self-signed-cert-validity", false),
+    ("socket-reuse-address", true),
+    ("socket-reuse-port", true),
+    ("strict-reconfig-check", true),
+    ("tls-max-version", false),
+    ("tls-min-version", false),
+    ("trusted-ca-file", false),
+    ("unsafe-no-fsync", true),
+    ("v2-deprecation", false),
+    ("wal-dir", false),
+];
+
+fn env_name(flag: &str) -> String {
+    format!("ETCD_{}", flag.to_uppercase().replace('-', "_"))
+}
+
+/// The full command: Tessera's own flags plus every accepted-but-ignored one.
+pub fn command() -> clap::Command {
+    let mut cmd = Config::command();
+    for &(flag, is_bool) in ACCEPTED_NOT_ACTED_ON {
+        let mut arg = Arg::new(flag).long(flag).env(env_name(flag)).hide(true);
+        arg = if is_bool {
+            arg.num_args(0..=1)
+                .default_missing_value("true")
+                .value_parser(clap::builder::BoolishValueParser::new())
+                .action(ArgAction::Set)
+        } else {
+            arg.num_args(1).action(ArgAction::Set)
+        };
+        cmd = cmd.arg(arg);
+    }
+    cmd
+}
+
+/// Parsed configuration plus the names of ignored flags that were given.
+pub struct Parsed {
+    pub config: Config,
+    pub ignored_flags: Vec<&'static str>,
+}
+
+/// Parses `args`; errors are clap errors (help and version included).
+pub fn parse_from<I, T>(args: I) -> Result<Parsed, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let matches: ArgMatches = command().try_get_matches_from(args)?;
+    let ignored_flags = ACCEPTED_NOT_ACTED_ON
+        .iter()
+        .map(|(f, _)| *f)
+        .filter(|f| {
+            matches!(
+                matches.value_source(f),
+                Some(ValueSource::CommandLine) | Some(ValueSource::EnvVariable)
+            )
+        })
+        .collect();
+    let config = Config::from_arg_matches(&matches)?;
+    Ok(Parsed { config, ignored_flags })
+}
+
+/// A configuration error, phrased for a one-line message.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("{}.etcd", self.name)))
+    }
+
+    /// The backend quota in bytes: etcd's 2 GiB default for 0, none if negative.
+    pub fn quota_bytes(&self) -> Option<u64> {
+        match self.quota_backend_bytes {
+            0 => Some(2 << 30),
+            q if q < 0 => None,
+            q => Some(q as u64),
+        }
+    }
+
+    /// Socket addresses for `--listen-client-urls`.
+    pub fn client_listen_addrs(&self) -> Result<Vec<SocketAddr>, ConfigError> {
+        split_urls(&self.listen_client_urls)
+            .map(|u| resolve_url("--listen-client-urls", u))
+            .collect()
+    }
+
+    pub fn advertise_client_urls(&self) -> Vec<String> {
+        split_urls(&self.advertise_client_urls).map(str::to_string).collect()
+    }
+
+    pub fn advertise_peer_urls(&self) -> Vec<String> {
+        split_urls(&self.initial_advertise_peer_urls).map(str::to_string).collect()
+    }
+
+    /// Checks everything that can be checked before touching the disk.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.client_listen_addrs()?;
+        for (flag, urls) in [
+            ("--advertise-client-urls", &self.advertise_client_urls),
+            ("--listen-peer-urls", &self.listen_peer_urls),
+            ("--initial-advertise-peer-urls", &self.initial_advertise_peer_urls),
+        ] {
+            for u in split_urls(urls) {
+                parse_url(flag, u)?;
+            }
+        }
+        if let Some(cluster) = &self.initial_cluster {
+            let members: Vec<&str> = cluster.split(',').filter(|s| !s.is_empty()).collect();
+            let mut names = std::collections::BTreeSet::new();
+            for m in &members {
+                let Some((name, url)) = m.split_once('=') else {
+                    return Err(ConfigError(format!(
+                        "--initial-cluster: invalid member {m:?}, expected name=peer-url"
+                    )));
+                };
+                parse_url("--initial-cluster", url)?;
+                names.insert(name);
+            }
+            if names.len() > 1 {
+                return Err(ConfigError(
+                    "--initial-cluster names several members; this Tessera build runs single-member clusters only"
+                        .into(),
+                ));
+            }
+            if !names.is_empty() && !names.contains(self.name.as_str()) {
+                return Err(ConfigError(format!(
+                    "--initial-cluster has no member named {:?} (--name)",
+                    self.name
+                )));
+            }
+        }
+        if self.initial_cluster_state == "existing" {
+            return Err(ConfigError(
+                "--initial-cluster-state=existing needs cluster membership, which this Tessera build does not support yet".into(),
+            ));
+        }
+        if self.max_txn_ops == 0 {
+            return Err(ConfigError("--max-txn-ops must be greater than 0".into()));
+        }
+        if self.max_request_bytes == 0 {
+            return Err(ConfigError("--max-request-bytes must be greater than 0".into()));
+        }
+        if self.heartbeat_interval == 0 || self.election_timeout < 5 * self.heartbeat_interval {
+            return Err(ConfigError(format!(
+                "--election-timeout[{}ms] should be at least 5 times as --heartbeat-interval[{}ms]",
+                self.election_timeout, self.heartbeat_interval
+            )));
+        }
+        self.auto_compaction()?;
+        Ok(())
+    }
+
+    /// The auto-compaction policy, or None when disabled.
+    pub fn auto_compaction(&self) -> Result<Option<AutoCompaction>, ConfigError> {
+        let r = self.auto_compaction_retention.trim();
+        let bad = || {
+            ConfigError(format!(
+                "--auto-compaction-retention: invalid value {r:?} for mode {}",
+                self.auto_compaction_mode
+            ))
+        };
+        if self.auto_compaction_mode == "revision" {
+            let n: i64 = r.parse().map_err(|_| bad())?;
+            return Ok((n > 0).then_some(AutoCompaction::Revision(n)));
+        }
+        // periodic: a bare number means hours, as in etcd
+        let d = if let Ok(hours) = r.parse::<u64>() {
+            Duration::from_secs(hours * 3600)
+        } else {
+            parse_duration(r).ok_or_else(bad)?
+        };
+        Ok((!d.is_zero()).then_some(AutoCompaction::Periodic(d)))
+    }
+}
+
+/// How history is compacted automatically.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AutoCompaction {
+    /// Keep this much wall-clock time of history.
+    Periodic(Duration),
+    /// Keep this many revisions of history.
+    Revision(i64),
+}
+
+/// Parses Go-style durations such as `90s`, `1h30m`, `500ms`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+        let (num, tail) = rest.split_at(num_len);
+        let value: f64 = num.parse().ok()?;
+        let unit_len = tail.find(|c: char| c.is_ascii_digit()).unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_len);
+        let secs = match unit {
+            "ns" => value / 1e9,
+            "us" | "µs" => value / 1e6,
+            "ms" => value / 1e3,
+            "s" => value,
+            "m" => value * 60.0,
+            "h" => value * 3600.0,
+            _ => return None,
+        };
+        total += Duration::from_secs_f64(secs);
+        rest = tail;
+    }
+    Some(total)
+}
+
+fn split_urls(s: &str) -> impl Iterator<Item = &str> {
+    s.split(',').map(str::trim).filter(|u| !u.is_empty())
+}
+
+/// Splits `http://host:port` into (host, port).
+fn parse_url<'a>(flag: &str, url: &'a str) -> Result<(&'a str, u16), ConfigError> {
+    let bad = |why: &str| ConfigError(format!("{flag}: invalid URL {url:?}: {why}"));
+    let rest = if let Some(r) = url.strip_prefix("http://") {
+        r
+    } else if url.starts_with("https://") || url.starts_with("unixs://") {
+        return Err(bad("TLS is not supported by this Tessera build yet"));
+    } else {
+        return Err(bad("expected http://host:port"));
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = rest.rsplit_once(':').ok_or_else(|| bad("missing port"))?;
+    let port: u16 = port.parse().map_err(|_| bad("invalid port"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(bad("missing host"));
+    }
+    Ok((host, port))
+}
+
+fn resolve_url(flag: &str, url: &str) -> Result<SocketAddr, ConfigError> {
+    let (host, port) = parse_url(flag, url)?;
+    let host = if host == "localhost" { "127.0.0.1" } else { host };
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| ConfigError(format!("{flag}: cannot resolve {url:?}: {e}")))?
+        .next()
+        .ok_or_else(|| ConfigError(format!("{flag}: {url:?} resolves to no address")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Parsed, clap::Error> {
+        parse_from(std::iter::once("tessera").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_match_etcd() {
+        let p = parse(&[]).unwrap();
+        let c = p.config;
+        assert_eq!(c.name, "default");
+        assert_eq!(c.data_dir(), PathBuf::from("default.etcd"));
+        assert_eq!(c.max_request_bytes, 1_572_864);
+        assert_eq!(c.max_txn_ops, 128);
+        assert_eq!(c.quota_bytes(), Some(2 << 30));
+        assert_eq!(c.client_listen_addrs().unwrap(), vec!["127.0.0.1:2379".parse().unwrap()]);
+        assert!(c.validate().is_ok());
+        assert!(p.ignored_flags.is_empty());
+    }
+
+    #[test]
+    fn ignored_flags_are_accepted_and_reported() {
+        let p = parse(&["--enable-pprof", "--wal-dir=/tmp/x", "--client-cert-auth=true"]).unwrap();
+        assert_eq!(p.ignored_flags, vec!["client-cert-auth", "enable-pprof", "wal-dir"]);
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        assert!(parse(&["--max-txn-ops=abc"]).is_err());
+        assert!(parse(&["--no-such-flag"]).is_err());
+        assert!(parse(&["--auto-compaction-mode=weekly"]).is_err());
+        let c = parse(&["--listen-client-urls=localhost:2379"]).unwrap().config;
+        assert!(c.validate().is_err());
+        let c = parse(&["--auto-compaction-retention=xyz"]).unwrap().config;
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn auto_compaction_policies() {
+        let c = parse(&["--auto-compaction-retention=1"]).unwrap().config;
+        assert_eq!(c.auto_compaction().unwrap(), Some(AutoCompaction::Periodic(Duration::from_secs(3600))));
+        let c = parse(&["--auto-compaction-retention=90s"]).unwrap().config;
+        assert_eq!(c.auto_compaction().unwrap(), Some(AutoCompaction::Periodic(Duration::from_secs(90))));
+        let c = parse(&["--auto-compaction-mode=revision", "--auto-compaction-retention=1000"]).unwrap().config;
+        assert_eq!(c.auto_compaction().unwrap(), Some(AutoCompaction::Revision(1000)));
+        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+    }
+}

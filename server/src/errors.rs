@@ -1,0 +1,148 @@
+//! etcd's client-visible errors, byte for byte.
+//!
+//! Clients (clientv3, etcdctl, kube-apiserver) match on the gRPC code *and* the
+//! message text, so both are copied from etcd's `rpctypes` table. Errors that
+//! the state machine produces are carried through the Raft log result as a
+//! stable numeric code ([`EtcdError::code_number`]), never as text.
+
+use tonic::{Code, Status};
+
+/// An error with etcd's exact gRPC status code and message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EtcdError {
+    #[error("etcdserver: key is not provided")]
+    EmptyKey,
+    #[error("etcdserver: key not found")]
+    KeyNotFound,
+    #[error("etcdserver: value is provided")]
+    ValueProvided,
+    #[error("etcdserver: lease is provided")]
+    LeaseProvided,
+    #[error("etcdserver: too many operations in txn request")]
+    TooManyOps,
+    #[error("etcdserver: duplicate key given in txn request")]
+    DuplicateKey,
+    #[error("etcdserver: mvcc: required revision has been compacted")]
+    Compacted,
+    #[error("etcdserver: mvcc: required revision is a future revision")]
+    FutureRev,
+    #[error("etcdserver: mvcc: database space exceeded")]
+    NoSpace,
+    #[error("etcdserver: requested lease not found")]
+    LeaseNotFound,
+    #[error("etcdserver: request is too large")]
+    RequestTooLarge,
+    #[error("etcdserver: no leader")]
+    NoLeader,
+    #[error("etcdserver: not leader")]
+    NotLeader,
+    #[error("etcdserver: request timed out")]
+    Timeout,
+    #[error("etcdserver: server stopped")]
+    Stopped,
+    #[error("etcdserver: corrupt cluster")]
+    Corrupt,
+    #[error("etcdserver: member not found")]
+    MemberNotFound,
+}
+
+impl EtcdError {
+    /// The gRPC status code etcd answers this error with.
+    pub fn grpc_code(self) -> Code {
+        use EtcdError::*;
+        match self {
+            EmptyKey | KeyNotFound | ValueProvided | LeaseProvided | TooManyOps | DuplicateKey
+            | RequestTooLarge => Code::InvalidArgument,
+            Compacted | FutureRev => Code::OutOfRange,
+            NoSpace => Code::ResourceExhausted,
+            LeaseNotFound | MemberNotFound => Code::NotFound,
+            NotLeader => Code::FailedPrecondition,
+            NoLeader | Timeout | Stopped => Code::Unavailable,
+            Corrupt => Code::DataLoss,
+        }
+    }
+
+    /// Stable number used to carry the error through a Raft apply result.
+    /// Never renumber: results are stored in the replicated log's responses.
+    pub fn code_number(self) -> u32 {
+        use EtcdError::*;
+        match self {
+            EmptyKey => 1,
+            KeyNotFound => 2,
+            ValueProvided => 3,
+            LeaseProvided => 4,
+            TooManyOps => 5,
+            DuplicateKey => 6,
+            Compacted => 7,
+            FutureRev => 8,
+            NoSpace => 9,
+            LeaseNotFound => 10,
+            RequestTooLarge => 11,
+            NoLeader => 12,
+            NotLeader => 13,
+            Timeout => 14,
+            Stopped => 15,
+            Corrupt => 16,
+            MemberNotFound => 17,
+        }
+    }
+
+    /// Inverse of [`EtcdError::code_number`]; unknown numbers are `None`.
+    pub fn from_code_number(n: u32) -> Option<Self> {
+        use EtcdError::*;
+        const ALL: [EtcdError; 17] = [
+            EmptyKey,
+            KeyNotFound,
+            ValueProvided,
+            LeaseProvided,
+            TooManyOps,
+            DuplicateKey,
+            Compacted,
+            FutureRev,
+            NoSpace,
+            LeaseNotFound,
+            RequestTooLarge,
+            NoLeader,
+            NotLeader,
+            Timeout,
+            Stopped,
+            Corrupt,
+            MemberNotFound,
+        ];
+        ALL.into_iter().find(|e| e.code_number() == n)
+    }
+}
+
+impl From<EtcdError> for Status {
+    fn from(e: EtcdError) -> Status {
+        Status::new(e.grpc_code(), e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_numbers_round_trip_and_are_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for n in 0..64 {
+            if let Some(e) = EtcdError::from_code_number(n) {
+                assert_eq!(e.code_number(), n);
+                assert!(seen.insert(n));
+            }
+        }
+        assert_eq!(seen.len(), 17);
+        assert_eq!(EtcdError::from_code_number(0), None);
+    }
+
+    #[test]
+    fn status_carries_etcd_text() {
+        let s: Status = EtcdError::Compacted.into();
+        assert_eq!(s.code(), Code::OutOfRange);
+        assert_eq!(
+            s.message(),
+            "etcdserver: mvcc: required revision has been compacted"
+        );
+    }
+}

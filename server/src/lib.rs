@@ -1,0 +1,16 @@
+//! `tessera`: an etcd v3-compatible datastore. See `docs/ARCHITECTURE.md`.
+
+pub mod alarms;
+pub mod compactor;
+pub mod config;
+pub mod db;
+pub mod errors;
+pub mod http;
+pub mod metrics;
+pub mod mvcc;
+pub mod node;
+pub mod raft;
+pub mod server;
+pub mod service;
+pub mod snapshot;
+pub mod validate;

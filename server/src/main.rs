@@ -1,0 +1,102 @@
+//! The `tessera` binary: parse etcd-style flags, open the member, serve.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use tessera_server::config::{self, Config, Tool, ETCD_VERSION};
+use tessera_server::node::{open_data_dir, Node};
+use tessera_server::raft::state_machine::{META_APPLIED, META_MEMBERSHIP};
+
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+fn main() -> ExitCode {
+    let parsed = match config::parse_from(std::env::args_os()) {
+        Ok(p) => p,
+        Err(e) if e.use_stderr() => {
+            // One line, like etcd's flag errors; clap's hints are multi-line.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("tessera: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    let cfg = parsed.config;
+    if cfg.version {
+        println!("tessera Version: {}", env!("CARGO_PKG_VERSION"));
+        println!("etcd API Version: {ETCD_VERSION}");
+        return ExitCode::SUCCESS;
+    }
+    init_logging(&cfg.log_level);
+    for flag in &parsed.ignored_flags {
+        tracing::warn!(flag = %format!("--{flag}"), "flag accepted for etcd compatibility but not acted on by Tessera yet");
+    }
+    match run(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tessera: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(level: &str) {
+    let level = match level {
+        "panic" | "fatal" => "error",
+        other => other,
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},openraft=warn")));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn run(cfg: Config) -> anyhow::Result<()> {
+    cfg.validate()?;
+    if let Some(Tool::SnapshotRestore { file }) = &cfg.command {
+        return restore(&cfg, file);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let node = Node::start(cfg).await?;
+        if let Some(policy) = node.config.auto_compaction()? {
+            tessera_server::compactor::spawn(node.clone(), policy);
+        }
+        tessera_server::server::serve(node.clone(), shutdown_signal()).await?;
+        node.raft.shutdown().await.context("raft shutdown")?;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// `tessera snapshot-restore FILE --data-dir DIR`: a new member whose state is
+/// the snapshot's key space (revisions included) and whose Raft log is fresh.
+fn restore(cfg: &Config, file: &std::path::Path) -> anyhow::Result<()> {
+    let data_dir = cfg.data_dir();
+    if data_dir.exists() && std::fs::read_dir(&data_dir)?.next().is_some() {
+        anyhow::bail!("data dir {} already exists and is not empty", data_dir.display());
+    }
+    let data = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let db = open_data_dir(&data_dir)?;
+    tessera_server::snapshot::restore(&db, &data, |k| k == META_APPLIED || k == META_MEMBERSHIP)
+        .with_context(|| format!("cannot restore {}", file.display()))?;
+    println!("restored {} into {}", file.display(), data_dir.display());
+    Ok(())
+}

@@ -1,0 +1,553 @@
+//! The MVCC key-value store on RocksDB: point-in-time reads, write
+//! transactions with read-your-writes, compaction and etcd's HashKV.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use prost::Message;
+use rocksdb::{ReadOptions, SnapshotWithThreadMode, WriteBatch, WriteOptions, DB};
+use tessera_proto::mvccpb::KeyValue;
+
+use super::encoding::{
+    after_all_versions, key_prefix, seek_key_at, split_version_key, version_key, KeyRange,
+    Revision, TAG_PUT, TAG_TOMBSTONE,
+};
+use crate::db::{CF_KV, CF_LEASE, CF_META};
+
+const META_CURRENT_REV: &[u8] = b"current_rev";
+const META_COMPACT_REV: &[u8] = b"compact_rev";
+
+/// etcd starts a new store at revision 1; the first write creates revision 2.
+pub const INITIAL_REVISION: i64 = 1;
+/// etcd's "never compacted" marker.
+pub const NEVER_COMPACTED: i64 = -1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("corrupt MVCC record: {0}")]
+    Corrupt(String),
+    #[error("missing column family {0}")]
+    MissingColumnFamily(&'static str),
+}
+
+impl From<prost::DecodeError> for StoreError {
+    fn from(e: prost::DecodeError) -> Self {
+        StoreError::Corrupt(e.to_string())
+    }
+}
+
+/// The MVCC store. Cheap to share behind an `Arc`.
+pub struct Store {
+    db: Arc<DB>,
+    current_rev: AtomicI64,
+    compact_rev: AtomicI64,
+    /// Readers hold it shared while they pick their revision and RocksDB
+    /// snapshot; commits hold it exclusively while they write and publish the
+    /// new revisions, so a view's revisions always match its snapshot.
+    view_lock: RwLock<()>,
+}
+
+impl Store {
+    pub fn open(db: Arc<DB>) -> Result<Self, StoreError> {
+        let store = Store {
+            db,
+            current_rev: AtomicI64::new(INITIAL_REVISION),
+            compact_rev: AtomicI64::new(NEVER_COMPACTED),
+            view_lock: RwLock::new(()),
+        };
+        store.reload()?;
+        Ok(store)
+    }
+
+    /// Re-reads the revisions from disk (after a snapshot was installed).
+    pub fn reload(&self) -> Result<(), StoreError> {
+        let cur = self.meta_i64(META_CURRENT_REV)?.unwrap_or(INITIAL_REVISION);
+        let compact = self.meta_i64(META_COMPACT_REV)?.unwrap_or(NEVER_COMPACTED);
+        let _w = self.view_lock.write().unwrap_or_else(|p| p.into_inner());
+        self.current_rev.store(cur, Ordering::SeqCst);
+        self.compact_rev.store(compact, Ordering::SeqCst);
+        Ok(())
+    }
+
+    pub fn db(&self) -> &Arc<DB> {
+        &self.db
+    }
+
+    pub fn current_rev(&self) -> i64 {
+        self.current_rev.load(Ordering::SeqCst)
+    }
+
+    pub fn compact_rev(&self) -> i64 {
+        self.compact_rev.load(Ordering::SeqCst)
+    }
+
+    fn cf(&self, name: &'static str) -> Result<&rocksdb::ColumnFamily, StoreError> {
+        self.db.cf_handle(name).ok_or(StoreError::MissingColumnFamily(name))
+    }
+
+    fn meta_i64(&self, key: &[u8]) -> Result<Option<i64>, StoreError> {
+        match self.db.get_cf(self.cf(CF_META)?, key)? {
+            Some(v) => {
+                let b: [u8; 8] = v
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt(format!("meta {key:?} length")))?;
+                Ok(Some(i64::from_be_bytes(b)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// A consistent point-in-time view for serving reads.
+    pub fn read_view(&self) -> ReadView<'_> {
+        let _r = self.view_lock.read().unwrap_or_else(|p| p.into_inner());
+        ReadView {
+            db: &self.db,
+            rev: self.current_rev(),
+            compact_rev: self.compact_rev(),
+            snapshot: Some(self.db.snapshot()),
+        }
+    }
+
+    /// A write transaction on the latest state. Only the (single) apply path
+    /// writes, so its reads need no snapshot.
+    pub fn write_txn(&self) -> WriteTxn<'_> {
+        self.txn_on(ReadView {
+            db: &self.db,
+            rev: self.current_rev(),
+            compact_rev: self.compact_rev(),
+            snapshot: None,
+        })
+    }
+
+    /// A transaction over a snapshot, for read-only txns served locally.
+    pub fn read_txn(&self) -> WriteTxn<'_> {
+        self.txn_on(self.read_view())
+    }
+
+    fn txn_on<'a>(&'a self, view: ReadView<'a>) -> WriteTxn<'a> {
+        WriteTxn {
+            begin_rev: view.rev,
+            view,
+            changes: 0,
+            overlay: BTreeMap::new(),
+            batch: WriteBatch::default(),
+        }
+    }
+
+    /// Commits a write transaction together with `extra` writes (such as the
+    /// applied log index) in one atomic batch.
+    pub fn commit(
+        &self,
+        txn: WriteTxn<'_>,
+        extra: impl FnOnce(&mut WriteBatch) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let new_rev = txn.read_rev();
+        let changed = txn.changes > 0;
+        let mut batch = txn.batch;
+        if changed {
+            batch.put_cf(self.cf(CF_META)?, META_CURRENT_REV, new_rev.to_be_bytes());
+        }
+        extra(&mut batch)?;
+        self.write_and_publish(batch, changed.then_some(new_rev), None)
+    }
+
+    /// Writes `batch` and, in the same exclusive section, publishes new revisions.
+    fn write_and_publish(
+        &self,
+        batch: WriteBatch,
+        new_rev: Option<i64>,
+        new_compact: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(false);
+        let _w = self.view_lock.write().unwrap_or_else(|p| p.into_inner());
+        self.db.write_opt(batch, &opts)?;
+        if let Some(r) = new_rev {
+            self.current_rev.store(r, Ordering::SeqCst);
+        }
+        if let Some(c) = new_compact {
+            self.compact_rev.store(c, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    /// Checks a compaction request the way etcd does, without changing anything.
+    pub fn check_compact(&self, rev: i64) -> Result<(), crate::errors::EtcdError> {
+        if rev <= self.compact_rev() {
+            return Err(crate::errors::EtcdError::Compacted);
+        }
+        if rev > self.current_rev() {
+            return Err(crate::errors::EtcdError::FutureRev);
+        }
+        Ok(())
+    }
+
+    /// Physically compacts history at `rev` (already validated with
+    /// [`Store::check_compact`]): every version at or below `rev` is removed
+    /// except each key's newest one, which stays unless it is a tombstone.
+    /// The new compacted revision and `extra` are written in the same batch.
+    pub fn compact(
+        &self,
+        rev: i64,
+        extra: impl FnOnce(&mut WriteBatch) -> Result<(), StoreError>,
+    ) -> Result<usize, StoreError> {
+        let kv = self.cf(CF_KV)?;
+        let mut batch = WriteBatch::default();
+        let mut removed = 0usize;
+        let mut it = self.db.raw_iterator_cf(kv);
+        it.seek_to_first();
+        let mut current_prefix: Vec<u8> = Vec::new();
+        let mut kept_one = false;
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let (prefix, _, r) =
+                split_version_key(k).ok_or_else(|| StoreError::Corrupt("kv key".into()))?;
+            if prefix != current_prefix.as_slice() {
+                current_prefix = prefix.to_vec();
+                kept_one = false;
+            }
+            if r.main <= rev {
+                if kept_one || v.first() == Some(&TAG_TOMBSTONE) {
+                    batch.delete_cf(kv, k);
+                    removed += 1;
+                }
+                kept_one = true;
+            }
+            it.next();
+        }
+        it.status()?;
+        batch.put_cf(self.cf(CF_META)?, META_COMPACT_REV, rev.to_be_bytes());
+        extra(&mut batch)?;
+        self.write_and_publish(batch, None, Some(rev))?;
+        Ok(removed)
+    }
+
+    /// etcd's HashKV: CRC-32C over the `key` bucket as etcd lays it out
+    /// (revision-ordered, 17/18-byte revision keys, marshalled KeyValues), so
+    /// the same history gives the same hash as etcd itself.
+    /// Returns (hash, current revision, compacted revision).
+    pub fn hash_kv(&self, rev: i64) -> Result<Result<(u32, i64, i64), crate::errors::EtcdError>, StoreError> {
+        use crate::errors::EtcdError;
+        let view = self.read_view();
+        let (cur, compact) = (view.rev, view.compact_rev);
+        if rev > 0 && rev <= compact {
+            return Ok(Err(EtcdError::Compacted));
+        }
+        if rev > 0 && rev > cur {
+            return Ok(Err(EtcdError::FutureRev));
+        }
+        let rev = if rev == 0 { cur } else { rev };
+        let kv_cf = self.cf(CF_KV)?;
+        let mut it = self.db.raw_iterator_cf_opt(kv_cf, view.read_opts());
+        it.seek_to_first();
+        // (revision, is tombstone, user key, stored value) of every version <= rev,
+        // plus the revision each key would keep if compacted at `rev`.
+        let mut versions: Vec<(Revision, bool, Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut keep: std::collections::HashSet<Revision> = Default::default();
+        let mut last_prefix: Vec<u8> = Vec::new();
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let (prefix, user, r) =
+                split_version_key(k).ok_or_else(|| StoreError::Corrupt("kv key".into()))?;
+            if r.main <= rev {
+                let tomb = v.first() == Some(&TAG_TOMBSTONE);
+                if prefix != last_prefix.as_slice() {
+                    last_prefix = prefix.to_vec();
+                    if !tomb {
+                        keep.insert(r);
+                    }
+                }
+                versions.push((r, tomb, user, v.get(1..).unwrap_or_default().to_vec()));
+            }
+            it.next();
+        }
+        it.status()?;
+        versions.sort_by_key(|v| v.0);
+        let mut crc = crc32c::crc32c(b"key");
+        for (r, tomb, user, stored) in versions {
+            if r.main <= compact && !keep.is_empty() && !keep.contains(&r) {
+                continue;
+            }
+            let mut rk = Vec::with_capacity(18);
+            rk.extend_from_slice(&r.main.to_be_bytes());
+            rk.push(b'_');
+            rk.extend_from_slice(&r.sub.to_be_bytes());
+            let value = if tomb {
+                rk.push(b't');
+                KeyValue { key: user, ..Default::default() }.encode_to_vec()
+            } else {
+                let mut kv = KeyValue::decode(stored.as_slice())?;
+                kv.key = user;
+                kv.encode_to_vec()
+            };
+            crc = crc32c::crc32c_append(crc, &rk);
+            crc = crc32c::crc32c_append(crc, &value);
+        }
+        Ok(Ok((crc, cur, compact)))
+    }
+
+    /// A hash of the whole applied key space (MVCC history, leases and the
+    /// revisions): deterministic for a given history, stable across restarts.
+    pub fn hash_all(&self) -> Result<(u32, i64), StoreError> {
+        let view = self.read_view();
+        let mut crc = 0u32;
+        for name in [CF_KV, CF_LEASE] {
+            let mut it = self.db.raw_iterator_cf_opt(self.cf(name)?, view.read_opts());
+            it.seek_to_first();
+            while let (Some(k), Some(v)) = (it.key(), it.value()) {
+                crc = crc32c::crc32c_append(crc, k);
+                crc = crc32c::crc32c_append(crc, v);
+                it.next();
+            }
+            it.status()?;
+        }
+        crc = crc32c::crc32c_append(crc, &view.rev.to_be_bytes());
+        crc = crc32c::crc32c_append(crc, &view.compact_rev.to_be_bytes());
+        Ok((crc, view.rev))
+    }
+}
+
+/// A point-in-time view of the store.
+pub struct ReadView<'a> {
+    db: &'a DB,
+    /// The store's current revision when the view was taken.
+    pub rev: i64,
+    /// The compacted revision when the view was taken.
+    pub compact_rev: i64,
+    snapshot: Option<SnapshotWithThreadMode<'a, DB>>,
+}
+
+impl<'a> ReadView<'a> {
+    fn read_opts(&self) -> ReadOptions {
+        let mut o = ReadOptions::default();
+        if let Some(s) = &self.snapshot {
+            o.set_snapshot(s);
+        }
+        o
+    }
+
+    fn kv_cf(&self) -> Result<&rocksdb::ColumnFamily, StoreError> {
+        self.db.cf_handle(CF_KV).ok_or(StoreError::MissingColumnFamily(CF_KV))
+    }
+
+    /// The newest live version of `key` at revision `rev`.
+    pub fn get(&self, key: &[u8], rev: i64) -> Result<Option<KeyValue>, StoreError> {
+        let mut it = self.db.raw_iterator_cf_opt(self.kv_cf()?, self.read_opts());
+        let prefix = key_prefix(key);
+        it.seek(seek_key_at(key, rev));
+        let found = match (it.key(), it.value()) {
+            (Some(k), Some(v)) if k.len() == prefix.len() + 16 && k.starts_with(&prefix) => {
+                decode_live(key, v)?
+            }
+            _ => None,
+        };
+        it.status()?;
+        Ok(found)
+    }
+
+    /// Visits the newest live version at `rev` of every key in `range`, in key
+    /// order, until `visit` returns false.
+    pub fn scan(
+        &self,
+        range: &KeyRange,
+        rev: i64,
+        mut visit: impl FnMut(Vec<u8>, &[u8]) -> Result<bool, StoreError>,
+    ) -> Result<(), StoreError> {
+        let (start, end) = match range {
+            KeyRange::Single(k) => {
+                if let Some(kv) = self.get(k, rev)? {
+                    let mut stored = vec![TAG_PUT];
+                    kv.encode(&mut stored).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    visit(k.clone(), &stored)?;
+                }
+                return Ok(());
+            }
+            KeyRange::FromKey(k) => (key_prefix(k), None),
+            KeyRange::Between(k, e) => {
+                if e.as_slice() <= k.as_slice() {
+                    return Ok(());
+                }
+                (key_prefix(k), Some(key_prefix(e)))
+            }
+        };
+        let mut opts = self.read_opts();
+        if let Some(end) = end {
+            opts.set_iterate_upper_bound(end);
+        }
+        let mut it = self.db.raw_iterator_cf_opt(self.kv_cf()?, opts);
+        it.seek(&start);
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let (prefix, user, r) =
+                split_version_key(k).ok_or_else(|| StoreError::Corrupt("kv key".into()))?;
+            let prefix = prefix.to_vec();
+            if r.main > rev {
+                // Skip the versions newer than `rev` in one seek.
+                let mut target = prefix;
+                target.extend_from_slice(&(u64::MAX - rev as u64).to_be_bytes());
+                target.extend_from_slice(&[0u8; 8]);
+                it.seek(&target);
+                continue;
+            }
+            if v.first() == Some(&TAG_PUT) && !visit(user, v)? {
+                break;
+            }
+            it.seek(after_all_versions(&prefix));
+        }
+        it.status()?;
+        Ok(())
+    }
+
+    /// Live key-values in `range` at `rev`: at most `limit` of them (0 = no
+    /// limit), and the total number of live keys in the range.
+    pub fn range(
+        &self,
+        range: &KeyRange,
+        rev: i64,
+        limit: usize,
+        count_only: bool,
+    ) -> Result<(Vec<KeyValue>, usize), StoreError> {
+        let mut kvs = Vec::new();
+        let mut count = 0usize;
+        self.scan(range, rev, |user, stored| {
+            count += 1;
+            if !count_only && (limit == 0 || kvs.len() < limit) {
+                let mut kv = KeyValue::decode(&stored[1..])?;
+                kv.key = user;
+                kvs.push(kv);
+            }
+            Ok(true)
+        })?;
+        Ok((kvs, count))
+    }
+}
+
+fn decode_live(key: &[u8], stored: &[u8]) -> Result<Option<KeyValue>, StoreError> {
+    match stored.first() {
+        Some(&TAG_PUT) => {
+            let mut kv = KeyValue::decode(&stored[1..])?;
+            kv.key = key.to_vec();
+            Ok(Some(kv))
+        }
+        Some(&TAG_TOMBSTONE) => Ok(None),
+        _ => Err(StoreError::Corrupt("unknown version tag".into())),
+    }
+}
+
+/// A transaction: reads see the transaction's own earlier writes, every write
+/// gets the next revision `(begin + 1, sub)`, and nothing is visible to others
+/// until [`Store::commit`].
+pub struct WriteTxn<'a> {
+    view: ReadView<'a>,
+    begin_rev: i64,
+    changes: i64,
+    /// Each key's state after this transaction's writes (None = deleted).
+    overlay: BTreeMap<Vec<u8>, Option<KeyValue>>,
+    batch: WriteBatch,
+}
+
+impl<'a> WriteTxn<'a> {
+    /// The revision reads in this transaction see: etcd's `beginRev`, plus one
+    /// once the transaction has written something.
+    pub fn read_rev(&self) -> i64 {
+        self.begin_rev + i64::from(self.changes > 0)
+    }
+
+    pub fn begin_rev(&self) -> i64 {
+        self.begin_rev
+    }
+
+    pub fn compact_rev(&self) -> i64 {
+        self.view.compact_rev
+    }
+
+    pub fn has_changes(&self) -> bool {
+        self.changes > 0
+    }
+
+    /// The newest live version of `key` as this transaction sees it.
+    pub fn latest(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
+        match self.overlay.get(key) {
+            Some(state) => Ok(state.clone()),
+            None => self.view.get(key, self.begin_rev),
+        }
+    }
+
+    /// Like [`ReadView::range`], with this transaction's writes visible when
+    /// reading at its own revision.
+    pub fn range(
+        &self,
+        range: &KeyRange,
+        rev: i64,
+        limit: usize,
+        count_only: bool,
+    ) -> Result<(Vec<KeyValue>, usize), StoreError> {
+        let touched = self.overlay.keys().any(|k| range.contains(k));
+        if rev != self.read_rev() || !touched {
+            return self.view.range(range, rev.min(self.begin_rev), limit, count_only);
+        }
+        let (base, _) = self.view.range(range, self.begin_rev, 0, false)?;
+        let mut merged: BTreeMap<Vec<u8>, KeyValue> =
+            base.into_iter().map(|kv| (kv.key.clone(), kv)).collect();
+        for (k, state) in self.overlay.iter().filter(|(k, _)| range.contains(k)) {
+            match state {
+                Some(kv) => merged.insert(k.clone(), kv.clone()),
+                None => merged.remove(k),
+            };
+        }
+        let count = merged.len();
+        let take = if count_only { 0 } else if limit == 0 { count } else { limit };
+        Ok((merged.into_values().take(take).collect(), count))
+    }
+
+    /// Writes a new version of `key`; returns it.
+    pub fn put(&mut self, key: &[u8], value: Vec<u8>, lease: i64) -> Result<KeyValue, StoreError> {
+        let rev = self.begin_rev + 1;
+        let prev = self.latest(key)?;
+        let kv = KeyValue {
+            key: Vec::new(),
+            create_revision: prev.as_ref().map_or(rev, |p| p.create_revision),
+            mod_revision: rev,
+            version: prev.as_ref().map_or(0, |p| p.version) + 1,
+            value,
+            lease,
+        };
+        let mut stored = Vec::with_capacity(kv.encoded_len() + 1);
+        stored.push(TAG_PUT);
+        kv.encode(&mut stored).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let vk = version_key(key, Revision { main: rev, sub: self.changes });
+        self.batch.put_cf(self.view.kv_cf()?, vk, stored);
+        self.changes += 1;
+        let kv = KeyValue { key: key.to_vec(), ..kv };
+        self.overlay.insert(key.to_vec(), Some(kv.clone()));
+        Ok(kv)
+    }
+
+    /// Deletes every live key in `range`; returns the deleted key-values.
+    pub fn delete_range(&mut self, range: &KeyRange) -> Result<Vec<KeyValue>, StoreError> {
+        let (live, _) = self.range(range, self.read_rev(), 0, false)?;
+        let rev = self.begin_rev + 1;
+        for kv in &live {
+            let vk = version_key(&kv.key, Revision { main: rev, sub: self.changes });
+            self.batch.put_cf(self.view.kv_cf()?, vk, [TAG_TOMBSTONE]);
+            self.changes += 1;
+            self.overlay.insert(kv.key.clone(), None);
+        }
+        Ok(live)
+    }
+
+    /// Lease records visible to this transaction.
+    pub fn lease_exists(&self, id: i64) -> Result<bool, StoreError> {
+        let cf = self
+            .view
+            .db
+            .cf_handle(CF_LEASE)
+            .ok_or(StoreError::MissingColumnFamily(CF_LEASE))?;
+        Ok(self
+            .view
+            .db
+            .get_pinned_cf_opt(cf, id.to_be_bytes(), &self.view.read_opts())?
+            .is_some())
+    }
+}

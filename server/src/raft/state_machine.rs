@@ -1,0 +1,280 @@
+//! The Raft state machine: applies committed etcd requests to the MVCC store.
+//!
+//! Each entry is applied in one RocksDB batch that also records the entry's
+//! log id as the applied index, so after a crash the store and the applied
+//! index agree and openraft re-applies exactly the entries after it.
+
+use std::io::Cursor;
+use std::sync::{Arc, Mutex};
+
+use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
+use openraft::{EntryPayload, RaftSnapshotBuilder};
+use rocksdb::WriteBatch;
+use tessera_proto::etcdserverpb::{
+    alarm_request::AlarmAction, AlarmRequest, AlarmResponse, AlarmType, CompactionResponse,
+    ResponseHeader,
+};
+use tessera_proto::tessera::{raft_command::Request, raft_result::Response, RaftCommand, RaftResult};
+
+use super::types::{storage_io_error, CommandResult, Entry, LogId, StorageError, StoredMembership, TypeConfig};
+use crate::alarms::Alarms;
+use crate::db::CF_META;
+use crate::errors::EtcdError;
+use crate::metrics::Metrics;
+use crate::mvcc::apply::{self, ApplyError};
+use crate::mvcc::{Store, StoreError, WriteTxn};
+use crate::snapshot;
+
+/// `meta` key of the last applied log id.
+pub const META_APPLIED: &[u8] = b"applied";
+/// `meta` key of the last applied membership.
+pub const META_MEMBERSHIP: &[u8] = b"membership";
+
+fn store_err(e: StoreError) -> StorageError {
+    storage_io_error(false, e)
+}
+
+#[derive(Clone)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<u64, openraft::BasicNode>,
+    data: Vec<u8>,
+}
+
+/// Shared by the state machine and its snapshot builders.
+#[derive(Clone)]
+pub struct StateMachine {
+    store: Arc<Store>,
+    alarms: Arc<Alarms>,
+    metrics: Arc<Metrics>,
+    current_snapshot: Arc<Mutex<Option<StoredSnapshot>>>,
+}
+
+impl StateMachine {
+    pub fn new(store: Arc<Store>, alarms: Arc<Alarms>, metrics: Arc<Metrics>) -> Self {
+        StateMachine { store, alarms, metrics, current_snapshot: Arc::new(Mutex::new(None)) }
+    }
+
+    fn stage_applied(&self, batch: &mut WriteBatch, log_id: LogId, membership: Option<&StoredMembership>) -> Result<(), StoreError> {
+        let meta = self.store.db().cf_handle(CF_META).ok_or(StoreError::MissingColumnFamily(CF_META))?;
+        let corrupt = |e: bincode::Error| StoreError::Corrupt(e.to_string());
+        batch.put_cf(meta, META_APPLIED, bincode::serialize(&Some(log_id)).map_err(corrupt)?);
+        if let Some(m) = membership {
+            batch.put_cf(meta, META_MEMBERSHIP, bincode::serialize(m).map_err(corrupt)?);
+        }
+        Ok(())
+    }
+
+    /// Records an entry that changes no key.
+    fn apply_noop(&self, log_id: LogId, membership: Option<&StoredMembership>) -> Result<(), StorageError> {
+        let txn = self.store.write_txn();
+        self.store.commit(txn, |b| self.stage_applied(b, log_id, membership)).map_err(store_err)
+    }
+
+    /// Runs `op` in a write transaction; commits it with the applied index on
+    /// success, records only the applied index when etcd would reject it.
+    fn run_txn(
+        &self,
+        log_id: LogId,
+        op: impl FnOnce(&mut WriteTxn<'_>) -> Result<Response, ApplyError>,
+    ) -> Result<Result<Response, EtcdError>, StorageError> {
+        let mut txn = self.store.write_txn();
+        match op(&mut txn) {
+            Ok(resp) => {
+                self.store.commit(txn, |b| self.stage_applied(b, log_id, None)).map_err(store_err)?;
+                Ok(Ok(resp))
+            }
+            Err(ApplyError::Etcd(e)) => {
+                drop(txn);
+                self.apply_noop(log_id, None)?;
+                Ok(Err(e))
+            }
+            Err(ApplyError::Store(e)) => Err(store_err(e)),
+        }
+    }
+
+    fn execute(&self, log_id: LogId, cmd: RaftCommand) -> Result<RaftResult, StorageError> {
+        let nospace = || self.alarms.is_active(AlarmType::Nospace);
+        let outcome = match cmd.request {
+            Some(Request::Put(p)) => {
+                self.metrics.inc(&self.metrics.puts);
+                if nospace() {
+                    self.apply_noop(log_id, None)?;
+                    Err(EtcdError::NoSpace)
+                } else {
+                    self.run_txn(log_id, |t| apply::put(t, &p, true).map(Response::Put))?
+                }
+            }
+            Some(Request::DeleteRange(d)) => {
+                self.metrics.inc(&self.metrics.deletes);
+                self.run_txn(log_id, |t| apply::delete_range(t, &d).map(Response::DeleteRange))?
+            }
+            Some(Request::Txn(t)) => {
+                self.metrics.inc(&self.metrics.txns);
+                if nospace() && !apply::is_txn_read_only(&t) {
+                    self.apply_noop(log_id, None)?;
+                    Err(EtcdError::NoSpace)
+                } else {
+                    self.run_txn(log_id, |w| apply::txn(w, &t).map(Response::Txn))?
+                }
+            }
+            Some(Request::Compaction(c)) => match self.store.check_compact(c.revision) {
+                Err(e) => {
+                    self.apply_noop(log_id, None)?;
+                    Err(e)
+                }
+                Ok(()) => {
+                    let removed = self
+                        .store
+                        .compact(c.revision, |b| self.stage_applied(b, log_id, None))
+                        .map_err(store_err)?;
+                    tracing::info!(revision = c.revision, removed, "compacted history");
+                    Ok(Response::Compaction(CompactionResponse {
+                        header: Some(ResponseHeader { revision: self.store.current_rev(), ..Default::default() }),
+                    }))
+                }
+            },
+            Some(Request::Alarm(a)) => Ok(Response::Alarm(self.apply_alarm(log_id, &a)?)),
+            None => {
+                self.apply_noop(log_id, None)?;
+                Err(EtcdError::KeyNotFound)
+            }
+        };
+        Ok(match outcome {
+            Ok(resp) => RaftResult { response: Some(resp), error: 0 },
+            Err(e) => RaftResult { response: None, error: e.code_number() },
+        })
+    }
+
+    fn apply_alarm(&self, log_id: LogId, a: &AlarmRequest) -> Result<AlarmResponse, StorageError> {
+        let alarm = AlarmType::try_from(a.alarm).unwrap_or(AlarmType::None);
+        let action = AlarmAction::try_from(a.action).unwrap_or(AlarmAction::Get);
+        let mut resp = AlarmResponse::default();
+        let change = match action {
+            AlarmAction::Get => {
+                resp.alarms = self.alarms.list(alarm);
+                None
+            }
+            AlarmAction::Activate => self.alarms.plan_change(a.member_id, alarm, true),
+            AlarmAction::Deactivate => self.alarms.plan_change(a.member_id, alarm, false),
+        };
+        match change {
+            None => self.apply_noop(log_id, None)?,
+            Some((changed, list)) => {
+                let txn = self.store.write_txn();
+                let db = self.store.db().clone();
+                self.store
+                    .commit(txn, |b| {
+                        Alarms::stage(&db, b, &list)?;
+                        self.stage_applied(b, log_id, None)
+                    })
+                    .map_err(store_err)?;
+                self.alarms.publish(list);
+                tracing::warn!(member = changed.member_id, alarm = ?alarm, ?action, "alarm changed");
+                resp.alarms.push(changed);
+            }
+        }
+        Ok(resp)
+    }
+
+    fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
+        let db = self.store.db();
+        let cf = db.cf_handle(CF_META).ok_or_else(|| store_err(StoreError::MissingColumnFamily(CF_META)))?;
+        match db.get_cf(cf, key).map_err(|e| storage_io_error(true, e))? {
+            Some(raw) => Ok(Some(bincode::deserialize(&raw).map_err(|e| storage_io_error(true, e))?)),
+            None => Ok(None),
+        }
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let applied: Option<LogId> = self.read_meta::<Option<LogId>>(META_APPLIED)?.flatten();
+        let membership: StoredMembership = self.read_meta(META_MEMBERSHIP)?.unwrap_or_default();
+        Ok((applied, membership))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResult>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut results = Vec::new();
+        for entry in entries {
+            let log_id = entry.log_id;
+            let result = match entry.payload {
+                EntryPayload::Blank => {
+                    self.apply_noop(log_id, None)?;
+                    RaftResult::default()
+                }
+                EntryPayload::Membership(m) => {
+                    self.apply_noop(log_id, Some(&StoredMembership::new(Some(log_id), m)))?;
+                    RaftResult::default()
+                }
+                EntryPayload::Normal(cmd) => self.execute(log_id, cmd.0)?,
+            };
+            self.metrics.inc(&self.metrics.proposals_applied);
+            results.push(CommandResult(result));
+        }
+        Ok(results)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, openraft::BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        snapshot::restore(self.store.db(), &data, |_| false).map_err(|e| storage_io_error(false, e))?;
+        self.store.reload().map_err(store_err)?;
+        self.alarms.reload(self.store.db()).map_err(store_err)?;
+        *self.current_snapshot.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(StoredSnapshot { meta: meta.clone(), data });
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let current = self.current_snapshot.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        Ok(current.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let db = self.store.db().clone();
+        let dump = tokio::task::spawn_blocking(move || snapshot::dump(&db))
+            .await
+            .map_err(|e| storage_io_error(true, e))?
+            .map_err(|e| storage_io_error(true, e))?;
+        let applied: Option<LogId> = decode_meta::<Option<LogId>>(&dump.meta, META_APPLIED)?.flatten();
+        let membership: StoredMembership = decode_meta(&dump.meta, META_MEMBERSHIP)?.unwrap_or_default();
+        let snapshot_id = match applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, dump.data.len()),
+            None => format!("empty-{}", dump.data.len()),
+        };
+        let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
+        tracing::info!(bytes = dump.data.len(), id = %meta.snapshot_id, "built state machine snapshot");
+        *self.current_snapshot.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(StoredSnapshot { meta: meta.clone(), data: dump.data.clone() });
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(dump.data)) })
+    }
+}
+
+fn decode_meta<T: serde::de::DeserializeOwned>(
+    meta: &std::collections::HashMap<Vec<u8>, Vec<u8>>,
+    key: &[u8],
+) -> Result<Option<T>, StorageError> {
+    meta.get(key)
+        .map(|raw| bincode::deserialize(raw))
+        .transpose()
+        .map_err(|e| storage_io_error(true, e))
+}

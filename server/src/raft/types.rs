@@ -1,0 +1,119 @@
+//! openraft type configuration and the replicated command format.
+//!
+//! Log entries carry etcd requests encoded as protobuf (`tessera.RaftCommand`)
+//! and results come back as `tessera.RaftResult`, so the serde layer openraft
+//! needs is just "these bytes".
+
+use std::fmt;
+use std::io::Cursor;
+
+use prost::Message;
+use serde::de::{Deserializer, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+use tessera_proto::tessera::{RaftCommand, RaftResult};
+
+openraft::declare_raft_types!(
+    /// Tessera's Raft types: u64 member ids, etcd requests as log payload.
+    pub TypeConfig:
+        D = Command,
+        R = CommandResult,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type NodeId = u64;
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type Entry = openraft::Entry<TypeConfig>;
+pub type LogId = openraft::LogId<NodeId>;
+pub type StorageError = openraft::StorageError<NodeId>;
+pub type StoredMembership = openraft::StoredMembership<NodeId, openraft::BasicNode>;
+
+/// A replicated request.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Command(pub RaftCommand);
+
+/// What applying a [`Command`] produced.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct CommandResult(pub RaftResult);
+
+macro_rules! serde_as_protobuf {
+    ($wrapper:ident, $inner:ty) => {
+        impl Serialize for $wrapper {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_bytes(&self.0.encode_to_vec())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $wrapper {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let bytes = d.deserialize_bytes(BytesVisitor)?;
+                <$inner>::decode(bytes.as_slice())
+                    .map($wrapper)
+                    .map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+serde_as_protobuf!(Command, RaftCommand);
+serde_as_protobuf!(CommandResult, RaftResult);
+
+struct BytesVisitor;
+
+impl<'de> Visitor<'de> for BytesVisitor {
+    type Value = Vec<u8>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("protobuf bytes")
+    }
+
+    fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+        Ok(v.to_vec())
+    }
+
+    fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+        Ok(v)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(b) = seq.next_element()? {
+            out.push(b);
+        }
+        Ok(out)
+    }
+}
+
+/// Shorthand for an openraft storage I/O error.
+pub fn storage_io_error(verb_read: bool, e: impl std::error::Error + 'static) -> StorageError {
+    let any = openraft::AnyError::new(&e);
+    if verb_read {
+        openraft::StorageIOError::read(any).into()
+    } else {
+        openraft::StorageIOError::write(any).into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_proto::etcdserverpb::PutRequest;
+    use tessera_proto::tessera::raft_command::Request;
+
+    #[test]
+    fn command_survives_bincode() {
+        let cmd = Command(RaftCommand {
+            request: Some(Request::Put(PutRequest {
+                key: b"k".to_vec(),
+                value: vec![0, 1, 2, 255],
+                ..Default::default()
+            })),
+        });
+        let bytes = bincode::serialize(&cmd).unwrap();
+        let back: Command = bincode::deserialize(&bytes).unwrap();
+        assert_eq!(back, cmd);
+    }
+}

@@ -1,0 +1,60 @@
+//! Serving: gRPC services and HTTP endpoints on every client URL.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::serve::ListenerExt;
+use tessera_proto::etcdserverpb::cluster_server::ClusterServer;
+use tessera_proto::etcdserverpb::kv_server::KvServer;
+use tessera_proto::etcdserverpb::maintenance_server::MaintenanceServer;
+use tonic::service::Routes;
+
+use crate::node::Node;
+use crate::service::{cluster::ClusterService, kv::KvService, maintenance::MaintenanceService};
+
+/// etcd's allowance for gRPC framing on top of `--max-request-bytes`.
+const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+
+pub fn router(node: Arc<Node>) -> axum::Router {
+    let max_recv = node.config.max_request_bytes as usize + GRPC_OVERHEAD_BYTES;
+    let grpc = Routes::new(KvServer::new(KvService::new(node.clone())).max_decoding_message_size(max_recv))
+        .add_service(MaintenanceServer::new(MaintenanceService::new(node.clone())).max_decoding_message_size(max_recv))
+        .add_service(ClusterServer::new(ClusterService::new(node.clone())).max_decoding_message_size(max_recv))
+        .prepare()
+        .into_axum_router();
+    grpc.merge(crate::http::router(node))
+}
+
+/// Binds every `--listen-client-urls` address and serves until `shutdown`.
+pub async fn serve(node: Arc<Node>, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let addrs = node.config.client_listen_addrs()?;
+    let app = router(node.clone());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    for addr in addrs {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?
+            .tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+        tracing::info!(%addr, "serving client traffic (gRPC and HTTP)");
+        let mut stop = stop_rx.clone();
+        let app = app.clone();
+        tasks.push(tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+        }));
+    }
+    tracing::info!("ready to serve client requests");
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        t.await.context("server task panicked")?.context("server failed")?;
+    }
+    Ok(())
+}

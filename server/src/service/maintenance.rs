@@ -1,0 +1,147 @@
+//! The etcd Maintenance service: status, alarms, hashes, defragmentation and
+//! snapshots. MoveLeader and Downgrade answer Unimplemented (tonic's default)
+//! until the cluster issue.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tessera_proto::etcdserverpb::maintenance_server::Maintenance;
+use tessera_proto::etcdserverpb::{
+    alarm_request::AlarmAction, AlarmRequest, AlarmResponse, AlarmType, DefragmentRequest,
+    DefragmentResponse, HashKvRequest, HashKvResponse, HashRequest, HashResponse, SnapshotRequest,
+    SnapshotResponse, StatusRequest, StatusResponse,
+};
+use tessera_proto::tessera::{raft_command::Request as Cmd, raft_result::Response as Res};
+use tonic::{Request, Response, Status};
+
+use crate::config::ETCD_VERSION;
+use crate::db::{self, STATE_MACHINE_CFS};
+use crate::node::{internal, Node};
+use crate::snapshot;
+
+/// Snapshot stream chunk size (etcd sends 32 KiB blobs).
+const SNAPSHOT_CHUNK: usize = 32 * 1024;
+
+pub struct MaintenanceService {
+    node: Arc<Node>,
+}
+
+impl MaintenanceService {
+    pub fn new(node: Arc<Node>) -> Self {
+        MaintenanceService { node }
+    }
+}
+
+fn alarm_name(alarm: i32) -> &'static str {
+    AlarmType::try_from(alarm).map_or("UNKNOWN", |a| a.as_str_name())
+}
+
+type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Maintenance for MaintenanceService {
+    async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        let a = req.into_inner();
+        let mut resp = if a.action == AlarmAction::Get as i32 {
+            let filter = AlarmType::try_from(a.alarm).unwrap_or(AlarmType::None);
+            AlarmResponse { header: None, alarms: self.node.alarms.list(filter) }
+        } else {
+            match self.node.propose(Cmd::Alarm(a)).await? {
+                Res::Alarm(r) => r,
+                _ => return Err(Status::internal("apply returned a response of the wrong kind")),
+            }
+        };
+        resp.header = self.node.header(0);
+        Ok(Response::new(resp))
+    }
+
+    async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let m = self.node.raft.metrics().borrow().clone();
+        let errors = self
+            .node
+            .alarms
+            .list(AlarmType::None)
+            .iter()
+            .map(|a| format!("memberID:{} alarm:{} ", a.member_id, alarm_name(a.alarm)))
+            .collect();
+        Ok(Response::new(StatusResponse {
+            header: self.node.header(0),
+            version: ETCD_VERSION.to_string(),
+            db_size: db::total_size(self.node.store.db()) as i64,
+            leader: m.current_leader.unwrap_or(0),
+            raft_index: m.last_log_index.unwrap_or(0),
+            raft_term: m.current_term,
+            raft_applied_index: m.last_applied.map_or(0, |l| l.index),
+            errors,
+            db_size_in_use: db::live_size(self.node.store.db()) as i64,
+            is_learner: false,
+        }))
+    }
+
+    async fn defragment(&self, _req: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
+        // RocksDB compacts in the background: reads and writes go on meanwhile.
+        let store = self.node.store.clone();
+        let before = db::total_size(store.db());
+        tokio::task::spawn_blocking(move || {
+            let db = store.db();
+            for name in STATE_MACHINE_CFS.iter().chain(&[db::CF_RAFT_LOG]) {
+                if let Some(cf) = db.cf_handle(name) {
+                    db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+                }
+            }
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        tracing::info!(before, after = db::total_size(self.node.store.db()), "defragmented backend");
+        Ok(Response::new(DefragmentResponse { header: self.node.header(0) }))
+    }
+
+    async fn hash(&self, _req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        let store = self.node.store.clone();
+        let (hash, rev) = tokio::task::spawn_blocking(move || store.hash_all())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(internal)?;
+        Ok(Response::new(HashResponse { header: self.node.header(rev), hash }))
+    }
+
+    async fn hash_kv(&self, req: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+        let rev = req.into_inner().revision;
+        let store = self.node.store.clone();
+        let (hash, cur, compact) = tokio::task::spawn_blocking(move || store.hash_kv(rev))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(internal)??;
+        Ok(Response::new(HashKvResponse {
+            header: self.node.header(cur),
+            hash,
+            compact_revision: compact,
+        }))
+    }
+
+    async fn snapshot(&self, _req: Request<SnapshotRequest>) -> Result<Response<SnapshotStream>, Status> {
+        let store = self.node.store.clone();
+        let header = self.node.header(0);
+        let dump = tokio::task::spawn_blocking(move || snapshot::dump(store.db()))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(e.to_string()))?;
+        tracing::info!(bytes = dump.data.len(), "sending snapshot");
+        let data = dump.data;
+        let total = data.len();
+        let chunks: Vec<Result<SnapshotResponse, Status>> = data
+            .chunks(SNAPSHOT_CHUNK)
+            .enumerate()
+            .map(|(i, blob)| {
+                let sent = (i * SNAPSHOT_CHUNK + blob.len()) as u64;
+                Ok(SnapshotResponse {
+                    header: if i == 0 { header.clone() } else { None },
+                    remaining_bytes: total as u64 - sent,
+                    blob: blob.to_vec(),
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+    }
+}
