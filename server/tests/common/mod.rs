@@ -1,0 +1,183 @@
+//! Test harness: starts the real `tessera` binary and Debian's `etcd` on
+//! loopback ports with throwaway data directories, and runs `etcdctl`.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tessera_proto::etcdserverpb::kv_client::KvClient;
+use tessera_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use tessera_proto::etcdserverpb::StatusRequest;
+use tonic::transport::Channel;
+
+pub const TESSERA: &str = env!("CARGO_BIN_EXE_tessera");
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Tessera,
+    Etcd,
+}
+
+/// A running server process; killed (SIGKILL) when dropped.
+pub struct Server {
+    pub kind: Kind,
+    pub port: u16,
+    pub peer_port: u16,
+    pub data_dir: PathBuf,
+    pub log_path: PathBuf,
+    extra: Vec<String>,
+    child: Option<Child>,
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Server {
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts a server of `kind` in `dir` (data in `dir/data`, log in `dir/<kind>.log`).
+    pub async fn start(kind: Kind, dir: &Path, extra: &[&str]) -> Server {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut s = Server {
+            kind,
+            port: free_port(),
+            peer_port: free_port(),
+            data_dir: dir.join("data"),
+            log_path: dir.join(format!("{kind:?}.log").to_lowercase()),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        s.spawn().await;
+        s
+    }
+
+    fn command(&self) -> Command {
+        let client = self.url();
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let mut cmd = Command::new(match self.kind {
+            Kind::Tessera => TESSERA,
+            Kind::Etcd => "etcd",
+        });
+        cmd.arg("--name=node1")
+            .arg(format!("--data-dir={}", self.data_dir.display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=node1={peer}"))
+            .args(&self.extra);
+        cmd
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap();
+        let child = self
+            .command()
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", self.kind));
+        self.child = Some(child);
+        self.wait_ready().await;
+    }
+
+    /// Polls Status until the server answers (30 s at most).
+    pub async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!("{:?} exited with {status}; log:\n{}", self.kind, self.log());
+            }
+            if let Ok(mut m) = MaintenanceClient::connect(self.url()).await {
+                if m.status(StatusRequest {}).await.is_ok() {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "{:?} not ready; log:\n{}", self.kind, self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// SIGKILL, no chance to flush anything.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the same member again on the same ports and data.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    pub async fn kv(&self) -> KvClient<Channel> {
+        KvClient::connect(self.url()).await.unwrap().max_decoding_message_size(64 << 20)
+    }
+
+    pub async fn maintenance(&self) -> MaintenanceClient<Channel> {
+        MaintenanceClient::connect(self.url()).await.unwrap().max_decoding_message_size(64 << 20)
+    }
+
+    pub fn etcdctl(&self, args: &[&str]) -> Output {
+        etcdctl(&self.endpoint(), args, None)
+    }
+
+    pub fn etcdctl_stdin(&self, args: &[&str], stdin: &str) -> Output {
+        etcdctl(&self.endpoint(), args, Some(stdin))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs Debian's etcdctl (v3 API) against `endpoint`.
+pub fn etcdctl(endpoint: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    use std::io::Write;
+    let mut child = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoint}"))
+        .arg("--dial-timeout=3s")
+        .arg("--command-timeout=10s")
+        .args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("etcdctl is not installed (apt-get install etcd-client)");
+    if let Some(input) = stdin {
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
