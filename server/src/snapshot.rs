@@ -5,10 +5,15 @@
 //! ```text
 //! MAGIC ‖ { cf:u8 ‖ klen:u32 ‖ key ‖ vlen:u32 ‖ value }* ‖ 0xFF ‖ crc32c:u32
 //! ```
+//!
+//! Over the Maintenance API the dump is sent the way etcd sends its database
+//! file, which `etcdctl snapshot save` checks for: zero-padded to a multiple
+//! of 512 bytes and followed by the SHA-256 of what precedes it.
 
 use std::collections::HashMap;
 
 use rocksdb::{WriteBatch, WriteOptions, DB};
+use sha2::{Digest, Sha256};
 
 use crate::db::STATE_MACHINE_CFS;
 
@@ -25,6 +30,10 @@ pub enum SnapshotError {
     Truncated,
     #[error("snapshot checksum mismatch: stored {stored:#010x}, computed {computed:#010x}")]
     Checksum { stored: u32, computed: u32 },
+    #[error("snapshot sha256 checksum mismatch")]
+    Sha256,
+    #[error("snapshot has trailing garbage after its checksum")]
+    TrailingData,
     #[error("snapshot names unknown column family #{0}")]
     UnknownColumnFamily(u8),
     #[error("missing column family {0}")]
@@ -70,26 +79,45 @@ pub fn dump(db: &DB) -> Result<Dump, SnapshotError> {
 /// One decoded entry: (column family index, key, value).
 type Record<'a> = (u8, &'a [u8], &'a [u8]);
 
-/// Checks magic, framing and checksum; returns the records.
+/// Length of etcd's snapshot-stream trailer.
+const SHA256_LEN: usize = 32;
+/// etcd pads its database file to whole 512-byte sectors.
+const SECTOR: usize = 512;
+
+/// The bytes the Maintenance `Snapshot` RPC streams for `dump`.
+pub fn to_stream(mut dump: Vec<u8>) -> Vec<u8> {
+    let padded = dump.len().div_ceil(SECTOR) * SECTOR;
+    dump.resize(padded, 0);
+    let sha = Sha256::digest(&dump);
+    dump.extend_from_slice(&sha);
+    dump
+}
+
+/// Checks magic, framing and checksums of a dump or a streamed snapshot;
+/// returns the records.
 pub fn parse(data: &[u8]) -> Result<Vec<Record<'_>>, SnapshotError> {
+    let data = if data.len() % SECTOR == SHA256_LEN {
+        let (body, sha) = data.split_at(data.len() - SHA256_LEN);
+        if Sha256::digest(body).as_slice() != sha {
+            return Err(SnapshotError::Sha256);
+        }
+        body
+    } else {
+        data
+    };
     if !data.starts_with(MAGIC) {
         return Err(SnapshotError::BadMagic);
-    }
-    if data.len() < MAGIC.len() + 5 {
-        return Err(SnapshotError::Truncated);
-    }
-    let (body, trailer) = data.split_at(data.len() - 4);
-    let stored = u32::from_be_bytes(trailer.try_into().map_err(|_| SnapshotError::Truncated)?);
-    let computed = crc32c::crc32c(body);
-    if stored != computed {
-        return Err(SnapshotError::Checksum { stored, computed });
     }
     let mut records = Vec::new();
     let mut pos = MAGIC.len();
     let take = |pos: &mut usize, n: usize| -> Result<&[u8], SnapshotError> {
-        let s = body.get(*pos..*pos + n).ok_or(SnapshotError::Truncated)?;
+        let s = data.get(*pos..*pos + n).ok_or(SnapshotError::Truncated)?;
         *pos += n;
         Ok(s)
+    };
+    let u32_at = |pos: &mut usize| -> Result<u32, SnapshotError> {
+        let b = take(pos, 4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     };
     loop {
         let cf = take(&mut pos, 1)?[0];
@@ -99,14 +127,19 @@ pub fn parse(data: &[u8]) -> Result<Vec<Record<'_>>, SnapshotError> {
         if cf as usize >= STATE_MACHINE_CFS.len() {
             return Err(SnapshotError::UnknownColumnFamily(cf));
         }
-        let klen = u32::from_be_bytes(take(&mut pos, 4)?.try_into().map_err(|_| SnapshotError::Truncated)?);
-        let key = take(&mut pos, klen as usize)?;
-        let vlen = u32::from_be_bytes(take(&mut pos, 4)?.try_into().map_err(|_| SnapshotError::Truncated)?);
-        let value = take(&mut pos, vlen as usize)?;
+        let klen = u32_at(&mut pos)? as usize;
+        let key = take(&mut pos, klen)?;
+        let vlen = u32_at(&mut pos)? as usize;
+        let value = take(&mut pos, vlen)?;
         records.push((cf, key, value));
     }
-    if pos != body.len() {
-        return Err(SnapshotError::Truncated);
+    let computed = crc32c::crc32c(&data[..pos]);
+    let stored = u32_at(&mut pos)?;
+    if stored != computed {
+        return Err(SnapshotError::Checksum { stored, computed });
+    }
+    if data[pos..].iter().any(|&b| b != 0) {
+        return Err(SnapshotError::TrailingData);
     }
     Ok(records)
 }
@@ -157,8 +190,15 @@ mod tests {
         let mut bad = dump.data.clone();
         let mid = bad.len() / 2;
         bad[mid] ^= 0x40;
-        assert!(matches!(parse(&bad), Err(SnapshotError::Checksum { .. })));
+        assert!(parse(&bad).is_err());
         assert!(parse(&dump.data[..dump.data.len() - 3]).is_err());
+
+        let stream = to_stream(dump.data.clone());
+        assert_eq!(stream.len() % 512, 32, "etcdctl's checksum rule");
+        assert_eq!(parse(&stream).unwrap().len(), 2);
+        let mut bad = stream.clone();
+        bad[3] ^= 1;
+        assert!(matches!(parse(&bad), Err(SnapshotError::Sha256)));
 
         let other = tempfile::tempdir().unwrap();
         let db2 = crate::db::open(other.path()).unwrap();

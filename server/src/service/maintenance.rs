@@ -128,7 +128,7 @@ impl Maintenance for MaintenanceService {
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::internal(e.to_string()))?;
         tracing::info!(bytes = dump.data.len(), "sending snapshot");
-        let data = dump.data;
+        let data = snapshot::to_stream(dump.data);
         let total = data.len();
         let chunks: Vec<Result<SnapshotResponse, Status>> = data
             .chunks(SNAPSHOT_CHUNK)
