@@ -203,6 +203,38 @@ fn txn_req(rng: &mut StdRng, m: &Model, depth: u32) -> TxnRequest {
     t
 }
 
+fn has_delete(t: &TxnRequest) -> bool {
+    t.success.iter().chain(&t.failure).any(|op| match &op.request {
+        Some(request_op::Request::RequestDeleteRange(_)) => true,
+        Some(request_op::Request::RequestTxn(inner)) => has_delete(inner),
+        _ => false,
+    })
+}
+
+fn clear_ignore_flags(t: &mut TxnRequest) {
+    for op in t.success.iter_mut().chain(t.failure.iter_mut()) {
+        match &mut op.request {
+            Some(request_op::Request::RequestPut(p)) => {
+                p.ignore_value = false;
+                p.ignore_lease = false;
+            }
+            Some(request_op::Request::RequestTxn(inner)) => clear_ignore_flags(inner),
+            _ => {}
+        }
+    }
+}
+
+/// A txn for the top level. etcd 3.4 panics (and dies) applying a txn whose
+/// ignore_value/ignore_lease put follows a delete of the same key, so such
+/// txns are not generated; tessera answers "key not found" instead.
+fn top_txn(rng: &mut StdRng, m: &Model) -> TxnRequest {
+    let mut t = txn_req(rng, m, 0);
+    if has_delete(&t) {
+        clear_ignore_flags(&mut t);
+    }
+    t
+}
+
 fn next_op(rng: &mut StdRng, m: &Model) -> Op {
     match rng.gen_range(0..100) {
         0..=34 => Op::Put(put_req(rng)),
@@ -214,7 +246,7 @@ fn next_op(rng: &mut StdRng, m: &Model) -> Op {
             Op::Range(r)
         }
         60..=69 => Op::Delete(delete_req(rng)),
-        70..=93 => Op::Txn(txn_req(rng, m, 0)),
+        70..=93 => Op::Txn(top_txn(rng, m)),
         94..=96 => Op::Compact(CompactionRequest {
             revision: m.compacted + rng.gen_range(-1..=((m.rev - m.compacted).max(1))),
             physical: rng.gen_bool(0.5),
