@@ -25,7 +25,9 @@ impl Alarms {
     }
 
     pub fn reload(&self, db: &DB) -> Result<(), StoreError> {
-        let cf = db.cf_handle(CF_META).ok_or(StoreError::MissingColumnFamily(CF_META))?;
+        let cf = db
+            .cf_handle(CF_META)
+            .ok_or(StoreError::MissingColumnFamily(CF_META))?;
         let list = match db.get_cf(cf, META_ALARMS)? {
             Some(raw) => AlarmResponse::decode(raw.as_slice())?.alarms,
             None => Vec::new(),
@@ -52,11 +54,19 @@ impl Alarms {
     /// Computes the alarm list after activating (or deactivating) `alarm` for
     /// `member`. Returns the changed alarm and the new list, or None when
     /// nothing changes.
-    pub fn plan_change(&self, member: u64, alarm: AlarmType, activate: bool) -> Option<(AlarmMember, Vec<AlarmMember>)> {
+    pub fn plan_change(
+        &self,
+        member: u64,
+        alarm: AlarmType,
+        activate: bool,
+    ) -> Option<(AlarmMember, Vec<AlarmMember>)> {
         if alarm == AlarmType::None {
             return None;
         }
-        let entry = AlarmMember { member_id: member, alarm: alarm as i32 };
+        let entry = AlarmMember {
+            member_id: member,
+            alarm: alarm as i32,
+        };
         let mut list = self.list(AlarmType::None);
         let present = list.contains(&entry);
         match (activate, present) {
@@ -69,8 +79,18 @@ impl Alarms {
 
     /// Stages `list` into `batch`; call [`Alarms::publish`] once it is written.
     pub fn stage(db: &DB, batch: &mut WriteBatch, list: &[AlarmMember]) -> Result<(), StoreError> {
-        let cf = db.cf_handle(CF_META).ok_or(StoreError::MissingColumnFamily(CF_META))?;
-        batch.put_cf(cf, META_ALARMS, AlarmResponse { header: None, alarms: list.to_vec() }.encode_to_vec());
+        let cf = db
+            .cf_handle(CF_META)
+            .ok_or(StoreError::MissingColumnFamily(CF_META))?;
+        batch.put_cf(
+            cf,
+            META_ALARMS,
+            AlarmResponse {
+                header: None,
+                alarms: list.to_vec(),
+            }
+            .encode_to_vec(),
+        );
         Ok(())
     }
 

@@ -27,7 +27,10 @@ async fn compact_to(node: &Node, revision: i64) {
     if revision <= node.store.compact_rev() || node.leader() != Some(node.member_id) {
         return;
     }
-    let req = CompactionRequest { revision, physical: false };
+    let req = CompactionRequest {
+        revision,
+        physical: false,
+    };
     match node.propose(Cmd::Compaction(req)).await {
         Ok(_) => tracing::info!(revision, "auto-compaction finished"),
         Err(e) => tracing::warn!(revision, error = %e.message(), "auto-compaction failed"),

@@ -27,16 +27,32 @@ pub struct Config {
     #[arg(long, env = "ETCD_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Comma-separated URLs to listen on for client traffic.
-    #[arg(long, env = "ETCD_LISTEN_CLIENT_URLS", default_value = "http://localhost:2379")]
+    #[arg(
+        long,
+        env = "ETCD_LISTEN_CLIENT_URLS",
+        default_value = "http://localhost:2379"
+    )]
     pub listen_client_urls: String,
     /// Comma-separated client URLs advertised to the rest of the cluster.
-    #[arg(long, env = "ETCD_ADVERTISE_CLIENT_URLS", default_value = "http://localhost:2379")]
+    #[arg(
+        long,
+        env = "ETCD_ADVERTISE_CLIENT_URLS",
+        default_value = "http://localhost:2379"
+    )]
     pub advertise_client_urls: String,
     /// Comma-separated URLs to listen on for peer traffic.
-    #[arg(long, env = "ETCD_LISTEN_PEER_URLS", default_value = "http://localhost:2380")]
+    #[arg(
+        long,
+        env = "ETCD_LISTEN_PEER_URLS",
+        default_value = "http://localhost:2380"
+    )]
     pub listen_peer_urls: String,
     /// Comma-separated peer URLs advertised to the rest of the cluster.
-    #[arg(long, env = "ETCD_INITIAL_ADVERTISE_PEER_URLS", default_value = "http://localhost:2380")]
+    #[arg(
+        long,
+        env = "ETCD_INITIAL_ADVERTISE_PEER_URLS",
+        default_value = "http://localhost:2380"
+    )]
     pub initial_advertise_peer_urls: String,
     /// Initial cluster configuration for bootstrapping (name=peer-url,...).
     #[arg(long, env = "ETCD_INITIAL_CLUSTER")]
@@ -46,10 +62,19 @@ pub struct Config {
           value_parser = ["new", "existing"])]
     pub initial_cluster_state: String,
     /// Initial cluster token for the cluster during bootstrap.
-    #[arg(long, env = "ETCD_INITIAL_CLUSTER_TOKEN", default_value = "etcd-cluster")]
+    #[arg(
+        long,
+        env = "ETCD_INITIAL_CLUSTER_TOKEN",
+        default_value = "etcd-cluster"
+    )]
     pub initial_cluster_token: String,
     /// Raise the NOSPACE alarm when the backend exceeds this many bytes (0 = 2 GiB).
-    #[arg(long, env = "ETCD_QUOTA_BACKEND_BYTES", default_value_t = 0, allow_negative_numbers = true)]
+    #[arg(
+        long,
+        env = "ETCD_QUOTA_BACKEND_BYTES",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
     pub quota_backend_bytes: i64,
     /// Maximum client request size in bytes the server will accept.
     #[arg(long, env = "ETCD_MAX_REQUEST_BYTES", default_value_t = 1_572_864)]
@@ -241,7 +266,10 @@ where
         })
         .collect();
     let config = Config::from_arg_matches(&matches)?;
-    Ok(Parsed { config, ignored_flags })
+    Ok(Parsed {
+        config,
+        ignored_flags,
+    })
 }
 
 /// A configuration error, phrased for a one-line message.
@@ -273,11 +301,15 @@ impl Config {
     }
 
     pub fn advertise_client_urls(&self) -> Vec<String> {
-        split_urls(&self.advertise_client_urls).map(str::to_string).collect()
+        split_urls(&self.advertise_client_urls)
+            .map(str::to_string)
+            .collect()
     }
 
     pub fn advertise_peer_urls(&self) -> Vec<String> {
-        split_urls(&self.initial_advertise_peer_urls).map(str::to_string).collect()
+        split_urls(&self.initial_advertise_peer_urls)
+            .map(str::to_string)
+            .collect()
     }
 
     /// Checks everything that can be checked before touching the disk.
@@ -286,7 +318,10 @@ impl Config {
         for (flag, urls) in [
             ("--advertise-client-urls", &self.advertise_client_urls),
             ("--listen-peer-urls", &self.listen_peer_urls),
-            ("--initial-advertise-peer-urls", &self.initial_advertise_peer_urls),
+            (
+                "--initial-advertise-peer-urls",
+                &self.initial_advertise_peer_urls,
+            ),
         ] {
             for u in split_urls(urls) {
                 parse_url(flag, u)?;
@@ -326,7 +361,9 @@ impl Config {
             return Err(ConfigError("--max-txn-ops must be greater than 0".into()));
         }
         if self.max_request_bytes == 0 {
-            return Err(ConfigError("--max-request-bytes must be greater than 0".into()));
+            return Err(ConfigError(
+                "--max-request-bytes must be greater than 0".into(),
+            ));
         }
         if self.heartbeat_interval == 0 || self.election_timeout < 5 * self.heartbeat_interval {
             return Err(ConfigError(format!(
@@ -381,7 +418,9 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
         let (num, tail) = rest.split_at(num_len);
         let value: f64 = num.parse().ok()?;
-        let unit_len = tail.find(|c: char| c.is_ascii_digit()).unwrap_or(tail.len());
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(tail.len());
         let (unit, tail) = tail.split_at(unit_len);
         let secs = match unit {
             "ns" => value / 1e9,
@@ -424,7 +463,11 @@ fn parse_url<'a>(flag: &str, url: &'a str) -> Result<(&'a str, u16), ConfigError
 
 fn resolve_url(flag: &str, url: &str) -> Result<SocketAddr, ConfigError> {
     let (host, port) = parse_url(flag, url)?;
-    let host = if host == "localhost" { "127.0.0.1" } else { host };
+    let host = if host == "localhost" {
+        "127.0.0.1"
+    } else {
+        host
+    };
     (host, port)
         .to_socket_addrs()
         .map_err(|e| ConfigError(format!("{flag}: cannot resolve {url:?}: {e}")))?
@@ -449,15 +492,26 @@ mod tests {
         assert_eq!(c.max_request_bytes, 1_572_864);
         assert_eq!(c.max_txn_ops, 128);
         assert_eq!(c.quota_bytes(), Some(2 << 30));
-        assert_eq!(c.client_listen_addrs().unwrap(), vec!["127.0.0.1:2379".parse().unwrap()]);
+        assert_eq!(
+            c.client_listen_addrs().unwrap(),
+            vec!["127.0.0.1:2379".parse().unwrap()]
+        );
         assert!(c.validate().is_ok());
         assert!(p.ignored_flags.is_empty());
     }
 
     #[test]
     fn ignored_flags_are_accepted_and_reported() {
-        let p = parse(&["--enable-pprof", "--wal-dir=/tmp/x", "--client-cert-auth=true"]).unwrap();
-        assert_eq!(p.ignored_flags, vec!["client-cert-auth", "enable-pprof", "wal-dir"]);
+        let p = parse(&[
+            "--enable-pprof",
+            "--wal-dir=/tmp/x",
+            "--client-cert-auth=true",
+        ])
+        .unwrap();
+        assert_eq!(
+            p.ignored_flags,
+            vec!["client-cert-auth", "enable-pprof", "wal-dir"]
+        );
     }
 
     #[test]
@@ -465,7 +519,9 @@ mod tests {
         assert!(parse(&["--max-txn-ops=abc"]).is_err());
         assert!(parse(&["--no-such-flag"]).is_err());
         assert!(parse(&["--auto-compaction-mode=weekly"]).is_err());
-        let c = parse(&["--listen-client-urls=localhost:2379"]).unwrap().config;
+        let c = parse(&["--listen-client-urls=localhost:2379"])
+            .unwrap()
+            .config;
         assert!(c.validate().is_err());
         let c = parse(&["--auto-compaction-retention=xyz"]).unwrap().config;
         assert!(c.validate().is_err());
@@ -474,11 +530,25 @@ mod tests {
     #[test]
     fn auto_compaction_policies() {
         let c = parse(&["--auto-compaction-retention=1"]).unwrap().config;
-        assert_eq!(c.auto_compaction().unwrap(), Some(AutoCompaction::Periodic(Duration::from_secs(3600))));
+        assert_eq!(
+            c.auto_compaction().unwrap(),
+            Some(AutoCompaction::Periodic(Duration::from_secs(3600)))
+        );
         let c = parse(&["--auto-compaction-retention=90s"]).unwrap().config;
-        assert_eq!(c.auto_compaction().unwrap(), Some(AutoCompaction::Periodic(Duration::from_secs(90))));
-        let c = parse(&["--auto-compaction-mode=revision", "--auto-compaction-retention=1000"]).unwrap().config;
-        assert_eq!(c.auto_compaction().unwrap(), Some(AutoCompaction::Revision(1000)));
+        assert_eq!(
+            c.auto_compaction().unwrap(),
+            Some(AutoCompaction::Periodic(Duration::from_secs(90)))
+        );
+        let c = parse(&[
+            "--auto-compaction-mode=revision",
+            "--auto-compaction-retention=1000",
+        ])
+        .unwrap()
+        .config;
+        assert_eq!(
+            c.auto_compaction().unwrap(),
+            Some(AutoCompaction::Revision(1000))
+        );
         assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
     }
 }

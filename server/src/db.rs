@@ -46,7 +46,8 @@ pub fn open(dir: &Path) -> Result<Arc<DB>, rocksdb::Error> {
 
 /// Bytes the database occupies on disk: SST files plus memtables.
 pub fn total_size(db: &DB) -> u64 {
-    sum_property(db, "rocksdb.total-sst-files-size") + sum_property(db, "rocksdb.cur-size-all-mem-tables")
+    sum_property(db, "rocksdb.total-sst-files-size")
+        + sum_property(db, "rocksdb.cur-size-all-mem-tables")
 }
 
 /// Estimated bytes of live data (what survives a full compaction).

@@ -29,14 +29,20 @@ async fn health(State(node): State<Arc<Node>>) -> impl IntoResponse {
     let reason = if node.leader().is_none() {
         Some("RAFT NO LEADER".to_string())
     } else if let Some(a) = node.alarms.list(AlarmType::None).first() {
-        Some(format!("ALARM {}", AlarmType::try_from(a.alarm).map_or("UNKNOWN", |t| t.as_str_name())))
+        Some(format!(
+            "ALARM {}",
+            AlarmType::try_from(a.alarm).map_or("UNKNOWN", |t| t.as_str_name())
+        ))
     } else if node.read_barrier().await.is_err() {
         Some("QGET ERROR".to_string())
     } else {
         None
     };
     match reason {
-        None => json(StatusCode::OK, r#"{"health":"true","reason":""}"#.to_string()),
+        None => json(
+            StatusCode::OK,
+            r#"{"health":"true","reason":""}"#.to_string(),
+        ),
         Some(r) => json(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(r#"{{"health":"false","reason":"{r}"}}"#),

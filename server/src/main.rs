@@ -51,7 +51,10 @@ fn init_logging(level: &str) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},openraft=warn")));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn run(cfg: Config) -> anyhow::Result<()> {
@@ -59,7 +62,9 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     if let Some(Tool::SnapshotRestore { file }) = &cfg.command {
         return restore(&cfg, file);
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let node = Node::start(cfg).await?;
         if let Some(policy) = node.config.auto_compaction()? {
@@ -91,7 +96,10 @@ async fn shutdown_signal() {
 fn restore(cfg: &Config, file: &std::path::Path) -> anyhow::Result<()> {
     let data_dir = cfg.data_dir();
     if data_dir.exists() && std::fs::read_dir(&data_dir)?.next().is_some() {
-        anyhow::bail!("data dir {} already exists and is not empty", data_dir.display());
+        anyhow::bail!(
+            "data dir {} already exists and is not empty",
+            data_dir.display()
+        );
     }
     let data = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let db = open_data_dir(&data_dir)?;

@@ -35,25 +35,108 @@ impl Metrics {
     pub fn render(&self, g: &Gauges) -> String {
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, value: String| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
         };
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed).to_string();
-        metric("etcd_server_has_leader", "gauge", "Whether or not a leader exists. 1 is existence, 0 is not.", u8::from(g.has_leader).to_string());
-        metric("etcd_server_is_leader", "gauge", "Whether or not this member is a leader. 1 if is, 0 otherwise.", u8::from(g.is_leader).to_string());
-        metric("etcd_server_leader_changes_seen_total", "counter", "The number of leader changes seen.", get(&self.leader_changes));
-        metric("etcd_server_proposals_committed_total", "gauge", "The total number of consensus proposals committed.", g.committed_index.to_string());
-        metric("etcd_server_proposals_applied_total", "gauge", "The total number of consensus proposals applied.", get(&self.proposals_applied));
-        metric("etcd_server_proposals_pending", "gauge", "The current number of pending proposals to commit.", get(&self.proposals_pending));
-        metric("etcd_server_proposals_failed_total", "counter", "The total number of failed proposals seen.", get(&self.proposals_failed));
-        metric("etcd_mvcc_db_total_size_in_bytes", "gauge", "Total size of the underlying database physically allocated in bytes.", g.db_size.to_string());
-        metric("etcd_mvcc_db_total_size_in_use_in_bytes", "gauge", "Total size of the underlying database logically in use in bytes.", g.db_size_in_use.to_string());
-        metric("etcd_server_quota_backend_bytes", "gauge", "Current backend storage quota size in bytes.", g.quota_bytes.map_or(-1, |q| q as i64).to_string());
-        metric("etcd_mvcc_put_total", "counter", "Total number of puts seen by this member.", get(&self.puts));
-        metric("etcd_mvcc_delete_total", "counter", "Total number of deletes seen by this member.", get(&self.deletes));
-        metric("etcd_mvcc_txn_total", "counter", "Total number of txns seen by this member.", get(&self.txns));
-        metric("etcd_mvcc_range_total", "counter", "Total number of ranges seen by this member.", get(&self.ranges));
-        metric("etcd_debugging_mvcc_current_revision", "gauge", "The current revision of store.", g.current_revision.to_string());
-        metric("etcd_debugging_mvcc_compact_revision", "gauge", "The revision of the last compaction in store.", g.compact_revision.to_string());
+        metric(
+            "etcd_server_has_leader",
+            "gauge",
+            "Whether or not a leader exists. 1 is existence, 0 is not.",
+            u8::from(g.has_leader).to_string(),
+        );
+        metric(
+            "etcd_server_is_leader",
+            "gauge",
+            "Whether or not this member is a leader. 1 if is, 0 otherwise.",
+            u8::from(g.is_leader).to_string(),
+        );
+        metric(
+            "etcd_server_leader_changes_seen_total",
+            "counter",
+            "The number of leader changes seen.",
+            get(&self.leader_changes),
+        );
+        metric(
+            "etcd_server_proposals_committed_total",
+            "gauge",
+            "The total number of consensus proposals committed.",
+            g.committed_index.to_string(),
+        );
+        metric(
+            "etcd_server_proposals_applied_total",
+            "gauge",
+            "The total number of consensus proposals applied.",
+            get(&self.proposals_applied),
+        );
+        metric(
+            "etcd_server_proposals_pending",
+            "gauge",
+            "The current number of pending proposals to commit.",
+            get(&self.proposals_pending),
+        );
+        metric(
+            "etcd_server_proposals_failed_total",
+            "counter",
+            "The total number of failed proposals seen.",
+            get(&self.proposals_failed),
+        );
+        metric(
+            "etcd_mvcc_db_total_size_in_bytes",
+            "gauge",
+            "Total size of the underlying database physically allocated in bytes.",
+            g.db_size.to_string(),
+        );
+        metric(
+            "etcd_mvcc_db_total_size_in_use_in_bytes",
+            "gauge",
+            "Total size of the underlying database logically in use in bytes.",
+            g.db_size_in_use.to_string(),
+        );
+        metric(
+            "etcd_server_quota_backend_bytes",
+            "gauge",
+            "Current backend storage quota size in bytes.",
+            g.quota_bytes.map_or(-1, |q| q as i64).to_string(),
+        );
+        metric(
+            "etcd_mvcc_put_total",
+            "counter",
+            "Total number of puts seen by this member.",
+            get(&self.puts),
+        );
+        metric(
+            "etcd_mvcc_delete_total",
+            "counter",
+            "Total number of deletes seen by this member.",
+            get(&self.deletes),
+        );
+        metric(
+            "etcd_mvcc_txn_total",
+            "counter",
+            "Total number of txns seen by this member.",
+            get(&self.txns),
+        );
+        metric(
+            "etcd_mvcc_range_total",
+            "counter",
+            "Total number of ranges seen by this member.",
+            get(&self.ranges),
+        );
+        metric(
+            "etcd_debugging_mvcc_current_revision",
+            "gauge",
+            "The current revision of store.",
+            g.current_revision.to_string(),
+        );
+        metric(
+            "etcd_debugging_mvcc_compact_revision",
+            "gauge",
+            "The revision of the last compaction in store.",
+            g.compact_revision.to_string(),
+        );
         let _ = writeln!(
             out,
             "# HELP etcd_server_version Which version is running. 1 for 'server_version' label with current version.\n# TYPE etcd_server_version gauge\netcd_server_version{{server_version=\"{}\"}} 1",

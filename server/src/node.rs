@@ -60,7 +60,9 @@ fn stable_id(parts: &[&str]) -> u64 {
 }
 
 fn load_or_create_identity(db: &DB, config: &Config) -> anyhow::Result<Identity> {
-    let cf = db.cf_handle(CF_RAFT_STATE).context("missing raft_state column family")?;
+    let cf = db
+        .cf_handle(CF_RAFT_STATE)
+        .context("missing raft_state column family")?;
     if let Some(raw) = db.get_cf(cf, IDENTITY_KEY)? {
         return Ok(bincode::deserialize(&raw)?);
     }
@@ -71,7 +73,10 @@ fn load_or_create_identity(db: &DB, config: &Config) -> anyhow::Result<Identity>
     let member_id = stable_id(&parts);
     let member_hex = format!("{member_id:016x}");
     let cluster_id = stable_id(&[&member_hex, &config.initial_cluster_token]);
-    let identity = Identity { member_id, cluster_id };
+    let identity = Identity {
+        member_id,
+        cluster_id,
+    };
     let mut opts = rocksdb::WriteOptions::default();
     opts.set_sync(true);
     let mut batch = rocksdb::WriteBatch::default();
@@ -83,7 +88,8 @@ fn load_or_create_identity(db: &DB, config: &Config) -> anyhow::Result<Identity>
 /// Creates the data directory with etcd's permissions and opens RocksDB.
 pub fn open_data_dir(data_dir: &Path) -> anyhow::Result<Arc<DB>> {
     let dir = db_dir(data_dir);
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -122,14 +128,26 @@ impl Node {
         .validate()
         .context("invalid raft configuration")?;
         let sm = StateMachine::new(store.clone(), alarms.clone(), metrics.clone());
-        let raft = Raft::new(identity.member_id, Arc::new(raft_config), NoPeers, LogStore::new(db.clone()), sm)
-            .await
-            .context("cannot start raft")?;
+        let raft = Raft::new(
+            identity.member_id,
+            Arc::new(raft_config),
+            NoPeers,
+            LogStore::new(db.clone()),
+            sm,
+        )
+        .await
+        .context("cannot start raft")?;
 
         if !raft.is_initialized().await? {
-            let addr = config.advertise_peer_urls().into_iter().next().unwrap_or_default();
+            let addr = config
+                .advertise_peer_urls()
+                .into_iter()
+                .next()
+                .unwrap_or_default();
             let members = BTreeMap::from([(identity.member_id, BasicNode { addr })]);
-            raft.initialize(members).await.context("cannot bootstrap the cluster")?;
+            raft.initialize(members)
+                .await
+                .context("cannot bootstrap the cluster")?;
             tracing::info!("bootstrapped a new single-member cluster");
         }
         raft.wait(Some(Duration::from_millis(config.election_timeout * 10)))
@@ -179,20 +197,29 @@ impl Node {
         Some(ResponseHeader {
             cluster_id: self.cluster_id,
             member_id: self.member_id,
-            revision: if revision == 0 { self.store.current_rev() } else { revision },
+            revision: if revision == 0 {
+                self.store.current_rev()
+            } else {
+                revision
+            },
             raft_term: self.raft_term(),
         })
     }
 
     /// Replicates `request`, waits until it is applied and returns its result.
     pub async fn propose(&self, request: Request) -> Result<Response, Status> {
-        let cmd = RaftCommand { request: Some(request) };
+        let cmd = RaftCommand {
+            request: Some(request),
+        };
         if prost::Message::encoded_len(&cmd) > self.config.max_request_bytes as usize {
             return Err(EtcdError::RequestTooLarge.into());
         }
         self.metrics.inc(&self.metrics.proposals_pending);
-        let result = tokio::time::timeout(PROPOSAL_TIMEOUT, self.raft.client_write(Command(cmd))).await;
-        self.metrics.proposals_pending.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        let result =
+            tokio::time::timeout(PROPOSAL_TIMEOUT, self.raft.client_write(Command(cmd))).await;
+        self.metrics
+            .proposals_pending
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         let written = match result {
             Err(_) => {
                 self.metrics.inc(&self.metrics.proposals_failed);
@@ -208,9 +235,13 @@ impl Node {
         if result.error != 0 {
             return Err(EtcdError::from_code_number(result.error)
                 .map(Status::from)
-                .unwrap_or_else(|| Status::internal(format!("unknown apply error {}", result.error))));
+                .unwrap_or_else(|| {
+                    Status::internal(format!("unknown apply error {}", result.error))
+                }));
         }
-        result.response.ok_or_else(|| Status::internal("apply produced no response"))
+        result
+            .response
+            .ok_or_else(|| Status::internal("apply produced no response"))
     }
 
     /// Waits until this member has applied everything committed before the
@@ -264,9 +295,13 @@ impl Node {
 
 fn raft_write_error(e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> Status {
     match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) if f.leader_id.is_none() => EtcdError::NoLeader.into(),
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) if f.leader_id.is_none() => {
+            EtcdError::NoLeader.into()
+        }
         RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => EtcdError::NotLeader.into(),
-        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => Status::failed_precondition(e.to_string()),
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            Status::failed_precondition(e.to_string())
+        }
         RaftError::Fatal(e) => {
             tracing::error!(error = %e, "raft stopped");
             EtcdError::Stopped.into()

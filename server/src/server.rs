@@ -17,16 +17,26 @@ const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 
 pub fn router(node: Arc<Node>) -> axum::Router {
     let max_recv = node.config.max_request_bytes as usize + GRPC_OVERHEAD_BYTES;
-    let grpc = Routes::new(KvServer::new(KvService::new(node.clone())).max_decoding_message_size(max_recv))
-        .add_service(MaintenanceServer::new(MaintenanceService::new(node.clone())).max_decoding_message_size(max_recv))
-        .add_service(ClusterServer::new(ClusterService::new(node.clone())).max_decoding_message_size(max_recv))
-        .prepare()
-        .into_axum_router();
+    let grpc = Routes::new(
+        KvServer::new(KvService::new(node.clone())).max_decoding_message_size(max_recv),
+    )
+    .add_service(
+        MaintenanceServer::new(MaintenanceService::new(node.clone()))
+            .max_decoding_message_size(max_recv),
+    )
+    .add_service(
+        ClusterServer::new(ClusterService::new(node.clone())).max_decoding_message_size(max_recv),
+    )
+    .prepare()
+    .into_axum_router();
     grpc.merge(crate::http::router(node))
 }
 
 /// Binds every `--listen-client-urls` address and serves until `shutdown`.
-pub async fn serve(node: Arc<Node>, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn serve(
+    node: Arc<Node>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let addrs = node.config.client_listen_addrs()?;
     let app = router(node.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -54,7 +64,9 @@ pub async fn serve(node: Arc<Node>, shutdown: impl std::future::Future<Output = 
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     for t in tasks {
-        t.await.context("server task panicked")?.context("server failed")?;
+        t.await
+            .context("server task panicked")?
+            .context("server failed")?;
     }
     Ok(())
 }

@@ -52,7 +52,9 @@ pub fn dump(db: &DB) -> Result<Dump, SnapshotError> {
     let mut data = MAGIC.to_vec();
     let mut meta = HashMap::new();
     for (idx, name) in STATE_MACHINE_CFS.iter().enumerate() {
-        let cf = db.cf_handle(name).ok_or(SnapshotError::MissingColumnFamily(name))?;
+        let cf = db
+            .cf_handle(name)
+            .ok_or(SnapshotError::MissingColumnFamily(name))?;
         let mut opts = rocksdb::ReadOptions::default();
         opts.set_snapshot(&snap);
         let mut it = db.raw_iterator_cf_opt(cf, opts);
@@ -146,12 +148,18 @@ pub fn parse(data: &[u8]) -> Result<Vec<Record<'_>>, SnapshotError> {
 
 /// Replaces the state-machine column families with the snapshot's content,
 /// leaving out `meta` keys for which `skip_meta` returns true.
-pub fn restore(db: &DB, data: &[u8], skip_meta: impl Fn(&[u8]) -> bool) -> Result<(), SnapshotError> {
+pub fn restore(
+    db: &DB,
+    data: &[u8],
+    skip_meta: impl Fn(&[u8]) -> bool,
+) -> Result<(), SnapshotError> {
     let records = parse(data)?;
     let mut batch = WriteBatch::default();
     let mut handles = Vec::new();
     for name in STATE_MACHINE_CFS {
-        let cf = db.cf_handle(name).ok_or(SnapshotError::MissingColumnFamily(name))?;
+        let cf = db
+            .cf_handle(name)
+            .ok_or(SnapshotError::MissingColumnFamily(name))?;
         let mut it = db.raw_iterator_cf(cf);
         it.seek_to_first();
         while let Some(k) = it.key() {

@@ -84,7 +84,10 @@ impl Interval {
     fn point(k: &[u8]) -> Self {
         let mut end = k.to_vec();
         end.push(0);
-        Interval { begin: k.to_vec(), end }
+        Interval {
+            begin: k.to_vec(),
+            end,
+        }
     }
 
     fn intersects_point(&self, k: &[u8]) -> bool {
@@ -102,7 +105,10 @@ fn check_intervals(reqs: &[RequestOp]) -> Result<(HashSet<Vec<u8>>, Vec<Interval
             dels.push(if d.range_end.is_empty() {
                 Interval::point(&d.key)
             } else {
-                Interval { begin: d.key.clone(), end: d.range_end.clone() }
+                Interval {
+                    begin: d.key.clone(),
+                    end: d.range_end.clone(),
+                }
             });
         }
     }
@@ -151,7 +157,12 @@ mod tests {
     use tessera_proto::etcdserverpb::request_op::Request;
 
     fn put(k: &str) -> RequestOp {
-        RequestOp { request: Some(Request::RequestPut(PutRequest { key: k.into(), ..Default::default() })) }
+        RequestOp {
+            request: Some(Request::RequestPut(PutRequest {
+                key: k.into(),
+                ..Default::default()
+            })),
+        }
     }
     fn del(k: &str, end: &str) -> RequestOp {
         RequestOp {
@@ -163,13 +174,22 @@ mod tests {
         }
     }
     fn txn(success: Vec<RequestOp>) -> TxnRequest {
-        TxnRequest { success, ..Default::default() }
+        TxnRequest {
+            success,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn duplicate_puts_and_put_over_delete_are_rejected() {
-        assert_eq!(check_txn(&txn(vec![put("a"), put("a")]), 128), Err(EtcdError::DuplicateKey));
-        assert_eq!(check_txn(&txn(vec![del("a", "c"), put("b")]), 128), Err(EtcdError::DuplicateKey));
+        assert_eq!(
+            check_txn(&txn(vec![put("a"), put("a")]), 128),
+            Err(EtcdError::DuplicateKey)
+        );
+        assert_eq!(
+            check_txn(&txn(vec![del("a", "c"), put("b")]), 128),
+            Err(EtcdError::DuplicateKey)
+        );
         assert_eq!(check_txn(&txn(vec![put("a"), put("b")]), 128), Ok(()));
         // "\0" as range end is an empty interval to etcd's checker
         assert_eq!(check_txn(&txn(vec![del("a", "\0"), put("b")]), 128), Ok(()));

@@ -22,8 +22,19 @@ struct Acked {
 
 async fn current_rev(server: &Server) -> i64 {
     let mut kv = server.kv().await;
-    let r = RangeRequest { key: vec![0], range_end: vec![0], count_only: true, ..Default::default() };
-    kv.range(r).await.unwrap().into_inner().header.unwrap().revision
+    let r = RangeRequest {
+        key: vec![0],
+        range_end: vec![0],
+        count_only: true,
+        ..Default::default()
+    };
+    kv.range(r)
+        .await
+        .unwrap()
+        .into_inner()
+        .header
+        .unwrap()
+        .revision
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -41,11 +52,19 @@ async fn acknowledged_puts_survive_sigkill() {
                 for i in 0.. {
                     let key = format!("crash/{round}/{w}/{i}").into_bytes();
                     let value = format!("value-{round}-{w}-{i}").into_bytes();
-                    let put = PutRequest { key: key.clone(), value: value.clone(), ..Default::default() };
+                    let put = PutRequest {
+                        key: key.clone(),
+                        value: value.clone(),
+                        ..Default::default()
+                    };
                     match kv.put(put).await {
                         Ok(resp) => {
                             let revision = resp.into_inner().header.unwrap().revision;
-                            acked.lock().unwrap().push(Acked { key, value, revision });
+                            acked.lock().unwrap().push(Acked {
+                                key,
+                                value,
+                                revision,
+                            });
                         }
                         Err(_) => return,
                     }
@@ -60,28 +79,53 @@ async fn acknowledged_puts_survive_sigkill() {
         server.restart().await;
 
         let acked = acked.lock().unwrap().clone();
-        assert!(acked.len() > WRITERS * (round + 1), "round {round}: too few writes acknowledged");
+        assert!(
+            acked.len() > WRITERS * (round + 1),
+            "round {round}: too few writes acknowledged"
+        );
         let mut kv = server.kv().await;
         for a in &acked {
             let got = kv
-                .range(RangeRequest { key: a.key.clone(), ..Default::default() })
+                .range(RangeRequest {
+                    key: a.key.clone(),
+                    ..Default::default()
+                })
                 .await
                 .unwrap()
                 .into_inner();
             let kv0 = got.kvs.first().unwrap_or_else(|| {
-                panic!("round {round}: acknowledged put of {:?} lost", String::from_utf8_lossy(&a.key))
+                panic!(
+                    "round {round}: acknowledged put of {:?} lost",
+                    String::from_utf8_lossy(&a.key)
+                )
             });
             assert_eq!(kv0.value, a.value);
-            assert_eq!(kv0.mod_revision, a.revision, "revision of {:?}", String::from_utf8_lossy(&a.key));
+            assert_eq!(
+                kv0.mod_revision,
+                a.revision,
+                "revision of {:?}",
+                String::from_utf8_lossy(&a.key)
+            );
         }
         let max_acked = acked.iter().map(|a| a.revision).max().unwrap_or(0);
         let cur = current_rev(&server).await;
-        assert!(cur >= max_acked, "round {round}: store revision {cur} below acknowledged {max_acked}");
+        assert!(
+            cur >= max_acked,
+            "round {round}: store revision {cur} below acknowledged {max_acked}"
+        );
         let next = kv
-            .put(PutRequest { key: b"after-restart".to_vec(), value: b"x".to_vec(), ..Default::default() })
+            .put(PutRequest {
+                key: b"after-restart".to_vec(),
+                value: b"x".to_vec(),
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(next.header.unwrap().revision, cur + 1, "round {round}: revisions must continue");
+        assert_eq!(
+            next.header.unwrap().revision,
+            cur + 1,
+            "round {round}: revisions must continue"
+        );
     }
 }

@@ -12,9 +12,8 @@ use common::{Kind, Server};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tessera_proto::etcdserverpb::{
-    compare, request_op, response_op, CompactionRequest, Compare,
-    DeleteRangeRequest, HashKvRequest, PutRequest, RangeRequest, RequestOp, ResponseHeader,
-    TxnRequest, TxnResponse,
+    compare, request_op, response_op, CompactionRequest, Compare, DeleteRangeRequest,
+    HashKvRequest, PutRequest, RangeRequest, RequestOp, ResponseHeader, TxnRequest, TxnResponse,
 };
 use tonic::transport::Channel;
 
@@ -92,7 +91,12 @@ fn revision(rng: &mut StdRng, m: &Model) -> i64 {
 
 fn range_req(rng: &mut StdRng, m: &Model) -> RangeRequest {
     let (key, range_end) = key_range(rng);
-    let mut r = RangeRequest { key, range_end, revision: revision(rng, m), ..Default::default() };
+    let mut r = RangeRequest {
+        key,
+        range_end,
+        revision: revision(rng, m),
+        ..Default::default()
+    };
     if rng.gen_ratio(1, 3) {
         r.limit = rng.gen_range(0..5);
     }
@@ -119,7 +123,12 @@ fn range_req(rng: &mut StdRng, m: &Model) -> RangeRequest {
 }
 
 fn put_req(rng: &mut StdRng) -> PutRequest {
-    let mut p = PutRequest { key: key(rng), value: value(rng), prev_kv: rng.gen_ratio(1, 2), ..Default::default() };
+    let mut p = PutRequest {
+        key: key(rng),
+        value: value(rng),
+        prev_kv: rng.gen_ratio(1, 2),
+        ..Default::default()
+    };
     match rng.gen_range(0..30) {
         0 => {
             p.ignore_value = true;
@@ -140,7 +149,11 @@ fn put_req(rng: &mut StdRng) -> PutRequest {
 
 fn delete_req(rng: &mut StdRng) -> DeleteRangeRequest {
     let (key, range_end) = key_range(rng);
-    let mut d = DeleteRangeRequest { key, range_end, prev_kv: rng.gen_ratio(1, 2) };
+    let mut d = DeleteRangeRequest {
+        key,
+        range_end,
+        prev_kv: rng.gen_ratio(1, 2),
+    };
     if rng.gen_ratio(1, 40) {
         d.key.clear();
     }
@@ -157,8 +170,18 @@ fn compare(rng: &mut StdRng, m: &Model) -> Compare {
         3 => TargetUnion::Value(value(rng)),
         _ => TargetUnion::Lease(0),
     };
-    let (key, range_end) = if rng.gen_ratio(1, 5) { key_range(rng) } else { (key(rng), Vec::new()) };
-    Compare { result: rng.gen_range(0..4), target, key, range_end, target_union: Some(union) }
+    let (key, range_end) = if rng.gen_ratio(1, 5) {
+        key_range(rng)
+    } else {
+        (key(rng), Vec::new())
+    };
+    Compare {
+        result: rng.gen_range(0..4),
+        target,
+        key,
+        range_end,
+        target_union: Some(union),
+    }
 }
 
 fn ops(rng: &mut StdRng, m: &Model, depth: u32) -> Vec<RequestOp> {
@@ -177,7 +200,9 @@ fn ops(rng: &mut StdRng, m: &Model, depth: u32) -> Vec<RequestOp> {
                 _ if depth < 2 => Request::RequestTxn(txn_req(rng, m, depth + 1)),
                 _ => Request::RequestRange(range_req(rng, m)),
             };
-            RequestOp { request: Some(request) }
+            RequestOp {
+                request: Some(request),
+            }
         })
         .collect()
 }
@@ -204,11 +229,14 @@ fn txn_req(rng: &mut StdRng, m: &Model, depth: u32) -> TxnRequest {
 }
 
 fn has_delete(t: &TxnRequest) -> bool {
-    t.success.iter().chain(&t.failure).any(|op| match &op.request {
-        Some(request_op::Request::RequestDeleteRange(_)) => true,
-        Some(request_op::Request::RequestTxn(inner)) => has_delete(inner),
-        _ => false,
-    })
+    t.success
+        .iter()
+        .chain(&t.failure)
+        .any(|op| match &op.request {
+            Some(request_op::Request::RequestDeleteRange(_)) => true,
+            Some(request_op::Request::RequestTxn(inner)) => has_delete(inner),
+            _ => false,
+        })
 }
 
 fn clear_ignore_flags(t: &mut TxnRequest) {
@@ -251,7 +279,9 @@ fn next_op(rng: &mut StdRng, m: &Model) -> Op {
             revision: m.compacted + rng.gen_range(-1..=((m.rev - m.compacted).max(1))),
             physical: rng.gen_bool(0.5),
         }),
-        _ => Op::HashKv(HashKvRequest { revision: revision(rng, m).max(0) }),
+        _ => Op::HashKv(HashKvRequest {
+            revision: revision(rng, m).max(0),
+        }),
     }
 }
 
@@ -279,7 +309,10 @@ fn strip_txn(t: &mut TxnResponse) {
 /// A comparable rendering of an answer: the message without ids, or the error.
 type Answer = Result<String, (tonic::Code, String)>;
 
-fn answer<T: Debug>(r: Result<tonic::Response<T>, tonic::Status>, norm: impl FnOnce(&mut T)) -> Answer {
+fn answer<T: Debug>(
+    r: Result<tonic::Response<T>, tonic::Status>,
+    norm: impl FnOnce(&mut T),
+) -> Answer {
     match r {
         Ok(resp) => {
             let mut m = resp.into_inner();
@@ -302,8 +335,19 @@ async fn run(kv: &mut Kv, mt: &mut Maint, op: &Op) -> Answer {
 }
 
 async fn current_rev(kv: &mut Kv) -> i64 {
-    let r = RangeRequest { key: vec![0], range_end: vec![0], count_only: true, ..Default::default() };
-    kv.range(r).await.unwrap().into_inner().header.unwrap().revision
+    let r = RangeRequest {
+        key: vec![0],
+        range_end: vec![0],
+        count_only: true,
+        ..Default::default()
+    };
+    kv.range(r)
+        .await
+        .unwrap()
+        .into_inner()
+        .header
+        .unwrap()
+        .revision
 }
 
 async fn differential(seed: u64, count: usize) {
@@ -313,7 +357,10 @@ async fn differential(seed: u64, count: usize) {
     let (mut ekv, mut emt) = (etcd.kv().await, etcd.maintenance().await);
     let (mut tkv, mut tmt) = (tessera.kv().await, tessera.maintenance().await);
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut model = Model { rev: 1, compacted: 0 };
+    let mut model = Model {
+        rev: 1,
+        compacted: 0,
+    };
     let mut errors: BTreeMap<String, usize> = BTreeMap::new();
     let mut compacted_since_hash = false;
     for i in 0..count {
@@ -334,7 +381,10 @@ async fn differential(seed: u64, count: usize) {
         let after = current_rev(&mut tkv).await;
         if let Err((_, msg)) = &actual {
             *errors.entry(msg.clone()).or_default() += 1;
-            assert_eq!(before, after, "seed {seed}, op #{i}: a rejected request changed the revision: {op:?}");
+            assert_eq!(
+                before, after,
+                "seed {seed}, op #{i}: a rejected request changed the revision: {op:?}"
+            );
         }
         if let (Op::Compact(c), Ok(_)) = (&op, &actual) {
             model.compacted = c.revision;
@@ -354,7 +404,10 @@ async fn differential(seed: u64, count: usize) {
         "etcdserver: mvcc: required revision has been compacted",
         "etcdserver: mvcc: required revision is a future revision",
     ] {
-        assert!(errors.contains_key(wanted), "seed {seed}: no operation produced {wanted:?}; saw {errors:?}");
+        assert!(
+            errors.contains_key(wanted),
+            "seed {seed}: no operation produced {wanted:?}; saw {errors:?}"
+        );
     }
     assert_eq!(current_rev(&mut tkv).await, current_rev(&mut ekv).await);
 }
@@ -382,11 +435,29 @@ async fn oversized_requests_match_etcd() {
     let tessera = Server::start(Kind::Tessera, &dir.path().join("tessera"), &[]).await;
     for server in [&etcd, &tessera] {
         let mut kv = server.kv().await;
-        let big = PutRequest { key: b"big".to_vec(), value: vec![b'x'; 1_700_000], ..Default::default() };
+        let big = PutRequest {
+            key: b"big".to_vec(),
+            value: vec![b'x'; 1_700_000],
+            ..Default::default()
+        };
         let err = kv.put(big).await.unwrap_err();
-        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{:?}", server.kind);
-        assert_eq!(err.message(), "etcdserver: request is too large", "{:?}", server.kind);
-        let fits = PutRequest { key: b"big".to_vec(), value: vec![b'x'; 1_000_000], ..Default::default() };
+        assert_eq!(
+            err.code(),
+            tonic::Code::InvalidArgument,
+            "{:?}",
+            server.kind
+        );
+        assert_eq!(
+            err.message(),
+            "etcdserver: request is too large",
+            "{:?}",
+            server.kind
+        );
+        let fits = PutRequest {
+            key: b"big".to_vec(),
+            value: vec![b'x'; 1_000_000],
+            ..Default::default()
+        };
         kv.put(fits).await.unwrap();
         assert_eq!(current_rev(&mut kv).await, 2, "{:?}", server.kind);
     }

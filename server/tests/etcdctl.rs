@@ -37,11 +37,17 @@ struct Step {
 }
 
 fn step(args: &str) -> Step {
-    Step { args: args.split_whitespace().map(String::from).collect(), stdin: None }
+    Step {
+        args: args.split_whitespace().map(String::from).collect(),
+        stdin: None,
+    }
 }
 
 fn step_stdin(args: &str, stdin: &'static str) -> Step {
-    Step { stdin: Some(stdin), ..step(args) }
+    Step {
+        stdin: Some(stdin),
+        ..step(args)
+    }
 }
 
 /// (stdout, stderr-without-log-lines, success) of one step, normalized.
@@ -52,12 +58,21 @@ fn run(server: &Server, s: &Step) -> (String, String, bool) {
         None => server.etcdctl(&args),
     };
     // etcdctl's JSON log lines carry timestamps; keep only real messages.
-    let err: String = stderr(&out).lines().filter(|l| !l.starts_with('{')).map(|l| format!("{l}\n")).collect();
-    (normalize(&stdout(&out), server), normalize(&err, server), out.status.success())
+    let err: String = stderr(&out)
+        .lines()
+        .filter(|l| !l.starts_with('{'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    (
+        normalize(&stdout(&out), server),
+        normalize(&err, server),
+        out.status.success(),
+    )
 }
 
 const TXN_INTERACTIVE: &str = "value(\"foo\") = \"bar-again\"\nversion(\"zoo\") = \"1\"\ncreate(\"foo1\") > \"0\"\nmod(\"foo2\") > \"1\"\n\nput txnkey ok\nget foo\n\nput txnkey failed\n\n";
-const TXN_FAILING: &str = "value(\"foo\") = \"nope\"\n\nput txnkey ok\n\nget foo --prefix\nput txnkey else\n\n";
+const TXN_FAILING: &str =
+    "value(\"foo\") = \"nope\"\n\nput txnkey ok\n\nget foo --prefix\nput txnkey else\n\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcdctl_outputs_match_etcd() {
@@ -110,7 +125,11 @@ async fn etcdctl_outputs_match_etcd() {
     for (i, s) in script.iter().enumerate() {
         let expected = run(&etcd, s);
         let actual = run(&tessera, s);
-        assert_eq!(actual, expected, "step {i}: etcdctl {:?} differs (left tessera, right etcd)", s.args);
+        assert_eq!(
+            actual, expected,
+            "step {i}: etcdctl {:?} differs (left tessera, right etcd)",
+            s.args
+        );
     }
 
     // the same history gives the same HashKV as etcd (let etcd commit its
@@ -125,12 +144,18 @@ async fn etcdctl_outputs_match_etcd() {
     assert_eq!(run(&tessera, &step("get a --print-value-only")).0, "2\n");
     assert_eq!(run(&tessera, &step("get a")).0, "a\n2\n");
     // the failure branch: an empty `get foo --prefix`, then the put
-    assert_eq!(run(&tessera, &step_stdin("txn", TXN_FAILING)).0, "FAILURE\n\n\nOK\n");
+    assert_eq!(
+        run(&tessera, &step_stdin("txn", TXN_FAILING)).0,
+        "FAILURE\n\n\nOK\n"
+    );
     assert_eq!(
         run(&tessera, &step("get a --rev=2")).1,
         "Error: etcdserver: mvcc: required revision has been compacted\n"
     );
-    assert_eq!(run(&tessera, &step("defrag")).0, "Finished defragmenting etcd member[<endpoint>]\n");
+    assert_eq!(
+        run(&tessera, &step("defrag")).0,
+        "Finished defragmenting etcd member[<endpoint>]\n"
+    );
 
     // snapshots: etcdctl accepts the stream and reports the file
     let (out, err, ok) = run(&tessera, &step(&format!("snapshot save {}", snap("t.db"))));
@@ -142,14 +167,27 @@ async fn etcdctl_outputs_match_etcd() {
     assert!(ok);
     let fields: Vec<&str> = members.trim_end().split(", ").collect();
     assert_eq!(fields.len(), 6, "{members}");
-    assert_eq!(&fields[1..], &["started", "node1", &format!("http://127.0.0.1:{}", tessera.peer_port), "http://<endpoint>", "false"]);
+    assert_eq!(
+        &fields[1..],
+        &[
+            "started",
+            "node1",
+            &format!("http://127.0.0.1:{}", tessera.peer_port),
+            "http://<endpoint>",
+            "false"
+        ]
+    );
     let (status, _, ok) = run(&tessera, &step("endpoint status"));
     assert!(ok);
     let fields: Vec<&str> = status.trim_end().split(", ").collect();
     assert_eq!(fields[0], "<endpoint>");
     assert_eq!(fields[1], fields_member_id(&members));
     assert!(fields[2].starts_with("3.5."), "version {status}");
-    assert_eq!(&fields[4..6], &["true", "false"], "leader, learner: {status}");
+    assert_eq!(
+        &fields[4..6],
+        &["true", "false"],
+        "leader, learner: {status}"
+    );
 }
 
 fn fields_member_id(members: &str) -> &str {
@@ -159,7 +197,12 @@ fn fields_member_id(members: &str) -> &str {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nospace_alarm_blocks_writes_until_disarmed() {
     let dir = tempfile::tempdir().unwrap();
-    let tessera = Server::start(Kind::Tessera, dir.path(), &["--quota-backend-bytes=2000000"]).await;
+    let tessera = Server::start(
+        Kind::Tessera,
+        dir.path(),
+        &["--quota-backend-bytes=2000000"],
+    )
+    .await;
     let big = "x".repeat(100_000); // argv strings are limited to 128 KiB
     let mut hit = None;
     for i in 0..100 {
@@ -170,20 +213,40 @@ async fn nospace_alarm_blocks_writes_until_disarmed() {
         }
     }
     let (_, err) = hit.expect("quota never reached");
-    assert!(err.contains("Error: etcdserver: mvcc: database space exceeded"), "{err}");
+    assert!(
+        err.contains("Error: etcdserver: mvcc: database space exceeded"),
+        "{err}"
+    );
 
     let alarms = stdout(&tessera.etcdctl(&["alarm", "list"]));
-    assert!(alarms.starts_with("memberID:") && alarms.contains("alarm:NOSPACE"), "{alarms}");
+    assert!(
+        alarms.starts_with("memberID:") && alarms.contains("alarm:NOSPACE"),
+        "{alarms}"
+    );
     let status = stdout(&tessera.etcdctl(&["endpoint", "status"]));
     assert!(status.contains("alarm:NOSPACE"), "{status}");
     // writes stay refused, reads and deletes still work
     assert!(!tessera.etcdctl(&["put", "small", "1"]).status.success());
-    assert!(tessera.etcdctl(&["get", "big", "--keys-only"]).status.success());
+    assert!(tessera
+        .etcdctl(&["get", "big", "--keys-only"])
+        .status
+        .success());
 
     // free space the etcd way: compact, defragment, disarm
     let rev = stdout(&tessera.etcdctl(&["get", "big", "-w", "json"]));
-    let rev: i64 = rev.split("\"revision\":").nth(1).unwrap().split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap();
-    assert!(tessera.etcdctl(&["compaction", &rev.to_string(), "--physical"]).status.success());
+    let rev: i64 = rev
+        .split("\"revision\":")
+        .nth(1)
+        .unwrap()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(tessera
+        .etcdctl(&["compaction", &rev.to_string(), "--physical"])
+        .status
+        .success());
     assert!(tessera.etcdctl(&["defrag"]).status.success());
     let disarmed = stdout(&tessera.etcdctl(&["alarm", "disarm"]));
     assert!(disarmed.contains("alarm:NOSPACE"), "{disarmed}");

@@ -25,7 +25,10 @@ pub enum ApplyError {
 }
 
 fn header(revision: i64) -> Option<ResponseHeader> {
-    Some(ResponseHeader { revision, ..Default::default() })
+    Some(ResponseHeader {
+        revision,
+        ..Default::default()
+    })
 }
 
 /// etcd's `rangeKeys` revision rules.
@@ -56,7 +59,12 @@ pub fn range(txn: &WriteTxn<'_>, r: &RangeRequest) -> Result<RangeResponse, Appl
     } else {
         r.limit as usize + 1
     };
-    let (mut kvs, count) = txn.range(&KeyRange::new(&r.key, &r.range_end), rev, fetch, r.count_only)?;
+    let (mut kvs, count) = txn.range(
+        &KeyRange::new(&r.key, &r.range_end),
+        rev,
+        fetch,
+        r.count_only,
+    )?;
 
     if r.max_mod_revision != 0 {
         kvs.retain(|kv| kv.mod_revision <= r.max_mod_revision);
@@ -103,12 +111,21 @@ pub fn range(txn: &WriteTxn<'_>, r: &RangeRequest) -> Result<RangeResponse, Appl
             kv.value.clear();
         }
     }
-    Ok(RangeResponse { header: header(txn.read_rev()), kvs, more, count: count as i64 })
+    Ok(RangeResponse {
+        header: header(txn.read_rev()),
+        kvs,
+        more,
+        count: count as i64,
+    })
 }
 
 /// A Put request. `check_lease` is set for a Put outside a Txn (inside one,
 /// [`txn`] has checked every put before writing anything).
-pub fn put(txn: &mut WriteTxn<'_>, p: &PutRequest, check_lease: bool) -> Result<PutResponse, ApplyError> {
+pub fn put(
+    txn: &mut WriteTxn<'_>,
+    p: &PutRequest,
+    check_lease: bool,
+) -> Result<PutResponse, ApplyError> {
     if check_lease && p.lease != 0 && !txn.lease_exists(p.lease)? {
         return Err(EtcdError::LeaseNotFound.into());
     }
@@ -136,7 +153,10 @@ pub fn put(txn: &mut WriteTxn<'_>, p: &PutRequest, check_lease: bool) -> Result<
 }
 
 /// A DeleteRange request.
-pub fn delete_range(txn: &mut WriteTxn<'_>, d: &DeleteRangeRequest) -> Result<DeleteRangeResponse, ApplyError> {
+pub fn delete_range(
+    txn: &mut WriteTxn<'_>,
+    d: &DeleteRangeRequest,
+) -> Result<DeleteRangeResponse, ApplyError> {
     let deleted = txn.delete_range(&KeyRange::new(&d.key, &d.range_end))?;
     let revision = if !deleted.is_empty() || txn.has_changes() {
         txn.begin_rev() + 1
@@ -152,11 +172,14 @@ pub fn delete_range(txn: &mut WriteTxn<'_>, d: &DeleteRangeRequest) -> Result<De
 
 /// True when the txn (including nested txns, both branches) never writes.
 pub fn is_txn_read_only(t: &TxnRequest) -> bool {
-    t.success.iter().chain(&t.failure).all(|op| match &op.request {
-        Some(request_op::Request::RequestRange(_)) | None => true,
-        Some(request_op::Request::RequestTxn(inner)) => is_txn_read_only(inner),
-        Some(_) => false,
-    })
+    t.success
+        .iter()
+        .chain(&t.failure)
+        .all(|op| match &op.request {
+            Some(request_op::Request::RequestRange(_)) | None => true,
+            Some(request_op::Request::RequestTxn(inner)) => is_txn_read_only(inner),
+            Some(_) => false,
+        })
 }
 
 /// A Txn request: evaluate every compare (also of nested txns on the taken
@@ -181,7 +204,11 @@ fn branch(t: &TxnRequest, succeeded: bool) -> &[RequestOp] {
     }
 }
 
-fn compare_to_path(txn: &WriteTxn<'_>, t: &TxnRequest, path: &mut Vec<bool>) -> Result<(), StoreError> {
+fn compare_to_path(
+    txn: &WriteTxn<'_>,
+    t: &TxnRequest,
+    path: &mut Vec<bool>,
+) -> Result<(), StoreError> {
     let mut ok = true;
     for c in &t.compare {
         if !compare_holds(txn, c)? {
@@ -199,7 +226,12 @@ fn compare_to_path(txn: &WriteTxn<'_>, t: &TxnRequest, path: &mut Vec<bool>) -> 
 }
 
 fn compare_holds(txn: &WriteTxn<'_>, c: &Compare) -> Result<bool, StoreError> {
-    let (kvs, _) = txn.range(&KeyRange::new(&c.key, &c.range_end), txn.read_rev(), 0, false)?;
+    let (kvs, _) = txn.range(
+        &KeyRange::new(&c.key, &c.range_end),
+        txn.read_rev(),
+        0,
+        false,
+    )?;
     if kvs.is_empty() {
         if c.target == compare::CompareTarget::Value as i32 {
             return Ok(false);
@@ -221,7 +253,9 @@ fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
         }
         Ok(target) => {
             let (actual, wanted) = match (target, &c.target_union) {
-                (CompareTarget::Create, Some(TargetUnion::CreateRevision(r))) => (kv.create_revision, *r),
+                (CompareTarget::Create, Some(TargetUnion::CreateRevision(r))) => {
+                    (kv.create_revision, *r)
+                }
                 (CompareTarget::Create, _) => (kv.create_revision, 0),
                 (CompareTarget::Mod, Some(TargetUnion::ModRevision(r))) => (kv.mod_revision, *r),
                 (CompareTarget::Mod, _) => (kv.mod_revision, 0),
@@ -296,17 +330,25 @@ fn check_range(txn: &WriteTxn<'_>, op: &RequestOp) -> Result<(), ApplyError> {
     }
 }
 
-fn apply_ops(txn: &mut WriteTxn<'_>, t: &TxnRequest, path: &[bool]) -> Result<(TxnResponse, usize), ApplyError> {
+fn apply_ops(
+    txn: &mut WriteTxn<'_>,
+    t: &TxnRequest,
+    path: &[bool],
+) -> Result<(TxnResponse, usize), ApplyError> {
     let succeeded = path[0];
     let mut used = 1;
     let mut responses = Vec::new();
     for op in branch(t, succeeded) {
         let response = match &op.request {
-            Some(request_op::Request::RequestRange(r)) => Some(response_op::Response::ResponseRange(range(txn, r)?)),
-            Some(request_op::Request::RequestPut(p)) => Some(response_op::Response::ResponsePut(put(txn, p, false)?)),
-            Some(request_op::Request::RequestDeleteRange(d)) => {
-                Some(response_op::Response::ResponseDeleteRange(delete_range(txn, d)?))
+            Some(request_op::Request::RequestRange(r)) => {
+                Some(response_op::Response::ResponseRange(range(txn, r)?))
             }
+            Some(request_op::Request::RequestPut(p)) => {
+                Some(response_op::Response::ResponsePut(put(txn, p, false)?))
+            }
+            Some(request_op::Request::RequestDeleteRange(d)) => Some(
+                response_op::Response::ResponseDeleteRange(delete_range(txn, d)?),
+            ),
             Some(request_op::Request::RequestTxn(inner)) => {
                 let (resp, n) = apply_ops(txn, inner, &path[used..])?;
                 used += n;
@@ -317,5 +359,12 @@ fn apply_ops(txn: &mut WriteTxn<'_>, t: &TxnRequest, path: &[bool]) -> Result<(T
         responses.push(ResponseOp { response });
     }
     // Nested txn headers stay empty, as in etcd; the caller fills the outer one.
-    Ok((TxnResponse { header: Some(ResponseHeader::default()), succeeded, responses }, used))
+    Ok((
+        TxnResponse {
+            header: Some(ResponseHeader::default()),
+            succeeded,
+            responses,
+        },
+        used,
+    ))
 }

@@ -155,8 +155,19 @@ mod tests {
     #[test]
     fn escaping_preserves_order_and_round_trips() {
         let keys: Vec<&[u8]> = vec![
-            b"", b"\x00", b"\x00\x00", b"\x00\x01", b"\x00\xff", b"a", b"a\x00", b"a\x00b",
-            b"a\x01", b"ab", b"b", b"\xff", b"\xff\x00",
+            b"",
+            b"\x00",
+            b"\x00\x00",
+            b"\x00\x01",
+            b"\x00\xff",
+            b"a",
+            b"a\x00",
+            b"a\x00b",
+            b"a\x01",
+            b"ab",
+            b"b",
+            b"\xff",
+            b"\xff\x00",
         ];
         for w in keys.windows(2) {
             assert!(w[0] < w[1]);

@@ -85,7 +85,9 @@ impl Store {
     }
 
     fn cf(&self, name: &'static str) -> Result<&rocksdb::ColumnFamily, StoreError> {
-        self.db.cf_handle(name).ok_or(StoreError::MissingColumnFamily(name))
+        self.db
+            .cf_handle(name)
+            .ok_or(StoreError::MissingColumnFamily(name))
     }
 
     fn meta_i64(&self, key: &[u8]) -> Result<Option<i64>, StoreError> {
@@ -229,7 +231,10 @@ impl Store {
     /// (revision-ordered, 17/18-byte revision keys, marshalled KeyValues), so
     /// the same history gives the same hash as etcd itself.
     /// Returns (hash, current revision, compacted revision).
-    pub fn hash_kv(&self, rev: i64) -> Result<Result<(u32, i64, i64), crate::errors::EtcdError>, StoreError> {
+    pub fn hash_kv(
+        &self,
+        rev: i64,
+    ) -> Result<Result<(u32, i64, i64), crate::errors::EtcdError>, StoreError> {
         use crate::errors::EtcdError;
         let view = self.read_view();
         let (cur, compact) = (view.rev, view.compact_rev);
@@ -276,7 +281,11 @@ impl Store {
             rk.extend_from_slice(&r.sub.to_be_bytes());
             let value = if tomb {
                 rk.push(b't');
-                KeyValue { key: user, ..Default::default() }.encode_to_vec()
+                KeyValue {
+                    key: user,
+                    ..Default::default()
+                }
+                .encode_to_vec()
             } else {
                 let mut kv = KeyValue::decode(stored.as_slice())?;
                 kv.key = user;
@@ -294,7 +303,9 @@ impl Store {
         let view = self.read_view();
         let mut crc = 0u32;
         for name in [CF_KV, CF_LEASE] {
-            let mut it = self.db.raw_iterator_cf_opt(self.cf(name)?, view.read_opts());
+            let mut it = self
+                .db
+                .raw_iterator_cf_opt(self.cf(name)?, view.read_opts());
             it.seek_to_first();
             while let (Some(k), Some(v)) = (it.key(), it.value()) {
                 crc = crc32c::crc32c_append(crc, k);
@@ -329,7 +340,9 @@ impl<'a> ReadView<'a> {
     }
 
     fn kv_cf(&self) -> Result<&rocksdb::ColumnFamily, StoreError> {
-        self.db.cf_handle(CF_KV).ok_or(StoreError::MissingColumnFamily(CF_KV))
+        self.db
+            .cf_handle(CF_KV)
+            .ok_or(StoreError::MissingColumnFamily(CF_KV))
     }
 
     /// The newest live version of `key` at revision `rev`.
@@ -359,7 +372,8 @@ impl<'a> ReadView<'a> {
             KeyRange::Single(k) => {
                 if let Some(kv) = self.get(k, rev)? {
                     let mut stored = vec![TAG_PUT];
-                    kv.encode(&mut stored).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    kv.encode(&mut stored)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
                     visit(k.clone(), &stored)?;
                 }
                 return Ok(());
@@ -485,7 +499,9 @@ impl<'a> WriteTxn<'a> {
     ) -> Result<(Vec<KeyValue>, usize), StoreError> {
         let touched = self.overlay.keys().any(|k| range.contains(k));
         if rev != self.read_rev() || !touched {
-            return self.view.range(range, rev.min(self.begin_rev), limit, count_only);
+            return self
+                .view
+                .range(range, rev.min(self.begin_rev), limit, count_only);
         }
         let (base, _) = self.view.range(range, self.begin_rev, 0, false)?;
         let mut merged: BTreeMap<Vec<u8>, KeyValue> =
@@ -497,7 +513,13 @@ impl<'a> WriteTxn<'a> {
             };
         }
         let count = merged.len();
-        let take = if count_only { 0 } else if limit == 0 { count } else { limit };
+        let take = if count_only {
+            0
+        } else if limit == 0 {
+            count
+        } else {
+            limit
+        };
         Ok((merged.into_values().take(take).collect(), count))
     }
 
@@ -515,11 +537,21 @@ impl<'a> WriteTxn<'a> {
         };
         let mut stored = Vec::with_capacity(kv.encoded_len() + 1);
         stored.push(TAG_PUT);
-        kv.encode(&mut stored).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let vk = version_key(key, Revision { main: rev, sub: self.changes });
+        kv.encode(&mut stored)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let vk = version_key(
+            key,
+            Revision {
+                main: rev,
+                sub: self.changes,
+            },
+        );
         self.batch.put_cf(self.view.kv_cf()?, vk, stored);
         self.changes += 1;
-        let kv = KeyValue { key: key.to_vec(), ..kv };
+        let kv = KeyValue {
+            key: key.to_vec(),
+            ..kv
+        };
         self.overlay.insert(key.to_vec(), Some(kv.clone()));
         Ok(kv)
     }
@@ -529,7 +561,13 @@ impl<'a> WriteTxn<'a> {
         let (live, _) = self.range(range, self.read_rev(), 0, false)?;
         let rev = self.begin_rev + 1;
         for kv in &live {
-            let vk = version_key(&kv.key, Revision { main: rev, sub: self.changes });
+            let vk = version_key(
+                &kv.key,
+                Revision {
+                    main: rev,
+                    sub: self.changes,
+                },
+            );
             self.batch.put_cf(self.view.kv_cf()?, vk, [TAG_TOMBSTONE]);
             self.changes += 1;
             self.overlay.insert(kv.key.clone(), None);

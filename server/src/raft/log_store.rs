@@ -31,13 +31,22 @@ impl LogStore {
     }
 
     fn cf(&self, name: &'static str) -> Result<&rocksdb::ColumnFamily, StorageError> {
-        self.db
-            .cf_handle(name)
-            .ok_or_else(|| storage_io_error(true, std::io::Error::other(format!("missing column family {name}"))))
+        self.db.cf_handle(name).ok_or_else(|| {
+            storage_io_error(
+                true,
+                std::io::Error::other(format!("missing column family {name}")),
+            )
+        })
     }
 
-    fn get_state<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
-        let raw = self.db.get_cf(self.cf(CF_RAFT_STATE)?, key).map_err(|e| storage_io_error(true, e))?;
+    fn get_state<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &[u8],
+    ) -> Result<Option<T>, StorageError> {
+        let raw = self
+            .db
+            .get_cf(self.cf(CF_RAFT_STATE)?, key)
+            .map_err(|e| storage_io_error(true, e))?;
         raw.map(|v| bincode::deserialize(&v).map_err(|e| storage_io_error(true, e)))
             .transpose()
     }
@@ -46,10 +55,16 @@ impl LogStore {
         let mut opts = WriteOptions::default();
         opts.set_sync(sync);
         // A synced write blocks on fdatasync: let tokio move other tasks away.
-        tokio::task::block_in_place(|| self.db.write_opt(batch, &opts)).map_err(|e| storage_io_error(false, e))
+        tokio::task::block_in_place(|| self.db.write_opt(batch, &opts))
+            .map_err(|e| storage_io_error(false, e))
     }
 
-    fn put_state<T: serde::Serialize>(&self, key: &[u8], value: &T, sync: bool) -> Result<(), StorageError> {
+    fn put_state<T: serde::Serialize>(
+        &self,
+        key: &[u8],
+        value: &T,
+        sync: bool,
+    ) -> Result<(), StorageError> {
         let mut batch = WriteBatch::default();
         let bytes = bincode::serialize(value).map_err(|e| storage_io_error(false, e))?;
         batch.put_cf(self.cf(CF_RAFT_STATE)?, key, bytes);
@@ -61,7 +76,8 @@ impl LogStore {
         it.seek_to_last();
         let found = match it.value() {
             Some(v) => {
-                let entry: Entry = bincode::deserialize(v).map_err(|e| storage_io_error(true, e))?;
+                let entry: Entry =
+                    bincode::deserialize(v).map_err(|e| storage_io_error(true, e))?;
                 Some(entry.log_id)
             }
             None => None,
@@ -105,7 +121,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged: Option<LogId> = self.get_state(KEY_LAST_PURGED)?;
         let last = self.last_entry_log_id()?.or(last_purged);
-        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -129,7 +148,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.get_state::<Option<LogId>>(KEY_COMMITTED)?.flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
@@ -141,13 +164,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.put_cf(cf, entry.log_id.index.to_be_bytes(), bytes);
         }
         let result = self.write(batch, true);
-        callback.log_io_completed(result.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
+        callback.log_io_completed(
+            result
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| std::io::Error::other(e.to_string())),
+        );
         result
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let mut batch = WriteBatch::default();
-        batch.delete_range_cf(self.cf(CF_RAFT_LOG)?, log_id.index.to_be_bytes(), u64::MAX.to_be_bytes());
+        batch.delete_range_cf(
+            self.cf(CF_RAFT_LOG)?,
+            log_id.index.to_be_bytes(),
+            u64::MAX.to_be_bytes(),
+        );
         batch.delete_cf(self.cf(CF_RAFT_LOG)?, u64::MAX.to_be_bytes());
         self.write(batch, true)
     }
@@ -156,7 +188,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut batch = WriteBatch::default();
         let bytes = bincode::serialize(&log_id).map_err(|e| storage_io_error(false, e))?;
         batch.put_cf(self.cf(CF_RAFT_STATE)?, KEY_LAST_PURGED, bytes);
-        batch.delete_range_cf(self.cf(CF_RAFT_LOG)?, 0u64.to_be_bytes(), (log_id.index + 1).to_be_bytes());
+        batch.delete_range_cf(
+            self.cf(CF_RAFT_LOG)?,
+            0u64.to_be_bytes(),
+            (log_id.index + 1).to_be_bytes(),
+        );
         self.write(batch, true)
     }
 }

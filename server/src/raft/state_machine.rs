@@ -14,9 +14,13 @@ use tessera_proto::etcdserverpb::{
     alarm_request::AlarmAction, AlarmRequest, AlarmResponse, AlarmType, CompactionResponse,
     ResponseHeader,
 };
-use tessera_proto::tessera::{raft_command::Request, raft_result::Response, RaftCommand, RaftResult};
+use tessera_proto::tessera::{
+    raft_command::Request, raft_result::Response, RaftCommand, RaftResult,
+};
 
-use super::types::{storage_io_error, CommandResult, Entry, LogId, StorageError, StoredMembership, TypeConfig};
+use super::types::{
+    storage_io_error, CommandResult, Entry, LogId, StorageError, StoredMembership, TypeConfig,
+};
 use crate::alarms::Alarms;
 use crate::db::CF_META;
 use crate::errors::EtcdError;
@@ -51,23 +55,51 @@ pub struct StateMachine {
 
 impl StateMachine {
     pub fn new(store: Arc<Store>, alarms: Arc<Alarms>, metrics: Arc<Metrics>) -> Self {
-        StateMachine { store, alarms, metrics, current_snapshot: Arc::new(Mutex::new(None)) }
+        StateMachine {
+            store,
+            alarms,
+            metrics,
+            current_snapshot: Arc::new(Mutex::new(None)),
+        }
     }
 
-    fn stage_applied(&self, batch: &mut WriteBatch, log_id: LogId, membership: Option<&StoredMembership>) -> Result<(), StoreError> {
-        let meta = self.store.db().cf_handle(CF_META).ok_or(StoreError::MissingColumnFamily(CF_META))?;
+    fn stage_applied(
+        &self,
+        batch: &mut WriteBatch,
+        log_id: LogId,
+        membership: Option<&StoredMembership>,
+    ) -> Result<(), StoreError> {
+        let meta = self
+            .store
+            .db()
+            .cf_handle(CF_META)
+            .ok_or(StoreError::MissingColumnFamily(CF_META))?;
         let corrupt = |e: bincode::Error| StoreError::Corrupt(e.to_string());
-        batch.put_cf(meta, META_APPLIED, bincode::serialize(&Some(log_id)).map_err(corrupt)?);
+        batch.put_cf(
+            meta,
+            META_APPLIED,
+            bincode::serialize(&Some(log_id)).map_err(corrupt)?,
+        );
         if let Some(m) = membership {
-            batch.put_cf(meta, META_MEMBERSHIP, bincode::serialize(m).map_err(corrupt)?);
+            batch.put_cf(
+                meta,
+                META_MEMBERSHIP,
+                bincode::serialize(m).map_err(corrupt)?,
+            );
         }
         Ok(())
     }
 
     /// Records an entry that changes no key.
-    fn apply_noop(&self, log_id: LogId, membership: Option<&StoredMembership>) -> Result<(), StorageError> {
+    fn apply_noop(
+        &self,
+        log_id: LogId,
+        membership: Option<&StoredMembership>,
+    ) -> Result<(), StorageError> {
         let txn = self.store.write_txn();
-        self.store.commit(txn, |b| self.stage_applied(b, log_id, membership)).map_err(store_err)
+        self.store
+            .commit(txn, |b| self.stage_applied(b, log_id, membership))
+            .map_err(store_err)
     }
 
     /// Runs `op` in a write transaction; commits it with the applied index on
@@ -80,7 +112,9 @@ impl StateMachine {
         let mut txn = self.store.write_txn();
         match op(&mut txn) {
             Ok(resp) => {
-                self.store.commit(txn, |b| self.stage_applied(b, log_id, None)).map_err(store_err)?;
+                self.store
+                    .commit(txn, |b| self.stage_applied(b, log_id, None))
+                    .map_err(store_err)?;
                 Ok(Ok(resp))
             }
             Err(ApplyError::Etcd(e)) => {
@@ -106,7 +140,9 @@ impl StateMachine {
             }
             Some(Request::DeleteRange(d)) => {
                 self.metrics.inc(&self.metrics.deletes);
-                self.run_txn(log_id, |t| apply::delete_range(t, &d).map(Response::DeleteRange))?
+                self.run_txn(log_id, |t| {
+                    apply::delete_range(t, &d).map(Response::DeleteRange)
+                })?
             }
             Some(Request::Txn(t)) => {
                 self.metrics.inc(&self.metrics.txns);
@@ -129,7 +165,10 @@ impl StateMachine {
                         .map_err(store_err)?;
                     tracing::info!(revision = c.revision, removed, "compacted history");
                     Ok(Response::Compaction(CompactionResponse {
-                        header: Some(ResponseHeader { revision: self.store.current_rev(), ..Default::default() }),
+                        header: Some(ResponseHeader {
+                            revision: self.store.current_rev(),
+                            ..Default::default()
+                        }),
                     }))
                 }
             },
@@ -140,8 +179,14 @@ impl StateMachine {
             }
         };
         Ok(match outcome {
-            Ok(resp) => RaftResult { response: Some(resp), error: 0 },
-            Err(e) => RaftResult { response: None, error: e.code_number() },
+            Ok(resp) => RaftResult {
+                response: Some(resp),
+                error: 0,
+            },
+            Err(e) => RaftResult {
+                response: None,
+                error: e.code_number(),
+            },
         })
     }
 
@@ -176,11 +221,18 @@ impl StateMachine {
         Ok(resp)
     }
 
-    fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
+    fn read_meta<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &[u8],
+    ) -> Result<Option<T>, StorageError> {
         let db = self.store.db();
-        let cf = db.cf_handle(CF_META).ok_or_else(|| store_err(StoreError::MissingColumnFamily(CF_META)))?;
+        let cf = db
+            .cf_handle(CF_META)
+            .ok_or_else(|| store_err(StoreError::MissingColumnFamily(CF_META)))?;
         match db.get_cf(cf, key).map_err(|e| storage_io_error(true, e))? {
-            Some(raw) => Ok(Some(bincode::deserialize(&raw).map_err(|e| storage_io_error(true, e))?)),
+            Some(raw) => Ok(Some(
+                bincode::deserialize(&raw).map_err(|e| storage_io_error(true, e))?,
+            )),
             None => Ok(None),
         }
     }
@@ -234,17 +286,30 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        snapshot::restore(self.store.db(), &data, |_| false).map_err(|e| storage_io_error(false, e))?;
+        snapshot::restore(self.store.db(), &data, |_| false)
+            .map_err(|e| storage_io_error(false, e))?;
         self.store.reload().map_err(store_err)?;
         self.alarms.reload(self.store.db()).map_err(store_err)?;
-        *self.current_snapshot.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(StoredSnapshot { meta: meta.clone(), data });
+        *self
+            .current_snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        });
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let current = self.current_snapshot.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        Ok(current.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+        let current = self
+            .current_snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        Ok(current.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
     }
 }
 
@@ -255,17 +320,31 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             .await
             .map_err(|e| storage_io_error(true, e))?
             .map_err(|e| storage_io_error(true, e))?;
-        let applied: Option<LogId> = decode_meta::<Option<LogId>>(&dump.meta, META_APPLIED)?.flatten();
-        let membership: StoredMembership = decode_meta(&dump.meta, META_MEMBERSHIP)?.unwrap_or_default();
+        let applied: Option<LogId> =
+            decode_meta::<Option<LogId>>(&dump.meta, META_APPLIED)?.flatten();
+        let membership: StoredMembership =
+            decode_meta(&dump.meta, META_MEMBERSHIP)?.unwrap_or_default();
         let snapshot_id = match applied {
             Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, dump.data.len()),
             None => format!("empty-{}", dump.data.len()),
         };
-        let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
+        let meta = SnapshotMeta {
+            last_log_id: applied,
+            last_membership: membership,
+            snapshot_id,
+        };
         tracing::info!(bytes = dump.data.len(), id = %meta.snapshot_id, "built state machine snapshot");
-        *self.current_snapshot.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(StoredSnapshot { meta: meta.clone(), data: dump.data.clone() });
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(dump.data)) })
+        *self
+            .current_snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(StoredSnapshot {
+            meta: meta.clone(),
+            data: dump.data.clone(),
+        });
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(dump.data)),
+        })
     }
 }
 

@@ -21,7 +21,10 @@ impl ClusterService {
 
 #[tonic::async_trait]
 impl Cluster for ClusterService {
-    async fn member_list(&self, req: Request<MemberListRequest>) -> Result<Response<MemberListResponse>, Status> {
+    async fn member_list(
+        &self,
+        req: Request<MemberListRequest>,
+    ) -> Result<Response<MemberListResponse>, Status> {
         if req.into_inner().linearizable {
             self.node.read_barrier().await?;
         }
@@ -33,6 +36,9 @@ impl Cluster for ClusterService {
             client_ur_ls: config.advertise_client_urls(),
             is_learner: false,
         };
-        Ok(Response::new(MemberListResponse { header: self.node.header(0), members: vec![me] }))
+        Ok(Response::new(MemberListResponse {
+            header: self.node.header(0),
+            members: vec![me],
+        }))
     }
 }

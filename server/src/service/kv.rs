@@ -36,9 +36,9 @@ fn txn_cost(t: &TxnRequest) -> usize {
 /// etcd serves a read-only txn from local state without a read index only
 /// when every top-level op is a serializable range.
 fn txn_serializable(t: &TxnRequest) -> bool {
-    t.success.iter().chain(&t.failure).all(|op| {
-        matches!(&op.request, Some(request_op::Request::RequestRange(r)) if r.serializable)
-    })
+    t.success.iter().chain(&t.failure).all(
+        |op| matches!(&op.request, Some(request_op::Request::RequestRange(r)) if r.serializable),
+    )
 }
 
 fn apply_error(e: ApplyError) -> Status {
@@ -90,7 +90,10 @@ impl Kv for KvService {
         }
     }
 
-    async fn delete_range(&self, req: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
+    async fn delete_range(
+        &self,
+        req: Request<DeleteRangeRequest>,
+    ) -> Result<Response<DeleteRangeResponse>, Status> {
         let d = req.into_inner();
         validate::check_delete(&d)?;
         match self.node.propose(Cmd::DeleteRange(d)).await? {
@@ -123,7 +126,10 @@ impl Kv for KvService {
         Ok(Response::new(resp))
     }
 
-    async fn compact(&self, req: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
+    async fn compact(
+        &self,
+        req: Request<CompactionRequest>,
+    ) -> Result<Response<CompactionResponse>, Status> {
         // Compaction is applied synchronously, so `physical` needs no extra wait.
         match self.node.propose(Cmd::Compaction(req.into_inner())).await? {
             Res::Compaction(mut resp) => {

@@ -45,18 +45,28 @@ impl Maintenance for MaintenanceService {
         let a = req.into_inner();
         let mut resp = if a.action == AlarmAction::Get as i32 {
             let filter = AlarmType::try_from(a.alarm).unwrap_or(AlarmType::None);
-            AlarmResponse { header: None, alarms: self.node.alarms.list(filter) }
+            AlarmResponse {
+                header: None,
+                alarms: self.node.alarms.list(filter),
+            }
         } else {
             match self.node.propose(Cmd::Alarm(a)).await? {
                 Res::Alarm(r) => r,
-                _ => return Err(Status::internal("apply returned a response of the wrong kind")),
+                _ => {
+                    return Err(Status::internal(
+                        "apply returned a response of the wrong kind",
+                    ))
+                }
             }
         };
         resp.header = self.node.header(0);
         Ok(Response::new(resp))
     }
 
-    async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _req: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
         let m = self.node.raft.metrics().borrow().clone();
         let errors = self
             .node
@@ -79,7 +89,10 @@ impl Maintenance for MaintenanceService {
         }))
     }
 
-    async fn defragment(&self, _req: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
+    async fn defragment(
+        &self,
+        _req: Request<DefragmentRequest>,
+    ) -> Result<Response<DefragmentResponse>, Status> {
         // RocksDB compacts in the background: reads and writes go on meanwhile.
         let store = self.node.store.clone();
         let before = db::total_size(store.db());
@@ -93,8 +106,14 @@ impl Maintenance for MaintenanceService {
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
-        tracing::info!(before, after = db::total_size(self.node.store.db()), "defragmented backend");
-        Ok(Response::new(DefragmentResponse { header: self.node.header(0) }))
+        tracing::info!(
+            before,
+            after = db::total_size(self.node.store.db()),
+            "defragmented backend"
+        );
+        Ok(Response::new(DefragmentResponse {
+            header: self.node.header(0),
+        }))
     }
 
     async fn hash(&self, _req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
@@ -103,10 +122,16 @@ impl Maintenance for MaintenanceService {
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(internal)?;
-        Ok(Response::new(HashResponse { header: self.node.header(rev), hash }))
+        Ok(Response::new(HashResponse {
+            header: self.node.header(rev),
+            hash,
+        }))
     }
 
-    async fn hash_kv(&self, req: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+    async fn hash_kv(
+        &self,
+        req: Request<HashKvRequest>,
+    ) -> Result<Response<HashKvResponse>, Status> {
         let rev = req.into_inner().revision;
         let store = self.node.store.clone();
         let (hash, cur, compact) = tokio::task::spawn_blocking(move || store.hash_kv(rev))
@@ -120,7 +145,10 @@ impl Maintenance for MaintenanceService {
         }))
     }
 
-    async fn snapshot(&self, _req: Request<SnapshotRequest>) -> Result<Response<SnapshotStream>, Status> {
+    async fn snapshot(
+        &self,
+        _req: Request<SnapshotRequest>,
+    ) -> Result<Response<SnapshotStream>, Status> {
         let store = self.node.store.clone();
         let header = self.node.header(0);
         let dump = tokio::task::spawn_blocking(move || snapshot::dump(store.db()))

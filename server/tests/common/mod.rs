@@ -33,7 +33,11 @@ pub struct Server {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Server {
@@ -108,7 +112,12 @@ impl Server {
                     return;
                 }
             }
-            assert!(Instant::now() < deadline, "{:?} not ready; log:\n{}", self.kind, self.log());
+            assert!(
+                Instant::now() < deadline,
+                "{:?} not ready; log:\n{}",
+                self.kind,
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -132,11 +141,17 @@ impl Server {
     }
 
     pub async fn kv(&self) -> KvClient<Channel> {
-        KvClient::connect(self.url()).await.unwrap().max_decoding_message_size(64 << 20)
+        KvClient::connect(self.url())
+            .await
+            .unwrap()
+            .max_decoding_message_size(64 << 20)
     }
 
     pub async fn maintenance(&self) -> MaintenanceClient<Channel> {
-        MaintenanceClient::connect(self.url()).await.unwrap().max_decoding_message_size(64 << 20)
+        MaintenanceClient::connect(self.url())
+            .await
+            .unwrap()
+            .max_decoding_message_size(64 << 20)
     }
 
     pub fn etcdctl(&self, args: &[&str]) -> Output {
@@ -163,13 +178,22 @@ pub fn etcdctl(endpoint: &str, args: &[&str], stdin: Option<&str>) -> Output {
         .arg("--dial-timeout=3s")
         .arg("--command-timeout=10s")
         .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("etcdctl is not installed (apt-get install etcd-client)");
     if let Some(input) = stdin {
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
     }
     child.wait_with_output().unwrap()
 }
