@@ -70,7 +70,7 @@ impl Alarms {
         let mut list = self.list(AlarmType::None);
         let present = list.contains(&entry);
         match (activate, present) {
-            (true, false) => list.push(entry.clone()),
+            (true, false) => list.push(entry),
             (false, true) => list.retain(|a| a != &entry),
             _ => return None,
         }

@@ -4,12 +4,16 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use axum::serve::ListenerExt;
+use tessera_proto::etcdserverpb::auth_server::AuthServer;
 use tessera_proto::etcdserverpb::cluster_server::ClusterServer;
 use tessera_proto::etcdserverpb::kv_server::KvServer;
+use tessera_proto::etcdserverpb::lease_server::LeaseServer;
 use tessera_proto::etcdserverpb::maintenance_server::MaintenanceServer;
+use tessera_proto::etcdserverpb::watch_server::WatchServer;
 use tonic::service::Routes;
 
 use crate::node::Node;
+use crate::service::not_served::NotServed;
 use crate::service::{cluster::ClusterService, kv::KvService, maintenance::MaintenanceService};
 
 /// etcd's allowance for gRPC framing on top of `--max-request-bytes`.
@@ -27,6 +31,9 @@ pub fn router(node: Arc<Node>) -> axum::Router {
     .add_service(
         ClusterServer::new(ClusterService::new(node.clone())).max_decoding_message_size(max_recv),
     )
+    .add_service(WatchServer::new(NotServed))
+    .add_service(LeaseServer::new(NotServed))
+    .add_service(AuthServer::new(NotServed))
     .prepare()
     .into_axum_router();
     grpc.merge(crate::http::router(node))

@@ -164,3 +164,136 @@ async fn snapshot_save_then_restore_starts_a_member_with_the_data() {
         stdout(&put)
     );
 }
+
+/// A plain HTTP/1.1 GET on the client port; returns (status line, body).
+fn http_get(endpoint: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(endpoint).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {endpoint}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    (
+        head.lines().next().unwrap_or_default().to_string(),
+        body.to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_health_version_and_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(Kind::Tessera, dir.path(), &[]).await;
+    assert!(server.etcdctl(&["put", "k", "v"]).status.success());
+    let (status, body) = http_get(&server.endpoint(), "/health");
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(body, r#"{"health":"true","reason":""}"#);
+    let (_, body) = http_get(&server.endpoint(), "/version");
+    assert!(body.contains(r#""etcdserver":"3.5."#), "{body}");
+    let (_, body) = http_get(&server.endpoint(), "/metrics");
+    for line in [
+        "etcd_server_has_leader 1",
+        "etcd_server_is_leader 1",
+        "etcd_mvcc_put_total 1",
+        "etcd_debugging_mvcc_current_revision 2",
+    ] {
+        assert!(
+            body.lines().any(|l| l == line),
+            "missing {line:?} in:\n{body}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unserved_rpcs_answer_unimplemented() {
+    use tessera_proto::etcdserverpb::{lease_client::LeaseClient, LeaseGrantRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(Kind::Tessera, dir.path(), &[]).await;
+    let mut lease = LeaseClient::connect(server.url()).await.unwrap();
+    let err = lease
+        .lease_grant(LeaseGrantRequest { ttl: 10, id: 0 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unimplemented);
+    let mut m = server.maintenance().await;
+    let err = m
+        .move_leader(tessera_proto::etcdserverpb::MoveLeaderRequest { target_id: 1 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unimplemented);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hashes_are_stable_across_restart() {
+    use tessera_proto::etcdserverpb::{HashKvRequest, HashRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(Kind::Tessera, dir.path(), &[]).await;
+    for i in 0..20 {
+        assert!(server
+            .etcdctl(&["put", &format!("k{}", i % 7), &i.to_string()])
+            .status
+            .success());
+    }
+    assert!(server.etcdctl(&["del", "k3"]).status.success());
+    assert!(server.etcdctl(&["compaction", "10"]).status.success());
+    let hashes = |m: &mut tessera_proto::etcdserverpb::maintenance_client::MaintenanceClient<
+        tonic::transport::Channel,
+    >| {
+        let mut m = m.clone();
+        async move {
+            let kv = m
+                .hash_kv(HashKvRequest { revision: 15 })
+                .await
+                .unwrap()
+                .into_inner();
+            let all = m.hash(HashRequest {}).await.unwrap().into_inner();
+            (kv.hash, kv.compact_revision, all.hash)
+        }
+    };
+    let before = hashes(&mut server.maintenance().await).await;
+    server.restart().await;
+    let after = hashes(&mut server.maintenance().await).await;
+    assert_eq!(before, after);
+    assert_eq!(before.1, 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn periodic_auto_compaction_compacts_old_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        Kind::Tessera,
+        dir.path(),
+        &[
+            "--auto-compaction-mode=periodic",
+            "--auto-compaction-retention=1s",
+        ],
+    )
+    .await;
+    for i in 0..5 {
+        assert!(server
+            .etcdctl(&["put", "k", &i.to_string()])
+            .status
+            .success());
+    }
+    let mut compacted = false;
+    for _ in 0..60 {
+        let out = server.etcdctl(&["get", "k", "--rev=2"]);
+        if String::from_utf8_lossy(&out.stderr).contains("required revision has been compacted") {
+            compacted = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        compacted,
+        "no automatic compaction within 6 s:\n{}",
+        server.log()
+    );
+    assert_eq!(
+        stdout(&server.etcdctl(&["get", "k", "--print-value-only"])),
+        "4\n"
+    );
+}

@@ -243,31 +243,28 @@ fn compare_holds(txn: &WriteTxn<'_>, c: &Compare) -> Result<bool, StoreError> {
 
 fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
     use compare::{CompareResult, CompareTarget, TargetUnion};
-    let ord = match CompareTarget::try_from(c.target) {
-        Ok(CompareTarget::Value) => {
-            let v: &[u8] = match &c.target_union {
-                Some(TargetUnion::Value(v)) => v,
-                _ => &[],
-            };
-            kv.value.as_slice().cmp(v)
-        }
-        Ok(target) => {
-            let (actual, wanted) = match (target, &c.target_union) {
-                (CompareTarget::Create, Some(TargetUnion::CreateRevision(r))) => {
-                    (kv.create_revision, *r)
-                }
-                (CompareTarget::Create, _) => (kv.create_revision, 0),
-                (CompareTarget::Mod, Some(TargetUnion::ModRevision(r))) => (kv.mod_revision, *r),
-                (CompareTarget::Mod, _) => (kv.mod_revision, 0),
-                (CompareTarget::Version, Some(TargetUnion::Version(r))) => (kv.version, *r),
-                (CompareTarget::Version, _) => (kv.version, 0),
-                (CompareTarget::Lease, Some(TargetUnion::Lease(r))) => (kv.lease, *r),
-                (CompareTarget::Lease, _) => (kv.lease, 0),
-                (CompareTarget::Value, _) => unreachable_value(),
-            };
-            actual.cmp(&wanted)
-        }
-        Err(_) => Ordering::Equal,
+    // As in etcd, a target union of the wrong kind compares against zero (or
+    // the empty value).
+    let ord = match (CompareTarget::try_from(c.target), &c.target_union) {
+        (Ok(CompareTarget::Value), Some(TargetUnion::Value(v))) => kv.value.as_slice().cmp(v),
+        (Ok(CompareTarget::Value), _) => kv.value.as_slice().cmp(&[]),
+        (Ok(CompareTarget::Create), u) => kv.create_revision.cmp(&match u {
+            Some(TargetUnion::CreateRevision(r)) => *r,
+            _ => 0,
+        }),
+        (Ok(CompareTarget::Mod), u) => kv.mod_revision.cmp(&match u {
+            Some(TargetUnion::ModRevision(r)) => *r,
+            _ => 0,
+        }),
+        (Ok(CompareTarget::Version), u) => kv.version.cmp(&match u {
+            Some(TargetUnion::Version(r)) => *r,
+            _ => 0,
+        }),
+        (Ok(CompareTarget::Lease), u) => kv.lease.cmp(&match u {
+            Some(TargetUnion::Lease(r)) => *r,
+            _ => 0,
+        }),
+        (Err(_), _) => Ordering::Equal,
     };
     match CompareResult::try_from(c.result) {
         Ok(CompareResult::Equal) => ord == Ordering::Equal,
@@ -276,11 +273,6 @@ fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
         Ok(CompareResult::Less) => ord == Ordering::Less,
         Err(_) => true,
     }
-}
-
-/// The Value target is handled before the integer targets.
-fn unreachable_value() -> (i64, i64) {
-    (0, 0)
 }
 
 /// Runs `check` over every non-txn op on the taken path; returns how many path

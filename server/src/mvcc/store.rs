@@ -589,3 +589,136 @@ impl<'a> WriteTxn<'a> {
             .is_some())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::errors::EtcdError;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::open(dir.path()).unwrap();
+        (dir, Store::open(db).unwrap())
+    }
+
+    fn put(s: &Store, k: &str, v: &str) -> i64 {
+        let mut t = s.write_txn();
+        t.put(k.as_bytes(), v.as_bytes().to_vec(), 0).unwrap();
+        s.commit(t, |_| Ok(())).unwrap();
+        s.current_rev()
+    }
+
+    fn del(s: &Store, k: &str) -> usize {
+        let mut t = s.write_txn();
+        let n = t
+            .delete_range(&KeyRange::new(k.as_bytes(), b""))
+            .unwrap()
+            .len();
+        s.commit(t, |_| Ok(())).unwrap();
+        n
+    }
+
+    fn value_at(s: &Store, k: &str, rev: i64) -> Option<String> {
+        s.read_view()
+            .get(k.as_bytes(), rev)
+            .unwrap()
+            .map(|kv| String::from_utf8(kv.value).unwrap())
+    }
+
+    fn raw_versions(s: &Store) -> usize {
+        s.db()
+            .iterator_cf(
+                s.db().cf_handle(CF_KV).unwrap(),
+                rocksdb::IteratorMode::Start,
+            )
+            .count()
+    }
+
+    #[test]
+    fn versions_revisions_and_tombstones() {
+        let (_d, s) = store();
+        assert_eq!(s.current_rev(), INITIAL_REVISION);
+        assert_eq!(put(&s, "a", "1"), 2);
+        assert_eq!(put(&s, "a", "2"), 3);
+        assert_eq!(put(&s, "b", "x"), 4);
+        assert_eq!(del(&s, "a"), 1);
+        assert_eq!(s.current_rev(), 5);
+        assert_eq!(value_at(&s, "a", 2).as_deref(), Some("1"));
+        assert_eq!(value_at(&s, "a", 4).as_deref(), Some("2"));
+        assert_eq!(value_at(&s, "a", 5), None);
+
+        let kv = s.read_view().get(b"a", 3).unwrap().unwrap();
+        assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (2, 3, 2));
+        put(&s, "a", "3");
+        let kv = s.read_view().get(b"a", 6).unwrap().unwrap();
+        assert_eq!(
+            (kv.create_revision, kv.version),
+            (6, 1),
+            "a re-created key starts over"
+        );
+
+        let view = s.read_view();
+        let (kvs, count) = view
+            .range(&KeyRange::new(b"\0", b"\0"), 4, 1, false)
+            .unwrap();
+        assert_eq!((kvs.len(), count), (1, 2));
+        assert_eq!(kvs[0].key, b"a");
+        let (kvs, count) = view.range(&KeyRange::new(b"a", b"b"), 6, 0, true).unwrap();
+        assert_eq!((kvs.len(), count), (0, 1));
+    }
+
+    #[test]
+    fn deleting_nothing_creates_no_revision() {
+        let (_d, s) = store();
+        put(&s, "a", "1");
+        assert_eq!(del(&s, "missing"), 0);
+        assert_eq!(s.current_rev(), 2);
+    }
+
+    #[test]
+    fn compaction_keeps_each_keys_newest_version_and_drops_tombstones() {
+        let (_d, s) = store();
+        put(&s, "a", "1"); // 2
+        put(&s, "a", "2"); // 3
+        put(&s, "b", "x"); // 4
+        del(&s, "b"); // 5
+        put(&s, "c", "y"); // 6
+        assert_eq!(raw_versions(&s), 5);
+        s.check_compact(5).unwrap();
+        s.compact(5, |_| Ok(())).unwrap();
+        assert_eq!(raw_versions(&s), 2, "a@3 and c@6 remain");
+        assert_eq!(s.compact_rev(), 5);
+        assert_eq!(value_at(&s, "a", 5).as_deref(), Some("2"));
+        assert_eq!(s.check_compact(5), Err(EtcdError::Compacted));
+        assert_eq!(s.check_compact(7), Err(EtcdError::FutureRev));
+        // survives reopening
+        let db = s.db().clone();
+        drop(s);
+        let s = Store::open(db).unwrap();
+        assert_eq!((s.current_rev(), s.compact_rev()), (6, 5));
+    }
+
+    #[test]
+    fn a_transaction_reads_its_own_writes() {
+        let (_d, s) = store();
+        put(&s, "a", "1");
+        let mut t = s.write_txn();
+        t.put(b"b", b"2".to_vec(), 0).unwrap();
+        let all = KeyRange::new(b"\0", b"\0");
+        let (kvs, count) = t.range(&all, t.read_rev(), 0, false).unwrap();
+        assert_eq!(count, 2);
+        assert_eq!(kvs[1].mod_revision, 3);
+        t.delete_range(&KeyRange::new(b"a", b"")).unwrap();
+        let (kvs, _) = t.range(&all, t.read_rev(), 0, false).unwrap();
+        assert_eq!(
+            kvs.iter().map(|kv| kv.key.clone()).collect::<Vec<_>>(),
+            vec![b"b".to_vec()]
+        );
+        // the store itself is unchanged until commit
+        assert_eq!(s.current_rev(), 2);
+        assert_eq!(value_at(&s, "b", 3), None);
+        s.commit(t, |_| Ok(())).unwrap();
+        assert_eq!(s.current_rev(), 3);
+        assert_eq!(value_at(&s, "a", 3), None);
+    }
+}

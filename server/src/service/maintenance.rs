@@ -164,7 +164,7 @@ impl Maintenance for MaintenanceService {
             .map(|(i, blob)| {
                 let sent = (i * SNAPSHOT_CHUNK + blob.len()) as u64;
                 Ok(SnapshotResponse {
-                    header: if i == 0 { header.clone() } else { None },
+                    header: if i == 0 { header } else { None },
                     remaining_bytes: total as u64 - sent,
                     blob: blob.to_vec(),
                 })
