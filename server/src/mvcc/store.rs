@@ -347,12 +347,21 @@ impl<'a> ReadView<'a> {
 
     /// The newest live version of `key` at revision `rev`.
     pub fn get(&self, key: &[u8], rev: i64) -> Result<Option<KeyValue>, StoreError> {
+        match self.get_stored(key, rev)? {
+            Some(stored) => decode_live(key, &stored),
+            None => Ok(None),
+        }
+    }
+
+    /// The stored bytes (tag ‖ KeyValue) of the newest version of `key` at
+    /// `rev`, tombstones included.
+    fn get_stored(&self, key: &[u8], rev: i64) -> Result<Option<Vec<u8>>, StoreError> {
         let mut it = self.db.raw_iterator_cf_opt(self.kv_cf()?, self.read_opts());
         let prefix = key_prefix(key);
         it.seek(seek_key_at(key, rev));
         let found = match (it.key(), it.value()) {
             (Some(k), Some(v)) if k.len() == prefix.len() + 16 && k.starts_with(&prefix) => {
-                decode_live(key, v)?
+                Some(v.to_vec())
             }
             _ => None,
         };
@@ -370,11 +379,10 @@ impl<'a> ReadView<'a> {
     ) -> Result<(), StoreError> {
         let (start, end) = match range {
             KeyRange::Single(k) => {
-                if let Some(kv) = self.get(k, rev)? {
-                    let mut stored = vec![TAG_PUT];
-                    kv.encode(&mut stored)
-                        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                    visit(k.clone(), &stored)?;
+                if let Some(stored) = self.get_stored(k, rev)? {
+                    if stored.first() == Some(&TAG_PUT) {
+                        visit(k.clone(), &stored)?;
+                    }
                 }
                 return Ok(());
             }
