@@ -7,7 +7,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Kind, Server};
+use common::{current_rev, Kind, Server};
 use tessera_proto::etcdserverpb::{PutRequest, RangeRequest};
 
 const WRITERS: usize = 8;
@@ -18,23 +18,6 @@ struct Acked {
     key: Vec<u8>,
     value: Vec<u8>,
     revision: i64,
-}
-
-async fn current_rev(server: &Server) -> i64 {
-    let mut kv = server.kv().await;
-    let r = RangeRequest {
-        key: vec![0],
-        range_end: vec![0],
-        count_only: true,
-        ..Default::default()
-    };
-    kv.range(r)
-        .await
-        .unwrap()
-        .into_inner()
-        .header
-        .unwrap()
-        .revision
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,7 +91,7 @@ async fn acknowledged_puts_survive_sigkill() {
             );
         }
         let max_acked = acked.iter().map(|a| a.revision).max().unwrap_or(0);
-        let cur = current_rev(&server).await;
+        let cur = current_rev(&mut kv).await;
         assert!(
             cur >= max_acked,
             "round {round}: store revision {cur} below acknowledged {max_acked}"

@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 
-use common::{Kind, Server};
+use common::{current_rev, Kind, Server};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tessera_proto::etcdserverpb::{
@@ -332,22 +332,6 @@ async fn run(kv: &mut Kv, mt: &mut Maint, op: &Op) -> Answer {
         Op::Compact(c) => answer(kv.compact(c).await, |m| strip(&mut m.header)),
         Op::HashKv(h) => answer(mt.hash_kv(h).await, |m| strip(&mut m.header)),
     }
-}
-
-async fn current_rev(kv: &mut Kv) -> i64 {
-    let r = RangeRequest {
-        key: vec![0],
-        range_end: vec![0],
-        count_only: true,
-        ..Default::default()
-    };
-    kv.range(r)
-        .await
-        .unwrap()
-        .into_inner()
-        .header
-        .unwrap()
-        .revision
 }
 
 async fn differential(seed: u64, count: usize) {

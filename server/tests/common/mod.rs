@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tessera_proto::etcdserverpb::kv_client::KvClient;
 use tessera_proto::etcdserverpb::maintenance_client::MaintenanceClient;
-use tessera_proto::etcdserverpb::StatusRequest;
+use tessera_proto::etcdserverpb::{RangeRequest, StatusRequest};
 use tonic::transport::Channel;
 
 pub const TESSERA: &str = env!("CARGO_BIN_EXE_tessera");
@@ -204,4 +204,21 @@ pub fn stdout(o: &Output) -> String {
 
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The store's current revision, from the header of a count-only range.
+pub async fn current_rev(kv: &mut KvClient<Channel>) -> i64 {
+    let r = RangeRequest {
+        key: vec![0],
+        range_end: vec![0],
+        count_only: true,
+        ..Default::default()
+    };
+    kv.range(r)
+        .await
+        .unwrap()
+        .into_inner()
+        .header
+        .unwrap()
+        .revision
 }
