@@ -98,6 +98,10 @@ pub struct Config {
     /// Auto compaction retention: a duration ('1h', '30m', or hours as a number) or a revision count; 0 disables.
     #[arg(long, env = "ETCD_AUTO_COMPACTION_RETENTION", default_value = "0")]
     pub auto_compaction_retention: String,
+    /// Duration of periodic watch progress notifications.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value = "10m",
+          value_parser = parse_duration_arg)]
+    pub experimental_watch_progress_notify_interval: Duration,
     /// Log level: debug, info, warn, error, panic or fatal.
     #[arg(long, env = "ETCD_LOG_LEVEL", default_value = "info",
           value_parser = ["debug", "info", "warn", "error", "panic", "fatal"])]
@@ -175,7 +179,6 @@ pub const ACCEPTED_NOT_ACTED_ON: &[(&str, bool)] = &[
     ("experimental-wait-cluster-ready-timeout", false),
     ("experimental-warning-apply-duration", false),
     ("experimental-warning-unary-request-duration", false),
-    ("experimental-watch-progress-notify-interval", false),
     ("force-new-cluster", true),
     ("grpc-keepalive-interval", false),
     ("grpc-keepalive-min-time", false),
@@ -435,6 +438,12 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         rest = tail;
     }
     Some(total)
+}
+
+fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("invalid duration {s:?} (expected e.g. 10m, 30s, 500ms)"))
 }
 
 fn split_urls(s: &str) -> impl Iterator<Item = &str> {

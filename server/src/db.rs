@@ -10,6 +10,9 @@ use rocksdb::{ColumnFamilyDescriptor, Options, DB};
 
 /// MVCC history: see [`crate::mvcc::encoding`].
 pub const CF_KV: &str = "kv";
+/// Revision index of the MVCC history: `main ‖ sub → tag ‖ user key`, so
+/// watchers can replay events in revision order.
+pub const CF_REV: &str = "rev";
 /// Store-wide metadata: revisions, applied log id, membership, alarms, identity.
 pub const CF_META: &str = "meta";
 /// Leases (empty until the lease service lands; puts with a lease look here).
@@ -20,9 +23,9 @@ pub const CF_RAFT_LOG: &str = "raft_log";
 pub const CF_RAFT_STATE: &str = "raft_state";
 
 /// Column families that make up the state machine (what snapshots carry).
-pub const STATE_MACHINE_CFS: [&str; 3] = [CF_KV, CF_META, CF_LEASE];
+pub const STATE_MACHINE_CFS: [&str; 4] = [CF_KV, CF_META, CF_LEASE, CF_REV];
 
-const ALL_CFS: [&str; 5] = [CF_KV, CF_META, CF_LEASE, CF_RAFT_LOG, CF_RAFT_STATE];
+const ALL_CFS: [&str; 6] = [CF_KV, CF_META, CF_LEASE, CF_REV, CF_RAFT_LOG, CF_RAFT_STATE];
 
 /// Opens (creating if needed) the database under `dir`.
 pub fn open(dir: &Path) -> Result<Arc<DB>, rocksdb::Error> {

@@ -14,3 +14,4 @@ pub mod server;
 pub mod service;
 pub mod snapshot;
 pub mod validate;
+pub mod watch_hub;

@@ -24,6 +24,7 @@ use crate::raft::log_store::LogStore;
 use crate::raft::network::NoPeers;
 use crate::raft::state_machine::StateMachine;
 use crate::raft::{Command, Raft};
+use crate::watch_hub::WatchHub;
 
 /// How long a proposal may wait for commit and apply before etcd's timeout error.
 const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(7);
@@ -42,6 +43,7 @@ pub struct Node {
     pub store: Arc<Store>,
     pub alarms: Arc<Alarms>,
     pub metrics: Arc<Metrics>,
+    pub hub: Arc<WatchHub>,
     pub member_id: u64,
     pub cluster_id: u64,
 }
@@ -107,6 +109,7 @@ impl Node {
         let store = Arc::new(Store::open(db.clone())?);
         let alarms = Arc::new(Alarms::load(&db)?);
         let metrics = Arc::new(Metrics::default());
+        let hub = Arc::new(WatchHub::default());
         tracing::info!(
             name = %config.name,
             data_dir = %data_dir.display(),
@@ -127,7 +130,7 @@ impl Node {
         }
         .validate()
         .context("invalid raft configuration")?;
-        let sm = StateMachine::new(store.clone(), alarms.clone(), metrics.clone());
+        let sm = StateMachine::new(store.clone(), alarms.clone(), metrics.clone(), hub.clone());
         let raft = Raft::new(
             identity.member_id,
             Arc::new(raft_config),
@@ -161,6 +164,7 @@ impl Node {
             store,
             alarms,
             metrics,
+            hub,
             member_id: identity.member_id,
             cluster_id: identity.cluster_id,
         });

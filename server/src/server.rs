@@ -14,10 +14,11 @@ use tonic::service::Routes;
 
 use crate::node::Node;
 use crate::service::not_served::NotServed;
+use crate::service::watch::WatchService;
 use crate::service::{cluster::ClusterService, kv::KvService, maintenance::MaintenanceService};
 
 /// etcd's allowance for gRPC framing on top of `--max-request-bytes`.
-const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 
 pub fn router(node: Arc<Node>) -> axum::Router {
     let max_recv = node.config.max_request_bytes as usize + GRPC_OVERHEAD_BYTES;
@@ -31,7 +32,7 @@ pub fn router(node: Arc<Node>) -> axum::Router {
     .add_service(
         ClusterServer::new(ClusterService::new(node.clone())).max_decoding_message_size(max_recv),
     )
-    .add_service(WatchServer::new(NotServed))
+    .add_service(WatchServer::new(WatchService::new(node.clone())))
     .add_service(LeaseServer::new(NotServed))
     .add_service(AuthServer::new(NotServed))
     .prepare()

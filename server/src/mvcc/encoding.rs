@@ -74,6 +74,25 @@ pub fn after_all_versions(prefix: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The `rev` column family key of a revision: `main ‖ sub`, big-endian, so
+/// entries iterate in revision order.
+pub fn rev_key(rev: Revision) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&(rev.main as u64).to_be_bytes());
+    out[8..].copy_from_slice(&(rev.sub as u64).to_be_bytes());
+    out
+}
+
+/// Inverse of [`rev_key`].
+pub fn parse_rev_key(raw: &[u8]) -> Option<Revision> {
+    let main = u64::from_be_bytes(raw.get(..8)?.try_into().ok()?);
+    let sub = u64::from_be_bytes(raw.get(8..16)?.try_into().ok()?);
+    Some(Revision {
+        main: main as i64,
+        sub: sub as i64,
+    })
+}
+
 fn push_revision(out: &mut Vec<u8>, rev: Revision) {
     out.extend_from_slice(&(u64::MAX - rev.main as u64).to_be_bytes());
     out.extend_from_slice(&(u64::MAX - rev.sub as u64).to_be_bytes());

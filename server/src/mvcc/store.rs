@@ -7,13 +7,13 @@ use std::sync::{Arc, RwLock};
 
 use prost::Message;
 use rocksdb::{ReadOptions, SnapshotWithThreadMode, WriteBatch, WriteOptions, DB};
-use tessera_proto::mvccpb::KeyValue;
+use tessera_proto::mvccpb::{event::EventType, Event, KeyValue};
 
 use super::encoding::{
-    after_all_versions, key_prefix, seek_key_at, split_version_key, version_key, KeyRange,
-    Revision, TAG_PUT, TAG_TOMBSTONE,
+    after_all_versions, key_prefix, parse_rev_key, rev_key, seek_key_at, split_version_key,
+    version_key, KeyRange, Revision, TAG_PUT, TAG_TOMBSTONE,
 };
-use crate::db::{CF_KV, CF_LEASE, CF_META};
+use crate::db::{CF_KV, CF_LEASE, CF_META, CF_REV};
 
 const META_CURRENT_REV: &[u8] = b"current_rev";
 const META_COMPACT_REV: &[u8] = b"compact_rev";
@@ -137,16 +137,18 @@ impl Store {
             changes: 0,
             overlay: BTreeMap::new(),
             batch: WriteBatch::default(),
+            events: Vec::new(),
         }
     }
 
     /// Commits a write transaction together with `extra` writes (such as the
-    /// applied log index) in one atomic batch.
+    /// applied log index) in one atomic batch; returns the transaction's
+    /// events, in order.
     pub fn commit(
         &self,
         txn: WriteTxn<'_>,
         extra: impl FnOnce(&mut WriteBatch) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<Event>, StoreError> {
         let new_rev = txn.read_rev();
         let changed = txn.changes > 0;
         let mut batch = txn.batch;
@@ -154,7 +156,8 @@ impl Store {
             batch.put_cf(self.cf(CF_META)?, META_CURRENT_REV, new_rev.to_be_bytes());
         }
         extra(&mut batch)?;
-        self.write_and_publish(batch, changed.then_some(new_rev), None)
+        self.write_and_publish(batch, changed.then_some(new_rev), None)?;
+        Ok(txn.events)
     }
 
     /// Writes `batch` and, in the same exclusive section, publishes new revisions.
@@ -198,6 +201,7 @@ impl Store {
         extra: impl FnOnce(&mut WriteBatch) -> Result<(), StoreError>,
     ) -> Result<usize, StoreError> {
         let kv = self.cf(CF_KV)?;
+        let rev_cf = self.cf(CF_REV)?;
         let mut batch = WriteBatch::default();
         let mut removed = 0usize;
         let mut it = self.db.raw_iterator_cf(kv);
@@ -214,6 +218,7 @@ impl Store {
             if r.main <= rev {
                 if kept_one || v.first() == Some(&TAG_TOMBSTONE) {
                     batch.delete_cf(kv, k);
+                    batch.delete_cf(rev_cf, rev_key(r));
                     removed += 1;
                 }
                 kept_one = true;
@@ -339,10 +344,79 @@ impl<'a> ReadView<'a> {
         o
     }
 
-    fn kv_cf(&self) -> Result<&rocksdb::ColumnFamily, StoreError> {
+    fn cf(&self, name: &'static str) -> Result<&rocksdb::ColumnFamily, StoreError> {
         self.db
-            .cf_handle(CF_KV)
-            .ok_or(StoreError::MissingColumnFamily(CF_KV))
+            .cf_handle(name)
+            .ok_or(StoreError::MissingColumnFamily(name))
+    }
+
+    fn kv_cf(&self) -> Result<&rocksdb::ColumnFamily, StoreError> {
+        self.cf(CF_KV)
+    }
+
+    /// Events of revisions `from..=to`, in revision order, each with its
+    /// previous value when still in history; at most about `max_events`
+    /// (never splitting a revision). Returns the events and the last revision
+    /// they cover completely.
+    pub fn history(
+        &self,
+        from: i64,
+        to: i64,
+        max_events: usize,
+    ) -> Result<(Vec<Event>, i64), StoreError> {
+        let mut opts = self.read_opts();
+        opts.set_iterate_upper_bound(
+            rev_key(Revision {
+                main: to + 1,
+                sub: 0,
+            })
+            .to_vec(),
+        );
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(CF_REV)?, opts);
+        it.seek(rev_key(Revision {
+            main: from.max(0),
+            sub: 0,
+        }));
+        let mut events = Vec::new();
+        let mut covered = to;
+        let mut last_main = None;
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let rev = parse_rev_key(k).ok_or_else(|| StoreError::Corrupt("rev key".into()))?;
+            if events.len() >= max_events && last_main != Some(rev.main) {
+                covered = rev.main - 1;
+                break;
+            }
+            last_main = Some(rev.main);
+            let (tag, key) = v
+                .split_first()
+                .ok_or_else(|| StoreError::Corrupt("rev entry".into()))?;
+            let kv = match *tag {
+                TAG_PUT => {
+                    let stored = self
+                        .db
+                        .get_cf_opt(self.kv_cf()?, version_key(key, rev), &self.read_opts())?
+                        .ok_or_else(|| {
+                            StoreError::Corrupt(format!("revision {rev:?} indexed but not stored"))
+                        })?;
+                    decode_live(key, &stored)?
+                        .ok_or_else(|| StoreError::Corrupt("indexed put is a tombstone".into()))?
+                }
+                _ => tombstone(key, rev.main),
+            };
+            let r#type = if *tag == TAG_PUT {
+                EventType::Put
+            } else {
+                EventType::Delete
+            };
+            events.push(Event {
+                r#type: r#type as i32,
+                prev_kv: self.get(key, rev.main - 1)?,
+                kv: Some(kv),
+            });
+            it.next();
+        }
+        it.status()?;
+        Ok((events, covered))
     }
 
     /// The newest live version of `key` at revision `rev`.
@@ -445,6 +519,15 @@ impl<'a> ReadView<'a> {
     }
 }
 
+/// The key-value etcd reports in a delete event.
+fn tombstone(key: &[u8], revision: i64) -> KeyValue {
+    KeyValue {
+        key: key.to_vec(),
+        mod_revision: revision,
+        ..Default::default()
+    }
+}
+
 fn decode_live(key: &[u8], stored: &[u8]) -> Result<Option<KeyValue>, StoreError> {
     match stored.first() {
         Some(&TAG_PUT) => {
@@ -467,6 +550,8 @@ pub struct WriteTxn<'a> {
     /// Each key's state after this transaction's writes (None = deleted).
     overlay: BTreeMap<Vec<u8>, Option<KeyValue>>,
     batch: WriteBatch,
+    /// Watch events of this transaction's writes, with their previous values.
+    events: Vec<Event>,
 }
 
 impl<'a> WriteTxn<'a> {
@@ -533,12 +618,15 @@ impl<'a> WriteTxn<'a> {
 
     /// Writes a new version of `key`; returns it.
     pub fn put(&mut self, key: &[u8], value: Vec<u8>, lease: i64) -> Result<KeyValue, StoreError> {
-        let rev = self.begin_rev + 1;
+        let rev = Revision {
+            main: self.begin_rev + 1,
+            sub: self.changes,
+        };
         let prev = self.latest(key)?;
         let kv = KeyValue {
             key: Vec::new(),
-            create_revision: prev.as_ref().map_or(rev, |p| p.create_revision),
-            mod_revision: rev,
+            create_revision: prev.as_ref().map_or(rev.main, |p| p.create_revision),
+            mod_revision: rev.main,
             version: prev.as_ref().map_or(0, |p| p.version) + 1,
             value,
             lease,
@@ -547,40 +635,55 @@ impl<'a> WriteTxn<'a> {
         stored.push(TAG_PUT);
         kv.encode(&mut stored)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let vk = version_key(
-            key,
-            Revision {
-                main: rev,
-                sub: self.changes,
-            },
-        );
-        self.batch.put_cf(self.view.kv_cf()?, vk, stored);
-        self.changes += 1;
+        self.batch
+            .put_cf(self.view.cf(CF_KV)?, version_key(key, rev), stored);
+        self.index_revision(rev, TAG_PUT, key)?;
         let kv = KeyValue {
             key: key.to_vec(),
             ..kv
         };
         self.overlay.insert(key.to_vec(), Some(kv.clone()));
+        self.events.push(Event {
+            r#type: EventType::Put as i32,
+            kv: Some(kv.clone()),
+            prev_kv: prev,
+        });
         Ok(kv)
     }
 
     /// Deletes every live key in `range`; returns the deleted key-values.
     pub fn delete_range(&mut self, range: &KeyRange) -> Result<Vec<KeyValue>, StoreError> {
         let (live, _) = self.range(range, self.read_rev(), 0, false)?;
-        let rev = self.begin_rev + 1;
-        for kv in &live {
-            let vk = version_key(
-                &kv.key,
-                Revision {
-                    main: rev,
-                    sub: self.changes,
-                },
+        for prev in &live {
+            let rev = Revision {
+                main: self.begin_rev + 1,
+                sub: self.changes,
+            };
+            self.batch.put_cf(
+                self.view.cf(CF_KV)?,
+                version_key(&prev.key, rev),
+                [TAG_TOMBSTONE],
             );
-            self.batch.put_cf(self.view.kv_cf()?, vk, [TAG_TOMBSTONE]);
-            self.changes += 1;
-            self.overlay.insert(kv.key.clone(), None);
+            self.index_revision(rev, TAG_TOMBSTONE, &prev.key)?;
+            self.overlay.insert(prev.key.clone(), None);
+            self.events.push(Event {
+                r#type: EventType::Delete as i32,
+                kv: Some(tombstone(&prev.key, rev.main)),
+                prev_kv: Some(prev.clone()),
+            });
         }
         Ok(live)
+    }
+
+    /// Records `rev` in the revision index and counts the change.
+    fn index_revision(&mut self, rev: Revision, tag: u8, key: &[u8]) -> Result<(), StoreError> {
+        let mut entry = Vec::with_capacity(key.len() + 1);
+        entry.push(tag);
+        entry.extend_from_slice(key);
+        self.batch
+            .put_cf(self.view.cf(CF_REV)?, rev_key(rev), entry);
+        self.changes += 1;
+        Ok(())
     }
 
     /// Lease records visible to this transaction.

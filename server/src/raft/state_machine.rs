@@ -28,6 +28,7 @@ use crate::metrics::Metrics;
 use crate::mvcc::apply::{self, ApplyError};
 use crate::mvcc::{Store, StoreError, WriteTxn};
 use crate::snapshot;
+use crate::watch_hub::WatchHub;
 
 /// `meta` key of the last applied log id.
 pub const META_APPLIED: &[u8] = b"applied";
@@ -50,15 +51,22 @@ pub struct StateMachine {
     store: Arc<Store>,
     alarms: Arc<Alarms>,
     metrics: Arc<Metrics>,
+    hub: Arc<WatchHub>,
     current_snapshot: Arc<Mutex<Option<StoredSnapshot>>>,
 }
 
 impl StateMachine {
-    pub fn new(store: Arc<Store>, alarms: Arc<Alarms>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        store: Arc<Store>,
+        alarms: Arc<Alarms>,
+        metrics: Arc<Metrics>,
+        hub: Arc<WatchHub>,
+    ) -> Self {
         StateMachine {
             store,
             alarms,
             metrics,
+            hub,
             current_snapshot: Arc::new(Mutex::new(None)),
         }
     }
@@ -99,7 +107,8 @@ impl StateMachine {
         let txn = self.store.write_txn();
         self.store
             .commit(txn, |b| self.stage_applied(b, log_id, membership))
-            .map_err(store_err)
+            .map_err(store_err)?;
+        Ok(())
     }
 
     /// Runs `op` in a write transaction; commits it with the applied index on
@@ -112,9 +121,11 @@ impl StateMachine {
         let mut txn = self.store.write_txn();
         match op(&mut txn) {
             Ok(resp) => {
-                self.store
+                let events = self
+                    .store
                     .commit(txn, |b| self.stage_applied(b, log_id, None))
                     .map_err(store_err)?;
+                self.hub.publish(self.store.current_rev(), events);
                 Ok(Ok(resp))
             }
             Err(ApplyError::Etcd(e)) => {

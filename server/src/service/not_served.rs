@@ -2,12 +2,9 @@
 //! registered so every RPC answers gRPC `Unimplemented` (tonic's default
 //! stubs) instead of an HTTP-level error.
 
-use tessera_proto::etcdserverpb::{auth_server::Auth, lease_server::Lease, watch_server::Watch};
+use tessera_proto::etcdserverpb::{auth_server::Auth, lease_server::Lease};
 
 pub struct NotServed;
-
-#[tonic::async_trait]
-impl Watch for NotServed {}
 
 #[tonic::async_trait]
 impl Lease for NotServed {}
