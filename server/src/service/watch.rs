@@ -110,7 +110,9 @@ async fn serve_stream(node: Arc<Node>, mut inbound: Streaming<WatchRequest>, tx:
                 let synced = watchers
                     .values()
                     .map(|w| w.delivered.load(Ordering::SeqCst))
-                    .fold(node.store.current_rev(), i64::min);
+                    .fold(node.store.current_rev(), i64::min)
+                    // header(0) would mean "current"; revision 1 has no events
+                    .max(1);
                 let resp = WatchResponse {
                     header: node.header(synced),
                     watch_id: INVALID_WATCH_ID,
@@ -258,7 +260,7 @@ async fn replay(
             let (events, covered) = view.history(*next, view.rev, REPLAY_BATCH)?;
             (events, covered, view.rev)
         };
-        if !send_events(node, spec, tx, covered, events).await {
+        if !send_events(node, spec, tx, covered, &events).await {
             return Ok(false);
         }
         *next = covered + 1;
@@ -289,7 +291,7 @@ async fn follow(
             msg = rx.recv() => match msg {
                 Ok(batch) if batch.revision < *next => {}
                 Ok(batch) => {
-                    let sent = send_events(node, spec, tx, batch.revision, batch.events.clone()).await;
+                    let sent = send_events(node, spec, tx, batch.revision, &batch.events).await;
                     if !sent {
                         return Interrupted::Done;
                     }
@@ -303,7 +305,7 @@ async fn follow(
             _ = ticker.tick(), if spec.progress_notify => {
                 if !std::mem::take(&mut sent_since_tick) {
                     let resp = WatchResponse {
-                        header: node.header(delivered.load(Ordering::SeqCst)),
+                        header: node.header(delivered.load(Ordering::SeqCst).max(1)),
                         watch_id: spec.id,
                         ..Default::default()
                     };
@@ -323,20 +325,24 @@ async fn send_events(
     spec: &Spec,
     tx: &Outbound,
     revision: i64,
-    events: Vec<Event>,
+    events: &[Event],
 ) -> bool {
+    // Filter before cloning: most watchers match few of a revision's events.
     let events: Vec<Event> = events
-        .into_iter()
+        .iter()
         .filter(|e| e.kv.as_ref().is_some_and(|kv| spec.range.contains(&kv.key)))
         .filter(|e| {
             let put = e.r#type == EventType::Put as i32;
             !(put && spec.no_put || !put && spec.no_delete)
         })
-        .map(|mut e| {
-            if !spec.prev_kv {
-                e.prev_kv = None;
-            }
-            e
+        .map(|e| Event {
+            r#type: e.r#type,
+            kv: e.kv.clone(),
+            prev_kv: if spec.prev_kv {
+                e.prev_kv.clone()
+            } else {
+                None
+            },
         })
         .collect();
     if events.is_empty() {
