@@ -44,6 +44,10 @@ pub enum EtcdError {
     Corrupt,
     #[error("etcdserver: member not found")]
     MemberNotFound,
+    #[error("etcdserver: lease already exists")]
+    LeaseExists,
+    #[error("etcdserver: too large lease TTL")]
+    LeaseTtlTooLarge,
 }
 
 impl EtcdError {
@@ -53,10 +57,10 @@ impl EtcdError {
         match self {
             EmptyKey | KeyNotFound | ValueProvided | LeaseProvided | TooManyOps | DuplicateKey
             | RequestTooLarge => Code::InvalidArgument,
-            Compacted | FutureRev => Code::OutOfRange,
+            Compacted | FutureRev | LeaseTtlTooLarge => Code::OutOfRange,
             NoSpace => Code::ResourceExhausted,
             LeaseNotFound | MemberNotFound => Code::NotFound,
-            NotLeader => Code::FailedPrecondition,
+            NotLeader | LeaseExists => Code::FailedPrecondition,
             NoLeader | Timeout | Stopped => Code::Unavailable,
             Corrupt => Code::DataLoss,
         }
@@ -84,13 +88,15 @@ impl EtcdError {
             Stopped => 15,
             Corrupt => 16,
             MemberNotFound => 17,
+            LeaseExists => 18,
+            LeaseTtlTooLarge => 19,
         }
     }
 
     /// Inverse of [`EtcdError::code_number`]; unknown numbers are `None`.
     pub fn from_code_number(n: u32) -> Option<Self> {
         use EtcdError::*;
-        const ALL: [EtcdError; 17] = [
+        const ALL: [EtcdError; 19] = [
             EmptyKey,
             KeyNotFound,
             ValueProvided,
@@ -108,6 +114,8 @@ impl EtcdError {
             Stopped,
             Corrupt,
             MemberNotFound,
+            LeaseExists,
+            LeaseTtlTooLarge,
         ];
         ALL.into_iter().find(|e| e.code_number() == n)
     }
@@ -132,7 +140,7 @@ mod tests {
                 assert!(seen.insert(n));
             }
         }
-        assert_eq!(seen.len(), 17);
+        assert_eq!(seen.len(), 19);
         assert_eq!(EtcdError::from_code_number(0), None);
     }
 

@@ -6,6 +6,8 @@ pub mod config;
 pub mod db;
 pub mod errors;
 pub mod http;
+pub mod lease_expiry;
+pub mod lessor;
 pub mod metrics;
 pub mod mvcc;
 pub mod node;

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use crate::alarms::Alarms;
 use crate::config::Config;
 use crate::db::{self, CF_RAFT_STATE};
 use crate::errors::EtcdError;
+use crate::lessor::Lessor;
 use crate::metrics::{Gauges, Metrics};
 use crate::mvcc::{Store, StoreError};
 use crate::raft::log_store::LogStore;
@@ -44,8 +46,11 @@ pub struct Node {
     pub alarms: Arc<Alarms>,
     pub metrics: Arc<Metrics>,
     pub hub: Arc<WatchHub>,
+    pub lessor: Arc<Lessor>,
     pub member_id: u64,
     pub cluster_id: u64,
+    /// Source of [`Node::next_request_id`].
+    request_ids: AtomicU64,
 }
 
 /// The directory holding RocksDB under a data dir (etcd keeps `member/` too).
@@ -110,6 +115,11 @@ impl Node {
         let alarms = Arc::new(Alarms::load(&db)?);
         let metrics = Arc::new(Metrics::default());
         let hub = Arc::new(WatchHub::default());
+        let lessor = Arc::new(Lessor::new(
+            config.election_timeout,
+            config.heartbeat_interval,
+        ));
+        lessor.reset(&store.read_view().leases()?, Duration::ZERO);
         tracing::info!(
             name = %config.name,
             data_dir = %data_dir.display(),
@@ -130,7 +140,13 @@ impl Node {
         }
         .validate()
         .context("invalid raft configuration")?;
-        let sm = StateMachine::new(store.clone(), alarms.clone(), metrics.clone(), hub.clone());
+        let sm = StateMachine::new(
+            store.clone(),
+            alarms.clone(),
+            metrics.clone(),
+            hub.clone(),
+            lessor.clone(),
+        );
         let raft = Raft::new(
             identity.member_id,
             Arc::new(raft_config),
@@ -165,10 +181,14 @@ impl Node {
             alarms,
             metrics,
             hub,
+            lessor,
             member_id: identity.member_id,
             cluster_id: identity.cluster_id,
+            request_ids: AtomicU64::new(request_id_base()),
         });
+        node.lessor.promote(node.election_timeout());
         node.clone().spawn_leader_watch();
+        crate::lease_expiry::spawn(node.clone());
         Ok(node)
     }
 
@@ -181,10 +201,31 @@ impl Node {
                 if leader != last {
                     self.metrics.inc(&self.metrics.leader_changes);
                     tracing::info!(?leader, "leader changed");
+                    if leader == Some(self.member_id) {
+                        // A new leader starts every lease's clock afresh.
+                        self.lessor.promote(self.election_timeout());
+                    }
                     last = leader;
                 }
             }
         });
+    }
+
+    /// A positive id unique across members and restarts (etcd's generator:
+    /// 16 bits of member id, then milliseconds at start and a counter), used
+    /// for leases the client did not number.
+    pub fn next_request_id(&self) -> i64 {
+        let n = self.request_ids.fetch_add(1, Ordering::Relaxed) + 1;
+        let id = (self.member_id << 48) | (n & LOW_48_BITS);
+        (id & i64::MAX as u64) as i64
+    }
+
+    pub fn election_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.election_timeout)
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader() == Some(self.member_id)
     }
 
     pub fn raft_term(&self) -> u64 {
@@ -295,6 +336,15 @@ impl Node {
             compact_revision: self.store.compact_rev(),
         }
     }
+}
+
+const LOW_48_BITS: u64 = (1 << 48) - 1;
+
+fn request_id_base() -> u64 {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    (now_ms << 8) & LOW_48_BITS
 }
 
 fn raft_write_error(e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> Status {

@@ -14,6 +14,7 @@ use tonic::service::Routes;
 
 use crate::node::Node;
 use crate::service::not_served::NotServed;
+use crate::service::lease::LeaseService;
 use crate::service::watch::WatchService;
 use crate::service::{cluster::ClusterService, kv::KvService, maintenance::MaintenanceService};
 
@@ -33,7 +34,7 @@ pub fn router(node: Arc<Node>) -> axum::Router {
         ClusterServer::new(ClusterService::new(node.clone())).max_decoding_message_size(max_recv),
     )
     .add_service(WatchServer::new(WatchService::new(node.clone())))
-    .add_service(LeaseServer::new(NotServed))
+    .add_service(LeaseServer::new(LeaseService::new(node.clone())))
     .add_service(AuthServer::new(NotServed))
     .prepare()
     .into_axum_router();

@@ -3,6 +3,8 @@
 
 pub mod apply;
 pub mod encoding;
+pub mod lease;
 pub mod store;
 
-pub use store::{Store, StoreError, WriteTxn};
+pub use lease::LeaseRecord;
+pub use store::{ReadView, Store, StoreError, WriteTxn};

@@ -336,7 +336,11 @@ pub struct ReadView<'a> {
 }
 
 impl<'a> ReadView<'a> {
-    fn read_opts(&self) -> ReadOptions {
+    pub(super) fn db(&self) -> &'a DB {
+        self.db
+    }
+
+    pub(super) fn read_opts(&self) -> ReadOptions {
         let mut o = ReadOptions::default();
         if let Some(s) = &self.snapshot {
             o.set_snapshot(s);
@@ -344,7 +348,7 @@ impl<'a> ReadView<'a> {
         o
     }
 
-    fn cf(&self, name: &'static str) -> Result<&rocksdb::ColumnFamily, StoreError> {
+    pub(super) fn cf(&self, name: &'static str) -> Result<&'a rocksdb::ColumnFamily, StoreError> {
         self.db
             .cf_handle(name)
             .ok_or(StoreError::MissingColumnFamily(name))
@@ -638,6 +642,7 @@ impl<'a> WriteTxn<'a> {
         self.batch
             .put_cf(self.view.cf(CF_KV)?, version_key(key, rev), stored);
         self.index_revision(rev, TAG_PUT, key)?;
+        self.reattach(key, prev.as_ref().map_or(0, |p| p.lease), lease)?;
         let kv = KeyValue {
             key: key.to_vec(),
             ..kv
@@ -665,6 +670,7 @@ impl<'a> WriteTxn<'a> {
                 [TAG_TOMBSTONE],
             );
             self.index_revision(rev, TAG_TOMBSTONE, &prev.key)?;
+            self.reattach(&prev.key, prev.lease, 0)?;
             self.overlay.insert(prev.key.clone(), None);
             self.events.push(Event {
                 r#type: EventType::Delete as i32,
@@ -686,18 +692,12 @@ impl<'a> WriteTxn<'a> {
         Ok(())
     }
 
-    /// Lease records visible to this transaction.
-    pub fn lease_exists(&self, id: i64) -> Result<bool, StoreError> {
-        let cf = self
-            .view
-            .db
-            .cf_handle(CF_LEASE)
-            .ok_or(StoreError::MissingColumnFamily(CF_LEASE))?;
-        Ok(self
-            .view
-            .db
-            .get_pinned_cf_opt(cf, id.to_be_bytes(), &self.view.read_opts())?
-            .is_some())
+    pub(super) fn view(&self) -> &ReadView<'a> {
+        &self.view
+    }
+
+    pub(super) fn batch_mut(&mut self) -> &mut WriteBatch {
+        &mut self.batch
     }
 }
 

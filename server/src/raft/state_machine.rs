@@ -12,7 +12,7 @@ use openraft::{EntryPayload, RaftSnapshotBuilder};
 use rocksdb::WriteBatch;
 use tessera_proto::etcdserverpb::{
     alarm_request::AlarmAction, AlarmRequest, AlarmResponse, AlarmType, CompactionResponse,
-    ResponseHeader,
+    LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeResponse, ResponseHeader,
 };
 use tessera_proto::tessera::{
     raft_command::Request, raft_result::Response, RaftCommand, RaftResult,
@@ -24,6 +24,7 @@ use super::types::{
 use crate::alarms::Alarms;
 use crate::db::CF_META;
 use crate::errors::EtcdError;
+use crate::lessor::{Lessor, MAX_LEASE_TTL};
 use crate::metrics::Metrics;
 use crate::mvcc::apply::{self, ApplyError};
 use crate::mvcc::{Store, StoreError, WriteTxn};
@@ -52,6 +53,7 @@ pub struct StateMachine {
     alarms: Arc<Alarms>,
     metrics: Arc<Metrics>,
     hub: Arc<WatchHub>,
+    lessor: Arc<Lessor>,
     current_snapshot: Arc<Mutex<Option<StoredSnapshot>>>,
 }
 
@@ -61,12 +63,14 @@ impl StateMachine {
         alarms: Arc<Alarms>,
         metrics: Arc<Metrics>,
         hub: Arc<WatchHub>,
+        lessor: Arc<Lessor>,
     ) -> Self {
         StateMachine {
             store,
             alarms,
             metrics,
             hub,
+            lessor,
             current_snapshot: Arc::new(Mutex::new(None)),
         }
     }
@@ -176,14 +180,34 @@ impl StateMachine {
                         .map_err(store_err)?;
                     tracing::info!(revision = c.revision, removed, "compacted history");
                     Ok(Response::Compaction(CompactionResponse {
-                        header: Some(ResponseHeader {
-                            revision: self.store.current_rev(),
-                            ..Default::default()
-                        }),
+                        header: header(self.store.current_rev()),
                     }))
                 }
             },
             Some(Request::Alarm(a)) => Ok(Response::Alarm(self.apply_alarm(log_id, &a)?)),
+            Some(Request::LeaseGrant(g)) => {
+                if nospace() {
+                    self.apply_noop(log_id, None)?;
+                    Err(EtcdError::NoSpace)
+                } else {
+                    self.apply_lease_grant(log_id, &g)?
+                }
+            }
+            Some(Request::LeaseRevoke(r)) => {
+                let revoked = self.run_txn(log_id, |t| {
+                    if !t.lease_exists(r.id)? {
+                        return Err(EtcdError::LeaseNotFound.into());
+                    }
+                    t.revoke_lease(r.id)?;
+                    Ok(Response::LeaseRevoke(LeaseRevokeResponse {
+                        header: header(t.read_rev()),
+                    }))
+                })?;
+                if revoked.is_ok() {
+                    self.lessor.revoked(r.id);
+                }
+                revoked
+            }
             None => {
                 self.apply_noop(log_id, None)?;
                 Err(EtcdError::KeyNotFound)
@@ -199,6 +223,36 @@ impl StateMachine {
                 error: e.code_number(),
             },
         })
+    }
+
+    fn apply_lease_grant(
+        &self,
+        log_id: LogId,
+        g: &LeaseGrantRequest,
+    ) -> Result<Result<Response, EtcdError>, StorageError> {
+        let ttl = self.lessor.granted_ttl(g.ttl);
+        let granted = self.run_txn(log_id, |t| {
+            if g.id == 0 {
+                return Err(EtcdError::LeaseNotFound.into());
+            }
+            if g.ttl > MAX_LEASE_TTL {
+                return Err(EtcdError::LeaseTtlTooLarge.into());
+            }
+            if t.lease_exists(g.id)? {
+                return Err(EtcdError::LeaseExists.into());
+            }
+            t.grant_lease(g.id, ttl)?;
+            Ok(Response::LeaseGrant(LeaseGrantResponse {
+                header: header(t.read_rev()),
+                id: g.id,
+                ttl,
+                error: String::new(),
+            }))
+        })?;
+        if granted.is_ok() {
+            self.lessor.granted(g.id, ttl);
+        }
+        Ok(granted)
     }
 
     fn apply_alarm(&self, log_id: LogId, a: &AlarmRequest) -> Result<AlarmResponse, StorageError> {
@@ -301,6 +355,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map_err(|e| storage_io_error(false, e))?;
         self.store.reload().map_err(store_err)?;
         self.alarms.reload(self.store.db()).map_err(store_err)?;
+        let leases = self.store.read_view().leases().map_err(store_err)?;
+        self.lessor.reset(&leases, std::time::Duration::ZERO);
         *self
             .current_snapshot
             .lock()
@@ -357,6 +413,14 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             snapshot: Box::new(Cursor::new(dump.data)),
         })
     }
+}
+
+/// A response header carrying only the revision; the service fills the rest.
+fn header(revision: i64) -> Option<ResponseHeader> {
+    Some(ResponseHeader {
+        revision,
+        ..Default::default()
+    })
 }
 
 fn decode_meta<T: serde::de::DeserializeOwned>(

@@ -2,6 +2,7 @@
 
 pub mod cluster;
 pub mod kv;
+pub mod lease;
 pub mod maintenance;
 pub mod not_served;
 pub mod watch;

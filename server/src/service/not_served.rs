@@ -2,12 +2,9 @@
 //! registered so every RPC answers gRPC `Unimplemented` (tonic's default
 //! stubs) instead of an HTTP-level error.
 
-use tessera_proto::etcdserverpb::{auth_server::Auth, lease_server::Lease};
+use tessera_proto::etcdserverpb::auth_server::Auth;
 
 pub struct NotServed;
-
-#[tonic::async_trait]
-impl Lease for NotServed {}
 
 #[tonic::async_trait]
 impl Auth for NotServed {}

@@ -1,0 +1,204 @@
+//! The etcd Lease service: grants and revokes go through Raft; keep-alives,
+//! time-to-live and listing are answered by the leader from its deadlines.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tessera_proto::etcdserverpb::lease_server::Lease;
+use tessera_proto::etcdserverpb::{
+    LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse,
+    LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse,
+    LeaseStatus, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+};
+use tessera_proto::tessera::{raft_command::Request as Cmd, raft_result::Response as Res};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::BoxStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::errors::EtcdError;
+use crate::lessor::Renewal;
+use crate::node::{internal, Node};
+
+/// etcd's quota cost of a lease grant.
+const LEASE_OVERHEAD: usize = 64;
+/// How long a keep-alive of an expired lease waits for its revocation.
+const EXPIRED_WAIT: Duration = Duration::from_secs(10);
+
+fn unexpected() -> Status {
+    Status::internal("apply returned a response of the wrong kind")
+}
+
+#[derive(Clone)]
+pub struct LeaseService {
+    node: Arc<Node>,
+}
+
+impl LeaseService {
+    pub fn new(node: Arc<Node>) -> Self {
+        LeaseService { node }
+    }
+}
+
+/// Grants, revokes, renews and reads leases; shared by the gRPC service,
+/// the JSON gateway, and the lock and election services.
+impl LeaseService {
+    pub async fn grant(&self, mut r: LeaseGrantRequest) -> Result<LeaseGrantResponse, Status> {
+        self.node.check_quota(LEASE_OVERHEAD).await?;
+        while r.id == 0 {
+            r.id = self.node.next_request_id();
+        }
+        match self.node.propose(Cmd::LeaseGrant(r)).await? {
+            Res::LeaseGrant(mut resp) => {
+                resp.header = self.node.header(resp.header.map_or(0, |h| h.revision));
+                Ok(resp)
+            }
+            _ => Err(unexpected()),
+        }
+    }
+
+    pub async fn revoke(&self, r: LeaseRevokeRequest) -> Result<LeaseRevokeResponse, Status> {
+        match self.node.propose(Cmd::LeaseRevoke(r)).await? {
+            Res::LeaseRevoke(mut resp) => {
+                resp.header = self.node.header(resp.header.map_or(0, |h| h.revision));
+                Ok(resp)
+            }
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Renews lease `id` on the leader: its TTL, or 0 when it does not exist
+    /// (etcd's keep-alive answer for a lease that is gone).
+    pub async fn renew(&self, id: i64) -> Result<i64, Status> {
+        if !self.node.is_leader() {
+            return Err(EtcdError::NotLeader.into());
+        }
+        self.node.read_barrier().await?;
+        let deadline = tokio::time::Instant::now() + EXPIRED_WAIT;
+        loop {
+            match self.node.lessor.renew(id) {
+                Renewal::Renewed(ttl) => return Ok(ttl),
+                Renewal::NotFound => return Ok(0),
+                // As etcd does, wait until the revoke on its way has deleted
+                // the keys, so a client never renews a lease whose keys are
+                // about to vanish.
+                Renewal::Expired if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Renewal::Expired => return Err(EtcdError::Timeout.into()),
+            }
+        }
+    }
+
+    pub async fn time_to_live(
+        &self,
+        r: LeaseTimeToLiveRequest,
+    ) -> Result<LeaseTimeToLiveResponse, Status> {
+        self.node.read_barrier().await?;
+        let view = self.node.store.read_view();
+        let Some(granted) = view.lease_ttl(r.id).map_err(internal)? else {
+            return Ok(LeaseTimeToLiveResponse {
+                header: self.node.header(0),
+                id: r.id,
+                ttl: -1,
+                ..Default::default()
+            });
+        };
+        let keys = if r.keys {
+            view.lease_keys(r.id).map_err(internal)?
+        } else {
+            Vec::new()
+        };
+        // etcd truncates the remaining time to whole seconds.
+        let remaining = self
+            .node
+            .lessor
+            .remaining(r.id)
+            .map_or(granted, |secs| secs.trunc() as i64);
+        Ok(LeaseTimeToLiveResponse {
+            header: self.node.header(view.rev),
+            id: r.id,
+            ttl: remaining,
+            granted_ttl: granted,
+            keys,
+        })
+    }
+
+    pub async fn leases(&self) -> Result<LeaseLeasesResponse, Status> {
+        self.node.read_barrier().await?;
+        let view = self.node.store.read_view();
+        let mut ids: Vec<i64> = view
+            .leases()
+            .map_err(internal)?
+            .iter()
+            .map(|l| l.id)
+            .collect();
+        self.node.lessor.order_by_expiry(&mut ids);
+        Ok(LeaseLeasesResponse {
+            header: self.node.header(view.rev),
+            leases: ids.into_iter().map(|id| LeaseStatus { id }).collect(),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Lease for LeaseService {
+    async fn lease_grant(
+        &self,
+        req: Request<LeaseGrantRequest>,
+    ) -> Result<Response<LeaseGrantResponse>, Status> {
+        self.grant(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn lease_revoke(
+        &self,
+        req: Request<LeaseRevokeRequest>,
+    ) -> Result<Response<LeaseRevokeResponse>, Status> {
+        self.revoke(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn lease_keep_alive(
+        &self,
+        req: Request<Streaming<LeaseKeepAliveRequest>>,
+    ) -> Result<Response<BoxStream<LeaseKeepAliveResponse>>, Status> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let service = self.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = inbound.next().await {
+                let Ok(r) = msg else { break };
+                // The header is taken before renewing, as etcd does, so a
+                // client never sees a renewal at a revision after a revoke.
+                let header = service.node.header(0);
+                let reply = service
+                    .renew(r.id)
+                    .await
+                    .map(|ttl| LeaseKeepAliveResponse {
+                        header,
+                        id: r.id,
+                        ttl,
+                    });
+                let failed = reply.is_err();
+                if tx.send(reply).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        req: Request<LeaseTimeToLiveRequest>,
+    ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        self.time_to_live(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn lease_leases(
+        &self,
+        _req: Request<LeaseLeasesRequest>,
+    ) -> Result<Response<LeaseLeasesResponse>, Status> {
+        self.leases().await.map(Response::new)
+    }
+}
