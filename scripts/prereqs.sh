@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing Tessera needs, when it is missing:
 # libclang (bindgen for RocksDB's bindings), a C++ compiler, and Debian's etcd
-# server and etcdctl, which the tests use as the reference implementation.
+# server and etcdctl, which the tests use as the reference implementation, and
+# protoc for the etcd-client crate the tests drive Tessera with.
 # Usage: scripts/prereqs.sh [build|test]
 set -euo pipefail
 want=${1:-build}
@@ -11,6 +12,8 @@ command -v g++ >/dev/null 2>&1 || pkgs+=(g++)
 if [ "$want" = test ]; then
   command -v etcd >/dev/null 2>&1 || pkgs+=(etcd-server)
   command -v etcdctl >/dev/null 2>&1 || pkgs+=(etcd-client)
+  # the etcd-client crate (a test dependency) compiles its protos with protoc
+  command -v protoc >/dev/null 2>&1 || pkgs+=(protobuf-compiler)
 fi
 if [ ${#pkgs[@]} -gt 0 ]; then
   echo "installing: ${pkgs[*]}" >&2

@@ -10,11 +10,16 @@ use tessera_proto::etcdserverpb::kv_server::KvServer;
 use tessera_proto::etcdserverpb::lease_server::LeaseServer;
 use tessera_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use tessera_proto::etcdserverpb::watch_server::WatchServer;
+use tessera_proto::v3electionpb::election_server::ElectionServer;
+use tessera_proto::v3lockpb::lock_server::LockServer;
 use tonic::service::Routes;
 
 use crate::node::Node;
 use crate::service::not_served::NotServed;
+use crate::service::election::ElectionService;
 use crate::service::lease::LeaseService;
+use crate::service::lock::LockService;
+use crate::service::recipes::Recipes;
 use crate::service::watch::WatchService;
 use crate::service::{cluster::ClusterService, kv::KvService, maintenance::MaintenanceService};
 
@@ -23,6 +28,7 @@ pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 
 pub fn router(node: Arc<Node>) -> axum::Router {
     let max_recv = node.config.max_request_bytes as usize + GRPC_OVERHEAD_BYTES;
+    let recipes = Recipes::new(node.clone());
     let grpc = Routes::new(
         KvServer::new(KvService::new(node.clone())).max_decoding_message_size(max_recv),
     )
@@ -36,6 +42,8 @@ pub fn router(node: Arc<Node>) -> axum::Router {
     .add_service(WatchServer::new(WatchService::new(node.clone())))
     .add_service(LeaseServer::new(LeaseService::new(node.clone())))
     .add_service(AuthServer::new(NotServed))
+    .add_service(LockServer::new(LockService::new(recipes.clone())))
+    .add_service(ElectionServer::new(ElectionService::new(recipes)))
     .prepare()
     .into_axum_router();
     grpc.merge(crate::http::router(node))

@@ -140,6 +140,24 @@ fn unescape(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
+/// The first key after every key that starts with `prefix`, or `None` when
+/// no such key exists (the prefix is all 0xff bytes).
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// etcd's `range_end` for "every key with this prefix" (`"\0"` = to the end).
+pub fn prefix_range_end(prefix: &[u8]) -> Vec<u8> {
+    prefix_end(prefix).unwrap_or_else(|| vec![0])
+}
+
 /// etcd's range semantics: an empty `end` means the single key, `"\0"` means
 /// every key from `key` on, anything else is the half-open range `[key, end)`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,7 +10,7 @@
 //! step, so revoking a lease finds its keys without scanning the key space.
 //! Ids are stored as the big-endian bytes of the i64.
 
-use super::encoding::KeyRange;
+use super::encoding::{prefix_end, KeyRange};
 use super::store::{ReadView, StoreError, WriteTxn};
 use crate::db::CF_LEASE;
 
@@ -34,18 +34,6 @@ fn attachment_key(id: i64, key: &[u8]) -> Vec<u8> {
     k.extend_from_slice(&attachment_prefix(id));
     k.extend_from_slice(key);
     k
-}
-
-/// The first key after every key starting with `prefix`, if there is one.
-fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return Some(end);
-        }
-    }
-    None
 }
 
 fn decode_ttl(raw: &[u8]) -> Result<i64, StoreError> {

@@ -52,6 +52,7 @@ fn unexpected() -> Status {
     Status::internal("apply returned a response of the wrong kind")
 }
 
+#[derive(Clone)]
 pub struct KvService {
     node: Arc<Node>,
 }
@@ -62,10 +63,10 @@ impl KvService {
     }
 }
 
-#[tonic::async_trait]
-impl Kv for KvService {
-    async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
-        let r = req.into_inner();
+/// The KV requests, shared by the gRPC service, the JSON gateway and the
+/// lock and election services.
+impl KvService {
+    pub async fn do_range(&self, r: RangeRequest) -> Result<RangeResponse, Status> {
         validate::check_range(&r)?;
         if !r.serializable {
             self.node.read_barrier().await?;
@@ -74,39 +75,36 @@ impl Kv for KvService {
         let txn = self.node.store.read_txn();
         let mut resp = apply::range(&txn, &r).map_err(apply_error)?;
         resp.header = self.node.header(resp.header.map_or(0, |h| h.revision));
-        Ok(Response::new(resp))
+        Ok(resp)
     }
 
-    async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        let p = req.into_inner();
+    pub async fn do_put(&self, p: PutRequest) -> Result<PutResponse, Status> {
         validate::check_put(&p)?;
         self.node.check_quota(put_cost(&p)).await?;
         match self.node.propose(Cmd::Put(p)).await? {
             Res::Put(mut resp) => {
                 resp.header = self.node.header(resp.header.map_or(0, |h| h.revision));
-                Ok(Response::new(resp))
+                Ok(resp)
             }
             _ => Err(unexpected()),
         }
     }
 
-    async fn delete_range(
+    pub async fn do_delete_range(
         &self,
-        req: Request<DeleteRangeRequest>,
-    ) -> Result<Response<DeleteRangeResponse>, Status> {
-        let d = req.into_inner();
+        d: DeleteRangeRequest,
+    ) -> Result<DeleteRangeResponse, Status> {
         validate::check_delete(&d)?;
         match self.node.propose(Cmd::DeleteRange(d)).await? {
             Res::DeleteRange(mut resp) => {
                 resp.header = self.node.header(resp.header.map_or(0, |h| h.revision));
-                Ok(Response::new(resp))
+                Ok(resp)
             }
             _ => Err(unexpected()),
         }
     }
 
-    async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
-        let t = req.into_inner();
+    pub async fn do_txn(&self, t: TxnRequest) -> Result<TxnResponse, Status> {
         validate::check_txn(&t, self.node.config.max_txn_ops as usize)?;
         let mut resp = if apply::is_txn_read_only(&t) {
             if !txn_serializable(&t) {
@@ -123,20 +121,48 @@ impl Kv for KvService {
             }
         };
         resp.header = self.node.header(resp.header.map_or(0, |h| h.revision));
-        Ok(Response::new(resp))
+        Ok(resp)
+    }
+
+    pub async fn do_compact(&self, c: CompactionRequest) -> Result<CompactionResponse, Status> {
+        // Compaction is applied synchronously, so `physical` needs no extra wait.
+        match self.node.propose(Cmd::Compaction(c)).await? {
+            Res::Compaction(mut resp) => {
+                resp.header = self.node.header(resp.header.map_or(0, |h| h.revision));
+                Ok(resp)
+            }
+            _ => Err(unexpected()),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        self.do_range(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        self.do_put(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn delete_range(
+        &self,
+        req: Request<DeleteRangeRequest>,
+    ) -> Result<Response<DeleteRangeResponse>, Status> {
+        self.do_delete_range(req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        self.do_txn(req.into_inner()).await.map(Response::new)
     }
 
     async fn compact(
         &self,
         req: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
-        // Compaction is applied synchronously, so `physical` needs no extra wait.
-        match self.node.propose(Cmd::Compaction(req.into_inner())).await? {
-            Res::Compaction(mut resp) => {
-                resp.header = self.node.header(resp.header.map_or(0, |h| h.revision));
-                Ok(Response::new(resp))
-            }
-            _ => Err(unexpected()),
-        }
+        self.do_compact(req.into_inner()).await.map(Response::new)
     }
 }

@@ -59,6 +59,44 @@ impl Watch for WatchService {
     }
 }
 
+/// A watch the server opens for itself (the lock and election services):
+/// one watcher's responses, stopped when dropped.
+pub struct InternalWatch {
+    pub responses: mpsc::Receiver<Result<WatchResponse, Status>>,
+    task: JoinHandle<()>,
+}
+
+impl InternalWatch {
+    /// Watches `range` from revision `start` (0 = after the current one).
+    pub fn start(node: Arc<Node>, range: KeyRange, start: i64) -> Self {
+        let (tx, responses) = mpsc::channel(OUTBOUND_QUEUE);
+        let start = if start == 0 {
+            node.store.current_rev() + 1
+        } else {
+            start
+        };
+        let spec = Spec {
+            id: 0,
+            range,
+            start,
+            prev_kv: false,
+            no_put: false,
+            no_delete: false,
+            progress_notify: false,
+            fragment: false,
+        };
+        let delivered = Arc::new(AtomicI64::new(start - 1));
+        let task = tokio::spawn(run_watcher(node, spec, tx, delivered));
+        InternalWatch { responses, task }
+    }
+}
+
+impl Drop for InternalWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// What one watcher watches and how.
 struct Spec {
     id: i64,
