@@ -203,7 +203,10 @@ mod tests {
         assert_eq!(l.renew(2), Renewal::Renewed(100));
         assert_eq!(l.renew(3), Renewal::NotFound);
         assert_eq!(l.due_for_revoke(10), vec![1]);
-        assert!(l.due_for_revoke(10).is_empty(), "not proposed twice at once");
+        assert!(
+            l.due_for_revoke(10).is_empty(),
+            "not proposed twice at once"
+        );
         l.revoked(1);
         assert!(!l.is_tracked(1));
         assert!(l.remaining(2).unwrap() > 99.0);

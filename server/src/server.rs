@@ -15,10 +15,10 @@ use tessera_proto::v3lockpb::lock_server::LockServer;
 use tonic::service::Routes;
 
 use crate::node::Node;
-use crate::service::not_served::NotServed;
 use crate::service::election::ElectionService;
 use crate::service::lease::LeaseService;
 use crate::service::lock::LockService;
+use crate::service::not_served::NotServed;
 use crate::service::recipes::Recipes;
 use crate::service::watch::WatchService;
 use crate::service::{cluster::ClusterService, kv::KvService, maintenance::MaintenanceService};

@@ -120,7 +120,8 @@ impl WriteTxn<'_> {
     /// Creates lease `id` with `ttl` seconds (the caller checked it is new).
     pub fn grant_lease(&mut self, id: i64, ttl: i64) -> Result<(), StoreError> {
         let cf = self.view().cf(CF_LEASE)?;
-        self.batch_mut().put_cf(cf, record_key(id), ttl.to_be_bytes());
+        self.batch_mut()
+            .put_cf(cf, record_key(id), ttl.to_be_bytes());
         Ok(())
     }
 

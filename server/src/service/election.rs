@@ -5,8 +5,8 @@ use tessera_proto::etcdserverpb::ResponseHeader;
 use tessera_proto::mvccpb::event::EventType;
 use tessera_proto::v3electionpb::election_server::Election;
 use tessera_proto::v3electionpb::{
-    CampaignRequest, CampaignResponse, LeaderKey, LeaderRequest, LeaderResponse,
-    ProclaimRequest, ProclaimResponse, ResignRequest, ResignResponse,
+    CampaignRequest, CampaignResponse, LeaderKey, LeaderRequest, LeaderResponse, ProclaimRequest,
+    ProclaimResponse, ResignRequest, ResignResponse,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -14,8 +14,8 @@ use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 
 use super::recipes::{
-    contender_key, contenders_prefix, created_at, delete_op, get_key, get_op, put_op,
-    range_result, CleanupGuard, Recipes,
+    contender_key, contenders_prefix, created_at, delete_op, get_key, get_op, put_op, range_result,
+    CleanupGuard, Recipes,
 };
 use super::watch::InternalWatch;
 use crate::mvcc::encoding::{prefix_range_end, KeyRange};

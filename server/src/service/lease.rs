@@ -8,8 +8,8 @@ use futures::StreamExt;
 use tessera_proto::etcdserverpb::lease_server::Lease;
 use tessera_proto::etcdserverpb::{
     LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse,
-    LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse,
-    LeaseStatus, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+    LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseStatus,
+    LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
 };
 use tessera_proto::tessera::{raft_command::Request as Cmd, raft_result::Response as Res};
 use tokio::sync::mpsc;
@@ -171,14 +171,11 @@ impl Lease for LeaseService {
                 // The header is taken before renewing, as etcd does, so a
                 // client never sees a renewal at a revision after a revoke.
                 let header = service.node.header(0);
-                let reply = service
-                    .renew(r.id)
-                    .await
-                    .map(|ttl| LeaseKeepAliveResponse {
-                        header,
-                        id: r.id,
-                        ttl,
-                    });
+                let reply = service.renew(r.id).await.map(|ttl| LeaseKeepAliveResponse {
+                    header,
+                    id: r.id,
+                    ttl,
+                });
                 let failed = reply.is_err();
                 if tx.send(reply).await.is_err() || failed {
                     break;

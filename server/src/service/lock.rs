@@ -31,11 +31,11 @@ impl LockService {
             .recipes
             .txn(
                 vec![created_at(&key, 0)],
-                vec![put_op(&key, b"", lease), get_op(by_create(&prefix, true, 0))],
                 vec![
-                    get_op(get_key(&key)),
+                    put_op(&key, b"", lease),
                     get_op(by_create(&prefix, true, 0)),
                 ],
+                vec![get_op(get_key(&key)), get_op(by_create(&prefix, true, 0))],
             )
             .await?;
         let mut my_rev = resp.header.as_ref().map_or(0, |h| h.revision);

@@ -154,6 +154,13 @@ impl Server {
             .max_decoding_message_size(64 << 20)
     }
 
+    /// A client from the `etcd-client` crate, as applications use.
+    pub async fn client(&self) -> etcd_client::Client {
+        etcd_client::Client::connect([self.url()], None)
+            .await
+            .unwrap()
+    }
+
     pub fn etcdctl(&self, args: &[&str]) -> Output {
         etcdctl(&self.endpoint(), args, None)
     }
