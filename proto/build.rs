@@ -13,12 +13,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "etcd/v3electionpb/v3election.proto",
         "tessera/raft.proto",
     ];
+    let descriptors = std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("descriptors.bin");
     tonic_prost_build::configure()
+        .file_descriptor_set_path(&descriptors)
         .build_server(true)
         .build_client(true)
         // RPCs Tessera does not serve yet answer Unimplemented instead of failing to compile.
         .generate_default_stubs(true)
         .compile_protos(&protos, &["etcd", "tessera"])?;
+    // JSON (de)serialization with protobuf's JSON mapping, for the HTTP
+    // gateway: etcd's gateway uses the original field names, int64 as
+    // strings, bytes as base64 and enums by name.
+    pbjson_build::Builder::new()
+        .register_descriptors(&std::fs::read(&descriptors)?)?
+        .preserve_proto_field_names()
+        .build(&[
+            ".etcdserverpb",
+            ".mvccpb",
+            ".authpb",
+            ".v3lockpb",
+            ".v3electionpb",
+        ])?;
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

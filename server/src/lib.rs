@@ -5,6 +5,7 @@ pub mod compactor;
 pub mod config;
 pub mod db;
 pub mod errors;
+pub mod gateway;
 pub mod http;
 pub mod lease_expiry;
 pub mod lessor;

@@ -43,10 +43,30 @@ pub fn router(node: Arc<Node>) -> axum::Router {
     .add_service(LeaseServer::new(LeaseService::new(node.clone())))
     .add_service(AuthServer::new(NotServed))
     .add_service(LockServer::new(LockService::new(recipes.clone())))
-    .add_service(ElectionServer::new(ElectionService::new(recipes)))
+    .add_service(ElectionServer::new(ElectionService::new(recipes.clone())))
     .prepare()
     .into_axum_router();
     grpc.merge(crate::http::router(node))
+        .merge(crate::gateway::router(recipes))
+        .fallback(unknown_path)
+}
+
+/// gRPC clients calling a service that does not exist get Unimplemented;
+/// anything else gets HTTP 404, as from etcd.
+async fn unknown_path(req: axum::extract::Request) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let is_grpc = req
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if is_grpc {
+        tonic::Status::unimplemented("unknown service")
+            .into_http::<axum::body::Body>()
+            .into_response()
+    } else {
+        (axum::http::StatusCode::NOT_FOUND, "Not Found\n").into_response()
+    }
 }
 
 /// Binds every `--listen-client-urls` address and serves until `shutdown`.

@@ -4,11 +4,12 @@
 use std::sync::Arc;
 
 use tessera_proto::etcdserverpb::cluster_server::Cluster;
-use tessera_proto::etcdserverpb::{Member, MemberListRequest, MemberListResponse};
+use tessera_proto::etcdserverpb::{Member, MemberListRequest, MemberListResponse, ResponseHeader};
 use tonic::{Request, Response, Status};
 
 use crate::node::Node;
 
+#[derive(Clone)]
 pub struct ClusterService {
     node: Arc<Node>,
 }
@@ -36,8 +37,13 @@ impl Cluster for ClusterService {
             client_ur_ls: config.advertise_client_urls(),
             is_learner: false,
         };
+        // etcd's cluster responses carry no revision.
+        let header = self
+            .node
+            .header(0)
+            .map(|h| ResponseHeader { revision: 0, ..h });
         Ok(Response::new(MemberListResponse {
-            header: self.node.header(0),
+            header,
             members: vec![me],
         }))
     }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use tessera_proto::etcdserverpb::lease_server::Lease;
 use tessera_proto::etcdserverpb::{
     LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse,
@@ -91,6 +91,29 @@ impl LeaseService {
         }
     }
 
+    /// Serves one keep-alive stream (gRPC or the JSON gateway).
+    pub async fn serve_keep_alive(
+        self,
+        mut inbound: impl Stream<Item = Result<LeaseKeepAliveRequest, Status>> + Unpin,
+        tx: mpsc::Sender<Result<LeaseKeepAliveResponse, Status>>,
+    ) {
+        while let Some(msg) = inbound.next().await {
+            let Ok(r) = msg else { break };
+            // The header is taken before renewing, as etcd does, so a client
+            // never sees a renewal at a revision after a revoke.
+            let header = self.node.header(0);
+            let reply = self.renew(r.id).await.map(|ttl| LeaseKeepAliveResponse {
+                header,
+                id: r.id,
+                ttl,
+            });
+            let failed = reply.is_err();
+            if tx.send(reply).await.is_err() || failed {
+                break;
+            }
+        }
+    }
+
     pub async fn time_to_live(
         &self,
         r: LeaseTimeToLiveRequest,
@@ -162,26 +185,8 @@ impl Lease for LeaseService {
         &self,
         req: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<BoxStream<LeaseKeepAliveResponse>>, Status> {
-        let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(16);
-        let service = self.clone();
-        tokio::spawn(async move {
-            while let Some(msg) = inbound.next().await {
-                let Ok(r) = msg else { break };
-                // The header is taken before renewing, as etcd does, so a
-                // client never sees a renewal at a revision after a revoke.
-                let header = service.node.header(0);
-                let reply = service.renew(r.id).await.map(|ttl| LeaseKeepAliveResponse {
-                    header,
-                    id: r.id,
-                    ttl,
-                });
-                let failed = reply.is_err();
-                if tx.send(reply).await.is_err() || failed {
-                    break;
-                }
-            }
-        });
+        tokio::spawn(self.clone().serve_keep_alive(req.into_inner(), tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

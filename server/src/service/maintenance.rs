@@ -23,6 +23,7 @@ use crate::snapshot;
 /// Snapshot stream chunk size (etcd sends 32 KiB blobs).
 const SNAPSHOT_CHUNK: usize = 32 * 1024;
 
+#[derive(Clone)]
 pub struct MaintenanceService {
     node: Arc<Node>,
 }

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::{Stream, StreamExt};
 use prost::Message;
 use tessera_proto::etcdserverpb::watch_create_request::FilterType;
 use tessera_proto::etcdserverpb::watch_request::RequestUnion;
@@ -35,7 +36,7 @@ const REPLAY_BATCH: usize = 1000;
 /// etcd's id for responses that belong to no single watcher.
 const INVALID_WATCH_ID: i64 = -1;
 
-type Outbound = mpsc::Sender<Result<WatchResponse, Status>>;
+pub type Outbound = mpsc::Sender<Result<WatchResponse, Status>>;
 
 pub struct WatchService {
     node: Arc<Node>,
@@ -115,15 +116,30 @@ struct Watcher {
     delivered: Arc<AtomicI64>,
 }
 
-async fn serve_stream(node: Arc<Node>, mut inbound: Streaming<WatchRequest>, tx: Outbound) {
+/// Serves one watch stream: the requests of `inbound`, the responses on `tx`.
+/// Shared by the gRPC service and the JSON gateway.
+pub async fn serve_stream(
+    node: Arc<Node>,
+    mut inbound: impl Stream<Item = Result<WatchRequest, Status>> + Unpin,
+    tx: Outbound,
+) {
     let mut watchers: HashMap<i64, Watcher> = HashMap::new();
     let mut next_id = 0i64;
     loop {
         let msg = tokio::select! {
-            m = inbound.message() => m,
+            m = inbound.next() => m,
             _ = tx.closed() => break,
         };
-        let Ok(Some(req)) = msg else { break };
+        let req = match msg {
+            Some(Ok(req)) => req,
+            Some(Err(_)) => break,
+            // The client closed its side: as in etcd, its watchers keep
+            // delivering until it goes away.
+            None => {
+                tx.closed().await;
+                break;
+            }
+        };
         watchers.retain(|_, w| !w.task.is_finished());
         let sent = match req.request_union {
             Some(RequestUnion::CreateRequest(c)) => {
