@@ -14,6 +14,8 @@ if [ "$want" = test ]; then
   command -v etcdctl >/dev/null 2>&1 || pkgs+=(etcd-client)
   # the etcd-client crate (a test dependency) compiles its protos with protoc
   command -v protoc >/dev/null 2>&1 || pkgs+=(protobuf-compiler)
+  # the JSON gateway tests send their requests with curl
+  command -v curl >/dev/null 2>&1 || pkgs+=(curl)
 fi
 if [ ${#pkgs[@]} -gt 0 ]; then
   echo "installing: ${pkgs[*]}" >&2
