@@ -157,7 +157,14 @@ async fn check_list(c: &mut Client) -> usize {
     let (rev, items) = paginated_list(c, PREFIX).await;
     let end = format!("{}0", PREFIX.trim_end_matches('/'));
     let whole = match c
-        .get(PREFIX, Some(GetOptions::new().with_range(end.as_str()).with_revision(rev)))
+        .get(
+            PREFIX,
+            Some(
+                GetOptions::new()
+                    .with_range(end.as_str())
+                    .with_revision(rev),
+            ),
+        )
         .await
     {
         Ok(w) => w,
@@ -168,13 +175,21 @@ async fn check_list(c: &mut Client) -> usize {
         .iter()
         .map(|kv| (kv.key_str().unwrap().to_string(), kv.mod_revision()))
         .collect();
-    assert_eq!(items, expected, "paginated list at {rev} differs from the range");
-    let opts = GetOptions::new().with_range(end.as_str()).with_revision(rev);
+    assert_eq!(
+        items, expected,
+        "paginated list at {rev} differs from the range"
+    );
+    let opts = GetOptions::new()
+        .with_range(end.as_str())
+        .with_revision(rev);
     if let Ok(count) = c.get(PREFIX, Some(opts.clone().with_count_only())).await {
         assert_eq!(count.count() as usize, items.len(), "count-only at {rev}");
     }
     if let Ok(keys) = c.get(PREFIX, Some(opts.with_keys_only())).await {
-        assert!(keys.kvs().iter().all(|kv| kv.value().is_empty()), "keys-only has values");
+        assert!(
+            keys.kvs().iter().all(|kv| kv.value().is_empty()),
+            "keys-only has values"
+        );
         assert_eq!(keys.kvs().len(), items.len());
     }
     1
@@ -223,7 +238,8 @@ async fn kube_apiserver_traffic_loses_nothing() {
         .await
         .unwrap();
 
-    let increments: Arc<Vec<AtomicU64>> = Arc::new((0..COUNTERS).map(|_| AtomicU64::new(0)).collect());
+    let increments: Arc<Vec<AtomicU64>> =
+        Arc::new((0..COUNTERS).map(|_| AtomicU64::new(0)).collect());
     let controllers: Vec<_> = (0..CONTROLLERS)
         .map(|id| tokio::spawn(controller(c.clone(), id, increments.clone())))
         .collect();
@@ -277,7 +293,11 @@ async fn kube_apiserver_traffic_loses_nothing() {
             .expect("informer stalled")
             .unwrap()
             .unwrap();
-        assert!(!msg.canceled(), "informer canceled: {}", msg.cancel_reason());
+        assert!(
+            !msg.canceled(),
+            "informer canceled: {}",
+            msg.cancel_reason()
+        );
         for ev in msg.events() {
             let kv = ev.kv().unwrap();
             let key = kv.key_str().unwrap().to_string();
@@ -301,7 +321,12 @@ async fn kube_apiserver_traffic_loses_nothing() {
     let store: BTreeMap<String, String> = final_state
         .kvs()
         .iter()
-        .map(|kv| (kv.key_str().unwrap().to_string(), kv.value_str().unwrap().to_string()))
+        .map(|kv| {
+            (
+                kv.key_str().unwrap().to_string(),
+                kv.value_str().unwrap().to_string(),
+            )
+        })
         .collect();
     assert_eq!(cache, store, "informer cache differs from the store");
     // Idle now: the informer gets a progress notification at the latest revision.
@@ -315,7 +340,10 @@ async fn kube_apiserver_traffic_loses_nothing() {
 
     // Events carry their lease.
     let events = c
-        .get(format!("{PREFIX}events/"), Some(GetOptions::new().with_prefix()))
+        .get(
+            format!("{PREFIX}events/"),
+            Some(GetOptions::new().with_prefix()),
+        )
         .await
         .unwrap();
     assert_eq!(events.kvs().len(), CONTROLLERS * ROUNDS / 10);

@@ -26,6 +26,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::errors::EtcdError;
 use crate::mvcc::encoding::KeyRange;
 use crate::node::Node;
 
@@ -54,9 +55,56 @@ impl Watch for WatchService {
         &self,
         req: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<BoxStream<WatchResponse>>, Status> {
+        // clientv3's WithRequireLeader: no stream without a leader, and the
+        // stream ends once the leader has been gone for a while.
+        let requires_leader = req
+            .metadata()
+            .get(REQUIRE_LEADER_KEY)
+            .is_some_and(|v| v == "true");
+        if requires_leader && self.node.leader().is_none() {
+            return Err(EtcdError::NoLeader.into());
+        }
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
-        tokio::spawn(serve_stream(self.node.clone(), req.into_inner(), tx));
+        let task = tokio::spawn(serve_stream(
+            self.node.clone(),
+            req.into_inner(),
+            tx.clone(),
+        ));
+        if requires_leader {
+            tokio::spawn(end_on_leader_loss(
+                self.node.clone(),
+                tx,
+                task.abort_handle(),
+            ));
+        }
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// gRPC metadata key clients set to require a leader (etcd's rpctypes).
+const REQUIRE_LEADER_KEY: &str = "hasleader";
+/// etcd ends leader-requiring streams after this many election timeouts
+/// without a leader.
+const NO_LEADER_TIMEOUTS: u32 = 3;
+
+/// Ends a leader-requiring stream with etcd's "no leader" error once this
+/// member has seen no leader for [`NO_LEADER_TIMEOUTS`] election timeouts.
+async fn end_on_leader_loss(node: Arc<Node>, tx: Outbound, stream: tokio::task::AbortHandle) {
+    let mut metrics = node.raft.metrics();
+    loop {
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() { return },
+            _ = tx.closed() => return,
+        }
+        if node.leader().is_some() {
+            continue;
+        }
+        tokio::time::sleep(node.election_timeout() * NO_LEADER_TIMEOUTS).await;
+        if node.leader().is_none() {
+            stream.abort();
+            let _ = tx.send(Err(EtcdError::NoLeader.into())).await;
+            return;
+        }
     }
 }
 
