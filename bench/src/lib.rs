@@ -1,4 +1,6 @@
-//! `tessera-bench`: load generators mirroring etcd's `benchmark` tool and
-//! side-by-side comparisons with etcd.
+//! `tessera-bench`: load generators and side-by-side comparisons with etcd.
 //!
-//! Empty for now (see the bench issue).
+//! - `watch-rss`: resident memory of a server holding many idle watchers
+//!   and one stalled watch stream, for tessera and etcd in the same run.
+
+pub mod server;
