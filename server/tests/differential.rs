@@ -1,4 +1,4 @@
-//! Differential test: the same seeded random sequence of KV operations is sent
+//! Differential test: the same seeded random sequence of KV and lease operations is sent
 //! to Debian's etcd and to tessera, and every answer is compared field by
 //! field (cluster id, member id and raft term excepted). Error answers must
 //! match in gRPC code and message, and must not change the revision.
@@ -13,12 +13,22 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tessera_proto::etcdserverpb::{
     compare, request_op, response_op, CompactionRequest, Compare, DeleteRangeRequest,
-    HashKvRequest, PutRequest, RangeRequest, RequestOp, ResponseHeader, TxnRequest, TxnResponse,
+    HashKvRequest, LeaseGrantRequest, LeaseRevokeRequest, LeaseTimeToLiveRequest, PutRequest,
+    RangeRequest, RequestOp, ResponseHeader, TxnRequest, TxnResponse,
 };
 use tonic::transport::Channel;
 
 type Kv = tessera_proto::etcdserverpb::kv_client::KvClient<Channel>;
 type Maint = tessera_proto::etcdserverpb::maintenance_client::MaintenanceClient<Channel>;
+type Lease = tessera_proto::etcdserverpb::lease_client::LeaseClient<Channel>;
+
+/// Client-chosen lease ids the generator uses, so both servers hold the
+/// same leases (TTLs are long: nothing expires during the test).
+const LEASE_IDS: std::ops::RangeInclusive<i64> = 1..=5;
+
+fn lease_id(rng: &mut StdRng) -> i64 {
+    rng.gen_range(LEASE_IDS)
+}
 
 /// Ten keys: every range holds at most ten results, which etcd sorts with a
 /// stable insertion sort, so sorted answers are comparable exactly.
@@ -32,6 +42,9 @@ enum Op {
     Txn(TxnRequest),
     Compact(CompactionRequest),
     HashKv(HashKvRequest),
+    LeaseGrant(LeaseGrantRequest),
+    LeaseRevoke(LeaseRevokeRequest),
+    LeaseTimeToLive(LeaseTimeToLiveRequest),
 }
 
 /// What the generator knows of the store, to aim revisions at interesting spots.
@@ -140,7 +153,8 @@ fn put_req(rng: &mut StdRng) -> PutRequest {
             p.ignore_lease = true;
             p.lease = 7; // with a lease: etcd refuses
         }
-        4 => p.lease = rng.gen_range(1..1000), // no such lease
+        4 => p.lease = rng.gen_range(1..1000), // mostly no such lease
+        6..=8 => p.lease = lease_id(rng),
         5 => p.key.clear(),
         _ => {}
     }
@@ -168,7 +182,7 @@ fn compare(rng: &mut StdRng, m: &Model) -> Compare {
         1 => TargetUnion::CreateRevision(rng.gen_range(0..=m.rev)),
         2 => TargetUnion::ModRevision(rng.gen_range(0..=m.rev)),
         3 => TargetUnion::Value(value(rng)),
-        _ => TargetUnion::Lease(0),
+        _ => TargetUnion::Lease(rng.gen_range(0..=*LEASE_IDS.end())),
     };
     let (key, range_end) = if rng.gen_ratio(1, 5) {
         key_range(rng)
@@ -265,7 +279,20 @@ fn top_txn(rng: &mut StdRng, m: &Model) -> TxnRequest {
 
 fn next_op(rng: &mut StdRng, m: &Model) -> Op {
     match rng.gen_range(0..100) {
-        0..=34 => Op::Put(put_req(rng)),
+        0..=31 => Op::Put(put_req(rng)),
+        32 => Op::LeaseGrant(LeaseGrantRequest {
+            id: lease_id(rng),
+            ttl: if rng.gen_ratio(1, 10) {
+                9_000_000_001 // too large
+            } else {
+                rng.gen_range(3_600..7_200)
+            },
+        }),
+        33 => Op::LeaseRevoke(LeaseRevokeRequest { id: lease_id(rng) }),
+        34 => Op::LeaseTimeToLive(LeaseTimeToLiveRequest {
+            id: lease_id(rng),
+            keys: true,
+        }),
         35..=59 => {
             let mut r = range_req(rng, m);
             if rng.gen_ratio(1, 50) {
@@ -323,7 +350,24 @@ fn answer<T: Debug>(
     }
 }
 
-async fn run(kv: &mut Kv, mt: &mut Maint, op: &Op) -> Answer {
+struct Clients {
+    kv: Kv,
+    mt: Maint,
+    lease: Lease,
+}
+
+impl Clients {
+    async fn connect(server: &Server) -> Clients {
+        Clients {
+            kv: server.kv().await,
+            mt: server.maintenance().await,
+            lease: Lease::connect(server.url()).await.unwrap(),
+        }
+    }
+}
+
+async fn run(c: &mut Clients, op: &Op) -> Answer {
+    let Clients { kv, mt, lease } = c;
     match op.clone() {
         Op::Range(r) => answer(kv.range(r).await, |m| strip(&mut m.header)),
         Op::Put(p) => answer(kv.put(p).await, |m| strip(&mut m.header)),
@@ -331,6 +375,15 @@ async fn run(kv: &mut Kv, mt: &mut Maint, op: &Op) -> Answer {
         Op::Txn(t) => answer(kv.txn(t).await, strip_txn),
         Op::Compact(c) => answer(kv.compact(c).await, |m| strip(&mut m.header)),
         Op::HashKv(h) => answer(mt.hash_kv(h).await, |m| strip(&mut m.header)),
+        Op::LeaseGrant(g) => answer(lease.lease_grant(g).await, |m| strip(&mut m.header)),
+        Op::LeaseRevoke(r) => answer(lease.lease_revoke(r).await, |m| strip(&mut m.header)),
+        Op::LeaseTimeToLive(t) => answer(lease.lease_time_to_live(t).await, |m| {
+            strip(&mut m.header);
+            // The remaining seconds depend on timing; etcd lists keys from a
+            // map, in no order.
+            m.ttl = m.ttl.signum();
+            m.keys.sort();
+        }),
     }
 }
 
@@ -338,8 +391,8 @@ async fn differential(seed: u64, count: usize) {
     let dir = tempfile::tempdir().unwrap();
     let etcd = Server::start(Kind::Etcd, &dir.path().join("etcd"), &[]).await;
     let tessera = Server::start(Kind::Tessera, &dir.path().join("tessera"), &[]).await;
-    let (mut ekv, mut emt) = (etcd.kv().await, etcd.maintenance().await);
-    let (mut tkv, mut tmt) = (tessera.kv().await, tessera.maintenance().await);
+    let mut e = Clients::connect(&etcd).await;
+    let mut t = Clients::connect(&tessera).await;
     let mut rng = StdRng::seed_from_u64(seed);
     let mut model = Model {
         rev: 1,
@@ -355,14 +408,14 @@ async fn differential(seed: u64, count: usize) {
             // give it time to settle before comparing.
             tokio::time::sleep(std::time::Duration::from_millis(250)).await;
         }
-        let before = current_rev(&mut tkv).await;
-        let expected = run(&mut ekv, &mut emt, &op).await;
-        let actual = run(&mut tkv, &mut tmt, &op).await;
+        let before = current_rev(&mut t.kv).await;
+        let expected = run(&mut e, &op).await;
+        let actual = run(&mut t, &op).await;
         assert_eq!(
             actual, expected,
             "seed {seed}, operation #{i} differs:\n  op: {op:?}\n  tessera: {actual:?}\n  etcd:    {expected:?}"
         );
-        let after = current_rev(&mut tkv).await;
+        let after = current_rev(&mut t.kv).await;
         if let Err((_, msg)) = &actual {
             *errors.entry(msg.clone()).or_default() += 1;
             assert_eq!(
@@ -387,13 +440,15 @@ async fn differential(seed: u64, count: usize) {
         "etcdserver: duplicate key given in txn request",
         "etcdserver: mvcc: required revision has been compacted",
         "etcdserver: mvcc: required revision is a future revision",
+        "etcdserver: lease already exists",
+        "etcdserver: too large lease TTL",
     ] {
         assert!(
             errors.contains_key(wanted),
             "seed {seed}: no operation produced {wanted:?}; saw {errors:?}"
         );
     }
-    assert_eq!(current_rev(&mut tkv).await, current_rev(&mut ekv).await);
+    assert_eq!(current_rev(&mut t.kv).await, current_rev(&mut e.kv).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
