@@ -65,17 +65,13 @@ impl Watch for WatchService {
             return Err(EtcdError::NoLeader.into());
         }
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
-        let task = tokio::spawn(serve_stream(
+        tokio::spawn(serve_stream(
             self.node.clone(),
             req.into_inner(),
             tx.clone(),
         ));
         if requires_leader {
-            tokio::spawn(end_on_leader_loss(
-                self.node.clone(),
-                tx,
-                task.abort_handle(),
-            ));
+            tokio::spawn(end_on_leader_loss(self.node.clone(), tx));
         }
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -89,7 +85,9 @@ const NO_LEADER_TIMEOUTS: u32 = 3;
 
 /// Ends a leader-requiring stream with etcd's "no leader" error once this
 /// member has seen no leader for [`NO_LEADER_TIMEOUTS`] election timeouts.
-async fn end_on_leader_loss(node: Arc<Node>, tx: Outbound, stream: tokio::task::AbortHandle) {
+/// The error ends the response stream; `serve_stream` then sees the client
+/// side closed and stops its watchers.
+async fn end_on_leader_loss(node: Arc<Node>, tx: Outbound) {
     let mut metrics = node.raft.metrics();
     loop {
         tokio::select! {
@@ -101,7 +99,6 @@ async fn end_on_leader_loss(node: Arc<Node>, tx: Outbound, stream: tokio::task::
         }
         tokio::time::sleep(node.election_timeout() * NO_LEADER_TIMEOUTS).await;
         if node.leader().is_none() {
-            stream.abort();
             let _ = tx.send(Err(EtcdError::NoLeader.into())).await;
             return;
         }
