@@ -13,13 +13,9 @@ use etcd_client::{
     WatchOptions,
 };
 
-/// "code: message" of a failed call, or "ok".
+/// "Code: message" of a failed call, or "ok".
 fn outcome<T>(r: Result<T, etcd_client::Error>) -> String {
-    match r {
-        Ok(_) => "ok".into(),
-        Err(etcd_client::Error::GRpcStatus(s)) => format!("{:?}: {}", s.code(), s.message()),
-        Err(e) => format!("other error: {e}"),
-    }
+    r.map_or_else(common::status_text, |_| "ok".into())
 }
 
 async fn keys(c: &mut Client, prefix: &str) -> Vec<String> {

@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{Kind, Server};
+use common::{status_text, Kind, Server};
 use etcd_client::{GetOptions, LockOptions, ProclaimOptions, ResignOptions};
 
 /// A long-running etcdctl whose stdout lines arrive on a channel.
@@ -117,13 +117,6 @@ async fn etcdctl_lock_and_elect_with_two_contenders() {
             etcdctl_lock_scenario(&server);
             etcdctl_elect_scenario(&server);
         });
-    }
-}
-
-fn status_text(e: etcd_client::Error) -> String {
-    match e {
-        etcd_client::Error::GRpcStatus(s) => format!("{:?}: {}", s.code(), s.message()),
-        e => format!("not a gRPC status: {e}"),
     }
 }
 
