@@ -20,6 +20,7 @@ use tessera_proto::etcdserverpb::maintenance_server::Maintenance;
 use tessera_proto::v3electionpb::election_server::Election;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::BoxStream;
 use tonic::{Code, Status};
 
 use crate::service::cluster::ClusterService;
@@ -127,6 +128,28 @@ fn streamed<T: Serialize + Send + 'static>(
         .into_response()
 }
 
+/// A server-streaming call: one JSON request in, a `{"result":...}` line
+/// per message out (or the error body if the call fails at once).
+fn server_streaming<S, Req, T, F, Fut>(service: S, call: F) -> MethodRouter
+where
+    S: Clone + Send + Sync + 'static,
+    Req: DeserializeOwned + Default + Send + 'static,
+    T: Serialize + Send + 'static,
+    F: Fn(S, Req) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<BoxStream<T>, Status>> + Send,
+{
+    post(move |body: Bytes| async move {
+        let stream = match decode::<Req>(&body) {
+            Ok(req) => call(service, req).await,
+            Err(e) => Err(e),
+        };
+        match stream {
+            Ok(messages) => streamed(messages),
+            Err(e) => error_response(&e),
+        }
+    })
+}
+
 /// The JSON messages in a streamed request body, decoded as they arrive.
 fn json_messages<T: DeserializeOwned + Send + 'static>(
     body: Body,
@@ -168,6 +191,17 @@ fn json_messages<T: DeserializeOwned + Send + 'static>(
 
 fn tonic_req<T>(msg: T) -> tonic::Request<T> {
     tonic::Request::new(msg)
+}
+
+/// A [`unary`] call through a service's tonic trait method.
+macro_rules! via_trait {
+    ($service:ident :: $method:ident) => {
+        |s, r| async move {
+            $service::$method(&s, tonic_req(r))
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
 }
 
 fn kv_routes(kv: KvService) -> Router {
@@ -238,107 +272,53 @@ fn lease_routes(lease: LeaseService) -> Router {
 }
 
 fn maintenance_routes(m: MaintenanceService) -> Router {
-    type M = MaintenanceService;
-    let snapshot = {
-        let m = m.clone();
-        post(move |body: Bytes| async move {
-            let req = match decode(&body) {
-                Ok(r) => r,
-                Err(e) => return error_response(&e),
-            };
-            match Maintenance::snapshot(&m, tonic_req(req)).await {
-                Ok(stream) => streamed(stream.into_inner()),
-                Err(e) => error_response(&e),
-            }
-        })
-    };
+    let snapshot = server_streaming(m.clone(), via_trait!(Maintenance::snapshot));
     Router::new()
         .route(
             "/v3/maintenance/alarm",
-            unary(m.clone(), |s: M, r| async move {
-                Maintenance::alarm(&s, tonic_req(r))
-                    .await
-                    .map(|r| r.into_inner())
-            }),
+            unary(m.clone(), via_trait!(Maintenance::alarm)),
         )
         .route(
             "/v3/maintenance/status",
-            unary(m.clone(), |s: M, r| async move {
-                Maintenance::status(&s, tonic_req(r))
-                    .await
-                    .map(|r| r.into_inner())
-            }),
+            unary(m.clone(), via_trait!(Maintenance::status)),
         )
         .route(
             "/v3/maintenance/defragment",
-            unary(m.clone(), |s: M, r| async move {
-                Maintenance::defragment(&s, tonic_req(r))
-                    .await
-                    .map(|r| r.into_inner())
-            }),
+            unary(m.clone(), via_trait!(Maintenance::defragment)),
         )
         // etcd maps both Hash and HashKV here; the gateway answers Hash.
         .route(
             "/v3/maintenance/hash",
-            unary(m.clone(), |s: M, r| async move {
-                Maintenance::hash(&s, tonic_req(r))
-                    .await
-                    .map(|r| r.into_inner())
-            }),
+            unary(m.clone(), via_trait!(Maintenance::hash)),
         )
         .route(
             "/v3/maintenance/transfer-leadership",
-            unary(m, |s: M, r| async move {
-                Maintenance::move_leader(&s, tonic_req(r))
-                    .await
-                    .map(|r| r.into_inner())
-            }),
+            unary(m, via_trait!(Maintenance::move_leader)),
         )
         .route("/v3/maintenance/snapshot", snapshot)
 }
 
 fn cluster_routes(c: ClusterService) -> Router {
-    type C = ClusterService;
     Router::new()
         .route(
             "/v3/cluster/member/add",
-            unary(c.clone(), |s: C, r| async move {
-                Cluster::member_add(&s, tonic_req(r))
-                    .await
-                    .map(|r| r.into_inner())
-            }),
+            unary(c.clone(), via_trait!(Cluster::member_add)),
         )
         .route(
             "/v3/cluster/member/remove",
-            unary(c.clone(), |s: C, r| async move {
-                Cluster::member_remove(&s, tonic_req(r))
-                    .await
-                    .map(|r| r.into_inner())
-            }),
+            unary(c.clone(), via_trait!(Cluster::member_remove)),
         )
         .route(
             "/v3/cluster/member/update",
-            unary(c.clone(), |s: C, r| async move {
-                Cluster::member_update(&s, tonic_req(r))
-                    .await
-                    .map(|r| r.into_inner())
-            }),
+            unary(c.clone(), via_trait!(Cluster::member_update)),
         )
         .route(
             "/v3/cluster/member/list",
-            unary(c.clone(), |s: C, r| async move {
-                Cluster::member_list(&s, tonic_req(r))
-                    .await
-                    .map(|r| r.into_inner())
-            }),
+            unary(c.clone(), via_trait!(Cluster::member_list)),
         )
         .route(
             "/v3/cluster/member/promote",
-            unary(c, |s: C, r| async move {
-                Cluster::member_promote(&s, tonic_req(r))
-                    .await
-                    .map(|r| r.into_inner())
-            }),
+            unary(c, via_trait!(Cluster::member_promote)),
         )
 }
 
@@ -346,19 +326,7 @@ fn recipe_routes(recipes: Recipes) -> Router {
     let lock = LockService::new(recipes.clone());
     let election = ElectionService::new(recipes);
     type E = ElectionService;
-    let observe = {
-        let election = election.clone();
-        post(move |body: Bytes| async move {
-            let req = match decode(&body) {
-                Ok(r) => r,
-                Err(e) => return error_response(&e),
-            };
-            match Election::observe(&election, tonic_req(req)).await {
-                Ok(stream) => streamed(stream.into_inner()),
-                Err(e) => error_response(&e),
-            }
-        })
-    };
+    let observe = server_streaming(election.clone(), via_trait!(Election::observe));
     Router::new()
         .route(
             "/v3/lock/lock",

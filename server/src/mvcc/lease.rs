@@ -162,13 +162,7 @@ impl WriteTxn<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mvcc::Store;
-
-    fn store() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().unwrap();
-        let db = crate::db::open(dir.path()).unwrap();
-        (dir, Store::open(db).unwrap())
-    }
+    use crate::mvcc::store::tests::store;
 
     #[test]
     fn attachments_follow_puts_deletes_and_revocation() {

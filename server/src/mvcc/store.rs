@@ -702,11 +702,12 @@ impl<'a> WriteTxn<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::errors::EtcdError;
 
-    fn store() -> (tempfile::TempDir, Store) {
+    /// A store on a fresh RocksDB in a temporary directory.
+    pub(crate) fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let db = crate::db::open(dir.path()).unwrap();
         (dir, Store::open(db).unwrap())
