@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace: unit tests, and integration tests that
 # start the real tessera binary next to Debian's etcd and etcdctl.
+#
+# The suite runs twice: once with the WAL's default I/O (io_uring when the
+# kernel allows it) and once with io_uring forced off (TESSERA_WAL_IO=syscall),
+# so both ways to the disk are covered.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/prereqs.sh test
@@ -8,12 +12,22 @@ scripts/prereqs.sh test
 cargo build --workspace --all-targets
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-# --no-fail-fast: every test binary runs, so the count below is complete.
-set +e
-cargo test --workspace --all-targets --no-fail-fast -- --test-threads=2 2>&1 | tee "$log"
-status=${PIPESTATUS[0]}
-set -e
+status=0
+for wal_io in auto syscall; do
+    echo "=== test pass with TESSERA_WAL_IO=$wal_io ===" | tee -a "$log"
+    # --no-fail-fast: every test binary runs, so the count below is complete.
+    set +e
+    TESSERA_WAL_IO=$wal_io cargo test --workspace --lib --bins --tests --no-fail-fast -- --test-threads=2 2>&1 | tee -a "$log"
+    pass_status=${PIPESTATUS[0]}
+    # criterion benches run each benchmark once in test mode (they take no
+    # libtest flags): a smoke test that they still work.
+    TESSERA_WAL_IO=$wal_io cargo test --workspace --benches --no-fail-fast 2>&1 | tee -a "$log"
+    bench_status=${PIPESTATUS[0]}
+    set -e
+    if [ "$pass_status" -ne 0 ]; then status=$pass_status; fi
+    if [ "$bench_status" -ne 0 ]; then status=$bench_status; fi
+done
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
-     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+     END { printf "tests: %d passed, %d failed (both WAL I/O modes)\n", p, f }' "$log"
 exit "$status"

@@ -54,6 +54,13 @@ pub struct Config {
         default_value = "http://localhost:2380"
     )]
     pub initial_advertise_peer_urls: String,
+    /// Path to a dedicated WAL directory (default: <data-dir>/member/wal).
+    #[arg(long, env = "ETCD_WAL_DIR")]
+    pub wal_dir: Option<PathBuf>,
+    /// How the WAL reaches the disk: auto (io_uring when available), uring or syscall.
+    #[arg(long, env = "TESSERA_WAL_IO", default_value = "auto",
+          value_parser = ["auto", "uring", "syscall"])]
+    pub wal_io: String,
     /// Initial cluster configuration for bootstrapping (name=peer-url,...).
     #[arg(long, env = "ETCD_INITIAL_CLUSTER")]
     pub initial_cluster: Option<String>,
@@ -220,7 +227,6 @@ pub const ACCEPTED_NOT_ACTED_ON: &[(&str, bool)] = &[
     ("trusted-ca-file", false),
     ("unsafe-no-fsync", true),
     ("v2-deprecation", false),
-    ("wal-dir", false),
 ];
 
 fn env_name(flag: &str) -> String {
@@ -315,6 +321,66 @@ impl Config {
             .collect()
     }
 
+    /// The members named by `--initial-cluster` (by default just this one,
+    /// at its advertised peer URLs), in flag order, each with sorted URLs.
+    pub fn initial_members(&self) -> Result<Vec<InitialMember>, ConfigError> {
+        let Some(cluster) = self
+            .initial_cluster
+            .as_deref()
+            .filter(|c| !c.trim().is_empty())
+        else {
+            let mut peer_urls = self.advertise_peer_urls();
+            peer_urls.sort();
+            return Ok(vec![InitialMember {
+                name: self.name.clone(),
+                peer_urls,
+            }]);
+        };
+        let mut members: Vec<InitialMember> = Vec::new();
+        for m in split_urls(cluster) {
+            let Some((name, url)) = m.split_once('=') else {
+                return Err(ConfigError(format!(
+                    "--initial-cluster: invalid member {m:?}, expected name=peer-url"
+                )));
+            };
+            parse_url("--initial-cluster", url)?;
+            // A name may appear several times, once per peer URL (as in etcd).
+            match members.iter_mut().find(|x| x.name == name) {
+                Some(existing) => existing.peer_urls.push(url.to_string()),
+                None => members.push(InitialMember {
+                    name: name.to_string(),
+                    peer_urls: vec![url.to_string()],
+                }),
+            }
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for m in &mut members {
+            m.peer_urls.sort();
+            for u in &m.peer_urls {
+                if !seen.insert(u.clone()) {
+                    return Err(ConfigError(format!(
+                        "--initial-cluster: peer URL {u} appears more than once"
+                    )));
+                }
+            }
+        }
+        Ok(members)
+    }
+
+    /// The WAL directory: `--wal-dir`, or `member/wal` in the data dir.
+    pub fn wal_dir(&self) -> PathBuf {
+        self.wal_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir().join("member").join("wal"))
+    }
+
+    /// Addresses for `--listen-peer-urls`.
+    pub fn peer_listen_addrs(&self) -> Result<Vec<SocketAddr>, ConfigError> {
+        split_urls(&self.listen_peer_urls)
+            .map(|u| resolve_url("--listen-peer-urls", u))
+            .collect()
+    }
+
     /// Checks everything that can be checked before touching the disk.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.client_listen_addrs()?;
@@ -330,35 +396,25 @@ impl Config {
                 parse_url(flag, u)?;
             }
         }
-        if let Some(cluster) = &self.initial_cluster {
-            let members: Vec<&str> = cluster.split(',').filter(|s| !s.is_empty()).collect();
-            let mut names = std::collections::BTreeSet::new();
-            for m in &members {
-                let Some((name, url)) = m.split_once('=') else {
-                    return Err(ConfigError(format!(
-                        "--initial-cluster: invalid member {m:?}, expected name=peer-url"
-                    )));
-                };
-                parse_url("--initial-cluster", url)?;
-                names.insert(name);
-            }
-            if names.len() > 1 {
-                return Err(ConfigError(
-                    "--initial-cluster names several members; this Tessera build runs single-member clusters only"
-                        .into(),
-                ));
-            }
-            if !names.is_empty() && !names.contains(self.name.as_str()) {
-                return Err(ConfigError(format!(
-                    "--initial-cluster has no member named {:?} (--name)",
+        let members = self.initial_members()?;
+        let mine = members
+            .iter()
+            .find(|m| m.name == self.name)
+            .ok_or_else(|| {
+                ConfigError(format!(
+                    "couldn't find local name {:?} in the initial cluster configuration",
                     self.name
-                )));
-            }
-        }
-        if self.initial_cluster_state == "existing" {
-            return Err(ConfigError(
-                "--initial-cluster-state=existing needs cluster membership, which this Tessera build does not support yet".into(),
-            ));
+                ))
+            })?;
+        let mut advertised = self.advertise_peer_urls();
+        advertised.sort();
+        if mine.peer_urls != advertised {
+            return Err(ConfigError(format!(
+                "--initial-cluster has {}={} but missing from --initial-advertise-peer-urls={}",
+                self.name,
+                mine.peer_urls.join(","),
+                advertised.join(",")
+            )));
         }
         if self.max_txn_ops == 0 {
             return Err(ConfigError("--max-txn-ops must be greater than 0".into()));
@@ -399,6 +455,13 @@ impl Config {
         };
         Ok((!d.is_zero()).then_some(AutoCompaction::Periodic(d)))
     }
+}
+
+/// One member of `--initial-cluster`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitialMember {
+    pub name: String,
+    pub peer_urls: Vec<String>,
 }
 
 /// How history is compacted automatically.
@@ -511,16 +574,44 @@ mod tests {
 
     #[test]
     fn ignored_flags_are_accepted_and_reported() {
-        let p = parse(&[
-            "--enable-pprof",
-            "--wal-dir=/tmp/x",
-            "--client-cert-auth=true",
-        ])
-        .unwrap();
+        let p = parse(&["--enable-pprof", "--max-wals=3", "--client-cert-auth=true"]).unwrap();
         assert_eq!(
             p.ignored_flags,
-            vec!["client-cert-auth", "enable-pprof", "wal-dir"]
+            vec!["client-cert-auth", "enable-pprof", "max-wals"]
         );
+    }
+
+    #[test]
+    fn initial_cluster_is_parsed_and_checked_like_etcd() {
+        let three =
+            "--initial-cluster=a=http://127.0.0.1:1,b=http://127.0.0.1:2,c=http://127.0.0.1:3";
+        let c = parse(&[
+            "--name=b",
+            three,
+            "--initial-advertise-peer-urls=http://127.0.0.1:2",
+        ])
+        .unwrap()
+        .config;
+        c.validate().unwrap();
+        let members = c.initial_members().unwrap();
+        assert_eq!(members.len(), 3);
+        assert_eq!(members[1].peer_urls, vec!["http://127.0.0.1:2".to_string()]);
+
+        let c = parse(&["--name=d", three]).unwrap().config;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("couldn't find local name"));
+        let c = parse(&["--name=a", three]).unwrap().config;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("missing from --initial-advertise-peer-urls"));
+        let dup = "--initial-cluster=a=http://127.0.0.1:1,b=http://127.0.0.1:1";
+        let c = parse(&["--name=a", dup]).unwrap().config;
+        assert!(c.validate().is_err());
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Opening the RocksDB instance that holds applied state and the Raft log.
+//! Opening the RocksDB instance that holds the applied state.
 //!
 //! One database, several column families, so a single `WriteBatch` can update
 //! MVCC data and the applied index atomically.
@@ -17,15 +17,14 @@ pub const CF_REV: &str = "rev";
 pub const CF_META: &str = "meta";
 /// Leases (empty until the lease service lands; puts with a lease look here).
 pub const CF_LEASE: &str = "lease";
-/// Raft log entries, keyed by big-endian index.
-pub const CF_RAFT_LOG: &str = "raft_log";
-/// Raft vote, committed and purged log ids.
+/// This member's identity (member and cluster ids). The Raft log, vote and
+/// commit index live in the WAL (`tessera_storage::wal`), not here.
 pub const CF_RAFT_STATE: &str = "raft_state";
 
 /// Column families that make up the state machine (what snapshots carry).
 pub const STATE_MACHINE_CFS: [&str; 4] = [CF_KV, CF_META, CF_LEASE, CF_REV];
 
-const ALL_CFS: [&str; 6] = [CF_KV, CF_META, CF_LEASE, CF_REV, CF_RAFT_LOG, CF_RAFT_STATE];
+const ALL_CFS: [&str; 5] = [CF_KV, CF_META, CF_LEASE, CF_REV, CF_RAFT_STATE];
 
 /// Opens (creating if needed) the database under `dir`.
 pub fn open(dir: &Path) -> Result<Arc<DB>, rocksdb::Error> {

@@ -48,6 +48,20 @@ pub enum EtcdError {
     LeaseExists,
     #[error("etcdserver: too large lease TTL")]
     LeaseTtlTooLarge,
+    #[error("etcdserver: member ID already exist")]
+    MemberExists,
+    #[error("etcdserver: Peer URLs already exists")]
+    PeerUrlExists,
+    #[error("etcdserver: given member URLs are invalid")]
+    MemberBadUrls,
+    #[error("etcdserver: can only promote a learner member")]
+    MemberNotLearner,
+    #[error("etcdserver: can only promote a learner member which is in sync with leader")]
+    LearnerNotReady,
+    #[error("etcdserver: bad leader transferee")]
+    BadLeaderTransferee,
+    #[error("etcdserver: request timed out, leader transfer took too long")]
+    LeadershipTransferTimeout,
 }
 
 impl EtcdError {
@@ -56,14 +70,20 @@ impl EtcdError {
         use EtcdError::*;
         match self {
             EmptyKey | KeyNotFound | ValueProvided | LeaseProvided | TooManyOps | DuplicateKey
-            | RequestTooLarge => Code::InvalidArgument,
+            | RequestTooLarge | MemberBadUrls => Code::InvalidArgument,
             Compacted | FutureRev | LeaseTtlTooLarge => Code::OutOfRange,
             NoSpace => Code::ResourceExhausted,
             LeaseNotFound | MemberNotFound => Code::NotFound,
-            NotLeader | LeaseExists => Code::FailedPrecondition,
-            NoLeader | Timeout | Stopped => Code::Unavailable,
+            NotLeader | LeaseExists | MemberExists | PeerUrlExists | MemberNotLearner
+            | LearnerNotReady | BadLeaderTransferee => Code::FailedPrecondition,
+            NoLeader | Timeout | Stopped | LeadershipTransferTimeout => Code::Unavailable,
             Corrupt => Code::DataLoss,
         }
+    }
+
+    /// The message text, as clients match on it.
+    pub fn message(self) -> String {
+        self.to_string()
     }
 
     /// Stable number used to carry the error through a Raft apply result.
@@ -90,13 +110,20 @@ impl EtcdError {
             MemberNotFound => 17,
             LeaseExists => 18,
             LeaseTtlTooLarge => 19,
+            MemberExists => 20,
+            PeerUrlExists => 21,
+            MemberBadUrls => 22,
+            MemberNotLearner => 23,
+            LearnerNotReady => 24,
+            BadLeaderTransferee => 25,
+            LeadershipTransferTimeout => 26,
         }
     }
 
     /// Inverse of [`EtcdError::code_number`]; unknown numbers are `None`.
     pub fn from_code_number(n: u32) -> Option<Self> {
         use EtcdError::*;
-        const ALL: [EtcdError; 19] = [
+        const ALL: [EtcdError; 26] = [
             EmptyKey,
             KeyNotFound,
             ValueProvided,
@@ -116,6 +143,13 @@ impl EtcdError {
             MemberNotFound,
             LeaseExists,
             LeaseTtlTooLarge,
+            MemberExists,
+            PeerUrlExists,
+            MemberBadUrls,
+            MemberNotLearner,
+            LearnerNotReady,
+            BadLeaderTransferee,
+            LeadershipTransferTimeout,
         ];
         ALL.into_iter().find(|e| e.code_number() == n)
     }
@@ -140,7 +174,7 @@ mod tests {
                 assert!(seen.insert(n));
             }
         }
-        assert_eq!(seen.len(), 19);
+        assert_eq!(seen.len(), 26);
         assert_eq!(EtcdError::from_code_number(0), None);
     }
 

@@ -8,11 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, SnapshotPolicy};
+use prost::Message;
 use rocksdb::DB;
 use tessera_proto::etcdserverpb::{alarm_request, AlarmRequest, AlarmType, ResponseHeader};
-use tessera_proto::tessera::{raft_command::Request, raft_result::Response, RaftCommand};
+use tessera_proto::tessera::{
+    raft_command::Request, raft_result::Response, IndexReply, MemberAttributes, MembersRequest,
+    ProposeReply, RaftCommand, RaftResult,
+};
 use tonic::Status;
 
 use crate::alarms::Alarms;
@@ -22,8 +26,9 @@ use crate::errors::EtcdError;
 use crate::lessor::Lessor;
 use crate::metrics::{Gauges, Metrics};
 use crate::mvcc::{Store, StoreError};
+use crate::peer::{self, method, PeerClients};
 use crate::raft::log_store::LogStore;
-use crate::raft::network::NoPeers;
+use crate::raft::network::PeerNetwork;
 use crate::raft::state_machine::StateMachine;
 use crate::raft::{Command, Raft};
 use crate::watch_hub::WatchHub;
@@ -49,6 +54,7 @@ pub struct Node {
     pub lessor: Arc<Lessor>,
     pub member_id: u64,
     pub cluster_id: u64,
+    pub peers: PeerClients,
     /// Source of [`Node::next_request_id`].
     request_ids: AtomicU64,
 }
@@ -66,29 +72,104 @@ fn stable_id(parts: &[&str]) -> u64 {
     (hi << 32 | lo).max(1)
 }
 
-fn load_or_create_identity(db: &DB, config: &Config) -> anyhow::Result<Identity> {
+/// A member's id from its sorted peer URLs and the cluster token (plus, for
+/// members added at runtime, a salt), as etcd derives them.
+pub fn member_id(sorted_peer_urls: &[String], token: &str, salt: Option<u64>) -> u64 {
+    let salt = salt.map(|s| s.to_string());
+    let mut parts: Vec<&str> = sorted_peer_urls.iter().map(String::as_str).collect();
+    parts.push(token);
+    if let Some(s) = &salt {
+        parts.push(s);
+    }
+    stable_id(&parts)
+}
+
+/// The cluster id from the initial members' ids.
+fn cluster_id(member_ids: &[u64], token: &str) -> u64 {
+    let mut hex: Vec<String> = member_ids.iter().map(|id| format!("{id:016x}")).collect();
+    hex.sort();
+    let mut parts: Vec<&str> = hex.iter().map(String::as_str).collect();
+    parts.push(token);
+    stable_id(&parts)
+}
+
+fn read_identity(db: &DB) -> anyhow::Result<Option<Identity>> {
     let cf = db
         .cf_handle(CF_RAFT_STATE)
         .context("missing raft_state column family")?;
-    if let Some(raw) = db.get_cf(cf, IDENTITY_KEY)? {
-        return Ok(bincode::deserialize(&raw)?);
-    }
-    let mut peer_urls = config.advertise_peer_urls();
-    peer_urls.sort();
-    let mut parts: Vec<&str> = peer_urls.iter().map(String::as_str).collect();
-    parts.push(&config.initial_cluster_token);
-    let member_id = stable_id(&parts);
-    let member_hex = format!("{member_id:016x}");
-    let cluster_id = stable_id(&[&member_hex, &config.initial_cluster_token]);
-    let identity = Identity {
-        member_id,
-        cluster_id,
-    };
+    Ok(match db.get_cf(cf, IDENTITY_KEY)? {
+        Some(raw) => Some(bincode::deserialize(&raw)?),
+        None => None,
+    })
+}
+
+fn write_identity(db: &DB, identity: &Identity) -> anyhow::Result<()> {
+    let cf = db
+        .cf_handle(CF_RAFT_STATE)
+        .context("missing raft_state column family")?;
     let mut opts = rocksdb::WriteOptions::default();
     opts.set_sync(true);
     let mut batch = rocksdb::WriteBatch::default();
-    batch.put_cf(cf, IDENTITY_KEY, bincode::serialize(&identity)?);
+    batch.put_cf(cf, IDENTITY_KEY, bincode::serialize(identity)?);
     db.write_opt(batch, &opts)?;
+    Ok(())
+}
+
+/// This member's id and the cluster's: stored from the first start; derived
+/// from `--initial-cluster` for a new cluster; asked of the running members
+/// (which must have added this one) for `--initial-cluster-state=existing`.
+async fn load_or_create_identity(
+    db: &DB,
+    config: &Config,
+    clients: &PeerClients,
+) -> anyhow::Result<Identity> {
+    if let Some(identity) = read_identity(db)? {
+        return Ok(identity);
+    }
+    let members = config.initial_members()?;
+    let token = &config.initial_cluster_token;
+    let identity = if config.initial_cluster_state == "existing" {
+        let others: Vec<String> = members
+            .iter()
+            .filter(|m| m.name != config.name)
+            .flat_map(|m| m.peer_urls.clone())
+            .collect();
+        let known = peer::fetch_members(clients, &others, Duration::from_secs(60)).await?;
+        let mut mine = config.advertise_peer_urls();
+        mine.sort();
+        let me = known
+            .members
+            .iter()
+            .find(|m| {
+                let mut urls = m.peer_urls.clone();
+                urls.sort();
+                urls == mine
+            })
+            .with_context(|| {
+                format!(
+                    "no member of the running cluster has peer URLs {}; add this member first (etcdctl member add)",
+                    mine.join(",")
+                )
+            })?;
+        Identity {
+            member_id: me.id,
+            cluster_id: known.cluster_id,
+        }
+    } else {
+        let ids: Vec<u64> = members
+            .iter()
+            .map(|m| member_id(&m.peer_urls, token, None))
+            .collect();
+        let mine = members
+            .iter()
+            .position(|m| m.name == config.name)
+            .context("this member is not in --initial-cluster")?;
+        Identity {
+            member_id: ids[mine],
+            cluster_id: cluster_id(&ids, token),
+        }
+    };
+    write_identity(db, &identity)?;
     Ok(identity)
 }
 
@@ -110,7 +191,8 @@ impl Node {
     pub async fn start(config: Config) -> anyhow::Result<Arc<Node>> {
         let data_dir = config.data_dir();
         let db = open_data_dir(&data_dir)?;
-        let identity = load_or_create_identity(&db, &config)?;
+        let peers = PeerClients::default();
+        let identity = load_or_create_identity(&db, &config, &peers).await?;
         let store = Arc::new(Store::open(db.clone())?);
         let alarms = Arc::new(Alarms::load(&db)?);
         let metrics = Arc::new(Metrics::default());
@@ -132,10 +214,15 @@ impl Node {
         let raft_config = openraft::Config {
             cluster_name: config.initial_cluster_token.clone(),
             heartbeat_interval: config.heartbeat_interval,
-            election_timeout_min: config.election_timeout,
-            election_timeout_max: config.election_timeout * 2,
+            // openraft waits a leader lease (election_timeout_max) plus a
+            // random election timeout before campaigning after the leader
+            // goes quiet; these bounds elect a new leader within about two
+            // of etcd's election timeouts.
+            election_timeout_min: config.election_timeout * 3 / 5,
+            election_timeout_max: config.election_timeout,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_count),
-            max_in_snapshot_log_to_keep: 5000,
+            // etcd keeps 5000 entries behind a snapshot for slow followers.
+            max_in_snapshot_log_to_keep: config.snapshot_count.min(5000),
             ..Default::default()
         }
         .validate()
@@ -147,32 +234,24 @@ impl Node {
             hub.clone(),
             lessor.clone(),
         );
+        let wal_options = tessera_storage::wal::WalOptions {
+            io_mode: config
+                .wal_io
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("--wal-io: {e}"))?,
+            ..Default::default()
+        };
+        let log_store = LogStore::open(&config.wal_dir(), wal_options)
+            .with_context(|| format!("cannot open the WAL in {}", config.wal_dir().display()))?;
         let raft = Raft::new(
             identity.member_id,
             Arc::new(raft_config),
-            NoPeers,
-            LogStore::new(db.clone()),
+            PeerNetwork::new(peers.clone()),
+            log_store,
             sm,
         )
         .await
         .context("cannot start raft")?;
-
-        if !raft.is_initialized().await? {
-            let addr = config
-                .advertise_peer_urls()
-                .into_iter()
-                .next()
-                .unwrap_or_default();
-            let members = BTreeMap::from([(identity.member_id, BasicNode { addr })]);
-            raft.initialize(members)
-                .await
-                .context("cannot bootstrap the cluster")?;
-            tracing::info!("bootstrapped a new single-member cluster");
-        }
-        raft.wait(Some(Duration::from_millis(config.election_timeout * 10)))
-            .current_leader(identity.member_id, "wait for this member to lead")
-            .await
-            .context("this member did not become leader")?;
 
         let node = Arc::new(Node {
             config,
@@ -184,12 +263,80 @@ impl Node {
             lessor,
             member_id: identity.member_id,
             cluster_id: identity.cluster_id,
+            peers,
             request_ids: AtomicU64::new(request_id_base()),
         });
-        node.lessor.promote(node.election_timeout());
+
+        let initial = node.config.initial_members()?;
+        if !node.raft.is_initialized().await? && node.config.initial_cluster_state == "new" {
+            let token = &node.config.initial_cluster_token;
+            let members: BTreeMap<u64, BasicNode> = initial
+                .iter()
+                .map(|m| {
+                    let addr = m.peer_urls.join(",");
+                    (member_id(&m.peer_urls, token, None), BasicNode { addr })
+                })
+                .collect();
+            // Every member initializes with the same membership; openraft
+            // accepts that, and the first election settles the leader. This
+            // runs before the peer service listens, so no vote request from
+            // a faster member can get in first.
+            node.raft
+                .initialize(members)
+                .await
+                .context("cannot bootstrap the cluster")?;
+            tracing::info!(members = initial.len(), "bootstrapped a new cluster");
+        }
+        peer::serve(node.clone()).await?;
+        // A lone member elects itself at once: wait for it, so it serves
+        // requests from its first moment. A member of a larger cluster serves
+        // right away (serializable reads work without a leader).
+        if initial.len() == 1 && node.membership().len() <= 1 {
+            node.raft
+                .wait(Some(Duration::from_millis(
+                    node.config.election_timeout * 10,
+                )))
+                .current_leader(identity.member_id, "wait for this member to lead")
+                .await
+                .context("this member did not become leader")?;
+        }
+        if node.is_leader() {
+            node.lessor.promote(node.election_timeout());
+        }
         node.clone().spawn_leader_watch();
+        node.clone().spawn_publish_attributes();
         crate::lease_expiry::spawn(node.clone());
         Ok(node)
+    }
+
+    /// Publishes this member's name and client URLs through the log once
+    /// there is a leader (and again after they change), as etcd does.
+    fn spawn_publish_attributes(self: Arc<Self>) {
+        tokio::spawn(async move {
+            let attrs = MemberAttributes {
+                member_id: self.member_id,
+                name: self.config.name.clone(),
+                client_urls: self.config.advertise_client_urls(),
+            };
+            loop {
+                let published = crate::members::load_all(self.store.db())
+                    .ok()
+                    .and_then(|all| all.get(&self.member_id).cloned());
+                if published.as_ref() == Some(&attrs) {
+                    return;
+                }
+                match self.propose(Request::MemberAttributes(attrs.clone())).await {
+                    Ok(_) => {
+                        tracing::info!(name = %attrs.name, "published member attributes");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot publish member attributes yet");
+                        tokio::time::sleep(self.election_timeout()).await;
+                    }
+                }
+            }
+        });
     }
 
     fn spawn_leader_watch(self: Arc<Self>) {
@@ -251,32 +398,25 @@ impl Node {
         })
     }
 
-    /// Replicates `request`, waits until it is applied and returns its result.
+    /// Replicates `request` (through the leader, wherever it is), waits
+    /// until this member has applied it and returns its result.
     pub async fn propose(&self, request: Request) -> Result<Response, Status> {
         let cmd = RaftCommand {
             request: Some(request),
         };
-        if prost::Message::encoded_len(&cmd) > self.config.max_request_bytes as usize {
+        if cmd.encoded_len() > self.config.max_request_bytes as usize {
             return Err(EtcdError::RequestTooLarge.into());
         }
         self.metrics.inc(&self.metrics.proposals_pending);
-        let result =
-            tokio::time::timeout(PROPOSAL_TIMEOUT, self.raft.client_write(Command(cmd))).await;
+        let result = tokio::time::timeout(PROPOSAL_TIMEOUT, self.replicate(cmd)).await;
         self.metrics
             .proposals_pending
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        let written = match result {
-            Err(_) => {
-                self.metrics.inc(&self.metrics.proposals_failed);
-                return Err(EtcdError::Timeout.into());
-            }
-            Ok(Err(e)) => {
-                self.metrics.inc(&self.metrics.proposals_failed);
-                return Err(raft_write_error(e));
-            }
-            Ok(Ok(w)) => w,
+        let result = match result {
+            Err(_) => Err(EtcdError::Timeout.into()),
+            Ok(r) => r,
         };
-        let result = written.data.0;
+        let result = result.inspect_err(|_| self.metrics.inc(&self.metrics.proposals_failed))?;
         if result.error != 0 {
             return Err(EtcdError::from_code_number(result.error)
                 .map(Status::from)
@@ -289,17 +429,208 @@ impl Node {
             .ok_or_else(|| Status::internal("apply produced no response"))
     }
 
-    /// Waits until this member has applied everything committed before the
-    /// call: a linearizable read point (Raft read index).
-    pub async fn read_barrier(&self) -> Result<(), Status> {
-        match tokio::time::timeout(PROPOSAL_TIMEOUT, self.raft.ensure_linearizable()).await {
-            Err(_) => Err(EtcdError::Timeout.into()),
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "read index failed");
-                Err(EtcdError::NoLeader.into())
+    async fn replicate(&self, cmd: RaftCommand) -> Result<RaftResult, Status> {
+        loop {
+            let leader = self.wait_for_leader().await;
+            let attempt = if leader == self.member_id {
+                self.propose_on_leader(cmd.clone()).await.map(|(_, r)| r)
+            } else {
+                match self
+                    .forward::<_, ProposeReply>(leader, method::PROPOSE, &cmd)
+                    .await
+                {
+                    Ok(reply) => {
+                        // Answer once this member has applied it too, as etcd
+                        // does, so a read here right after sees the write.
+                        self.wait_applied(reply.index).await?;
+                        Ok(reply.result.unwrap_or_default())
+                    }
+                    Err(e) => Err(e),
+                }
+            };
+            match attempt {
+                // Leadership moved, or the leader could not be reached, before
+                // the proposal was accepted: nothing was proposed, so trying
+                // again (at the new leader) is safe.
+                Err(e) if is_not_leader(&e) || e.message().starts_with(LEADER_UNREACHABLE) => {
+                    self.pause().await
+                }
+                other => return other,
             }
-            Ok(Ok(_)) => Ok(()),
         }
+    }
+
+    /// Proposes `cmd` on this member, which must lead; returns the entry's
+    /// log index with the apply result.
+    pub async fn propose_on_leader(&self, cmd: RaftCommand) -> Result<(u64, RaftResult), Status> {
+        let written = self
+            .raft
+            .client_write(Command(cmd))
+            .await
+            .map_err(raft_write_error)?;
+        Ok((written.log_id.index, written.data.0))
+    }
+
+    /// Waits until this member has applied everything committed before the
+    /// call: a linearizable read point (Raft read index, asked of the leader
+    /// when this member is a follower).
+    pub async fn read_barrier(&self) -> Result<(), Status> {
+        let barrier = async {
+            loop {
+                let leader = self.wait_for_leader().await;
+                let index = if leader == self.member_id {
+                    self.read_index_on_leader().await
+                } else {
+                    self.forward::<_, IndexReply>(leader, method::READ_INDEX, &MembersRequest {})
+                        .await
+                        .map(|r| r.index)
+                };
+                match index {
+                    Ok(index) => return self.wait_applied(index).await,
+                    // No quorum behind the leader yet, or leadership moved:
+                    // try again until the deadline, as etcd's read index does.
+                    Err(e) => {
+                        tracing::debug!(error = %e, "read index failed; retrying");
+                        self.pause().await;
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(PROPOSAL_TIMEOUT, barrier)
+            .await
+            .unwrap_or_else(|_| Err(EtcdError::Timeout.into()))
+    }
+
+    /// The leader's read index: confirms leadership with a quorum and
+    /// returns the commit index a linearizable read must wait for.
+    pub async fn read_index_on_leader(&self) -> Result<u64, Status> {
+        match self.raft.get_read_log_id().await {
+            Ok((read_log_id, _)) => Ok(read_log_id.map_or(0, |l| l.index)),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => {
+                Err(EtcdError::NotLeader.into())
+            }
+            Err(e) => Err(Status::unavailable(format!("read index: {e}"))),
+        }
+    }
+
+    /// Waits until this member's state machine has applied `index`.
+    pub async fn wait_applied(&self, index: u64) -> Result<(), Status> {
+        self.raft
+            .wait(None)
+            .applied_index_at_least(Some(index), "wait for apply")
+            .await
+            .map(|_| ())
+            .map_err(|_| EtcdError::Stopped.into())
+    }
+
+    /// The current leader, waiting for one if there is none.
+    pub async fn wait_for_leader(&self) -> u64 {
+        let mut rx = self.raft.metrics();
+        loop {
+            if let Some(leader) = rx.borrow_and_update().current_leader {
+                return leader;
+            }
+            if rx.changed().await.is_err() {
+                // Raft stopped: nothing will change any more.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Runs `local` on this member if it leads, otherwise forwards the
+    /// request to the leader under `method`.
+    pub async fn on_leader<Req, Resp, F, Fut>(
+        &self,
+        method: &'static str,
+        req: Req,
+        local: F,
+    ) -> Result<Resp, Status>
+    where
+        Req: Message,
+        Resp: Message + Default,
+        F: FnOnce(Req) -> Fut,
+        Fut: std::future::Future<Output = Result<Resp, Status>>,
+    {
+        let find = tokio::time::timeout(PROPOSAL_TIMEOUT, self.wait_for_leader());
+        let leader = find.await.map_err(|_| Status::from(EtcdError::Timeout))?;
+        if leader == self.member_id {
+            local(req).await
+        } else {
+            self.forward(leader, method, &req).await
+        }
+    }
+
+    /// Sends a request to member `to` over the peer transport.
+    pub async fn forward<Req: Message, Resp: Message + Default>(
+        &self,
+        to: u64,
+        method: &str,
+        req: &Req,
+    ) -> Result<Resp, Status> {
+        let addr = self
+            .membership()
+            .into_iter()
+            .find(|m| m.id == to)
+            .map(|m| m.peer_urls.join(","))
+            .ok_or_else(|| Status::from(EtcdError::NotLeader))?;
+        let mut client = self
+            .peers
+            .client(&addr)
+            .map_err(|e| Status::unavailable(format!("bad peer address {addr}: {e}")))?;
+        let mut request = tonic::Request::new(tessera_proto::tessera::ForwardRequest {
+            method: method.to_string(),
+            body: req.encode_to_vec(),
+        });
+        request.set_timeout(PROPOSAL_TIMEOUT);
+        let reply = client.forward(request).await.map_err(|e| {
+            // A leader that cannot be connected to never saw the request, so
+            // the caller may safely try again (at a new leader).
+            if e.code() == tonic::Code::Unavailable && e.message().contains("connect") {
+                Status::unavailable(format!("{LEADER_UNREACHABLE}: {}", e.message()))
+            } else {
+                e
+            }
+        })?;
+        Resp::decode(reply.into_inner().data.as_slice())
+            .map_err(|e| Status::internal(format!("malformed reply from the leader: {e}")))
+    }
+
+    /// Starts an election on this member now (the target of MoveLeader) and
+    /// keeps trying until it leads or three election timeouts pass.
+    pub async fn campaign_now(&self) -> Result<(), Status> {
+        let deadline = tokio::time::Instant::now() + self.election_timeout() * 3;
+        while tokio::time::Instant::now() < deadline {
+            if self.is_leader() {
+                return Ok(());
+            }
+            self.raft
+                .trigger()
+                .elect()
+                .await
+                .map_err(|_| Status::from(EtcdError::Stopped))?;
+            tokio::time::sleep(Duration::from_millis(self.config.heartbeat_interval)).await;
+        }
+        Err(EtcdError::LeadershipTransferTimeout.into())
+    }
+
+    /// The members in the Raft membership this member knows, by id.
+    pub fn membership(&self) -> Vec<MemberInfo> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        membership
+            .nodes()
+            .map(|(id, node)| MemberInfo {
+                id: *id,
+                peer_urls: node.addr.split(',').map(str::to_string).collect(),
+                is_learner: !voters.contains(id),
+            })
+            .collect()
+    }
+
+    /// A short wait before retrying something that needs a (new) leader.
+    async fn pause(&self) {
+        tokio::time::sleep(Duration::from_millis(self.config.heartbeat_interval)).await;
     }
 
     /// etcd's quota check before a write is proposed: past the quota, raise
@@ -338,6 +669,21 @@ impl Node {
     }
 }
 
+/// A member as the Raft membership records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberInfo {
+    pub id: u64,
+    pub peer_urls: Vec<String>,
+    pub is_learner: bool,
+}
+
+/// Prefix of the error for a leader this member could not connect to.
+const LEADER_UNREACHABLE: &str = "leader unreachable";
+
+fn is_not_leader(status: &Status) -> bool {
+    status.message() == EtcdError::NotLeader.message()
+}
+
 const LOW_48_BITS: u64 = (1 << 48) - 1;
 
 fn request_id_base() -> u64 {
@@ -347,7 +693,7 @@ fn request_id_base() -> u64 {
     (now_ms << 8) & LOW_48_BITS
 }
 
-fn raft_write_error(e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> Status {
+pub fn raft_write_error(e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> Status {
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) if f.leader_id.is_none() => {
             EtcdError::NoLeader.into()

@@ -45,17 +45,13 @@ async fn logs_ready_line_and_warns_about_ignored_flags() {
     let server = Server::start(
         Kind::Tessera,
         dir.path(),
-        &[
-            "--enable-pprof",
-            "--snapshot-count=5000",
-            "--wal-dir=/tmp/ignored",
-        ],
+        &["--enable-pprof", "--snapshot-count=5000", "--max-wals=3"],
     )
     .await;
     let log = server.log();
     assert!(log.contains("ready to serve client requests"), "{log}");
     assert!(
-        log.contains("--enable-pprof") && log.contains("--wal-dir"),
+        log.contains("--enable-pprof") && log.contains("--max-wals"),
         "{log}"
     );
     assert!(
@@ -217,10 +213,17 @@ async fn unserved_rpcs_answer_unimplemented() {
     assert_eq!(err.code(), tonic::Code::Unimplemented);
     let mut m = server.maintenance().await;
     let err = m
-        .move_leader(tessera_proto::etcdserverpb::MoveLeaderRequest { target_id: 1 })
+        .downgrade(tessera_proto::etcdserverpb::DowngradeRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unimplemented);
+    // MoveLeader is served; to a member that does not exist, etcd's error.
+    let err = m
+        .move_leader(tessera_proto::etcdserverpb::MoveLeaderRequest { target_id: 1 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(err.message(), "etcdserver: bad leader transferee");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

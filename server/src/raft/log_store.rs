@@ -1,89 +1,182 @@
-//! The Raft log on RocksDB (column families `raft_log` and `raft_state`).
+//! The Raft log on Tessera's write-ahead log (`tessera_storage::wal`).
 //!
-//! Every append is one synced `WriteBatch`: entries are durable before
-//! openraft is told they are. openraft hands over all entries queued since
-//! the last append at once, so concurrent client writes share one fsync.
-//! (The io_uring WAL of the cluster issue replaces this store.)
+//! Entries, votes and purge points are WAL records; the WAL's writer thread
+//! batches every append queued while the previous `fdatasync` ran (group
+//! commit), and openraft is told an append is flushed only once it is
+//! durable. Like etcd's raft storage, the unpurged log is also kept in
+//! memory, so reads never touch the disk.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::Vote;
-use rocksdb::{WriteBatch, WriteOptions, DB};
+use serde::{Deserialize, Serialize};
+use tessera_storage::wal::{Batch, Wal, WalError, WalOptions};
 
 use super::types::{storage_io_error, Entry, LogId, NodeId, StorageError, TypeConfig};
-use crate::db::{CF_RAFT_LOG, CF_RAFT_STATE};
 
-const KEY_VOTE: &[u8] = b"vote";
-const KEY_COMMITTED: &[u8] = b"committed";
-const KEY_LAST_PURGED: &[u8] = b"last_purged";
+/// WAL record kinds.
+const ENTRY: u8 = 1;
+const VOTE: u8 = 2;
+const COMMITTED: u8 = 3;
+/// Deletes every entry at or after an index.
+const TRUNCATE: u8 = 4;
+const PURGE: u8 = 5;
+/// Vote, committed and purge point together, at the head of every segment.
+const CHECKPOINT: u8 = 6;
+
+#[derive(Default, Clone, Serialize, Deserialize)]
+struct HardState {
+    vote: Option<Vote<NodeId>>,
+    committed: Option<LogId>,
+    last_purged: Option<LogId>,
+}
+
+struct Log {
+    entries: BTreeMap<u64, Entry>,
+    hard: HardState,
+}
+
+struct Inner {
+    wal: Wal,
+    log: Mutex<Log>,
+}
 
 #[derive(Clone)]
 pub struct LogStore {
-    db: Arc<DB>,
+    inner: Arc<Inner>,
+}
+
+fn wal_err(e: WalError) -> StorageError {
+    storage_io_error(false, e)
+}
+
+fn corrupt(what: &str) -> StorageError {
+    storage_io_error(
+        true,
+        std::io::Error::other(format!("corrupt WAL record: {what}")),
+    )
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StorageError> {
+    bincode::serialize(value).map_err(|e| storage_io_error(false, e))
+}
+
+fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &str) -> Result<T, StorageError> {
+    bincode::deserialize(bytes).map_err(|_| corrupt(what))
+}
+
+/// An entry record: its index (the WAL tag, so purge can find it) then the
+/// entry itself.
+fn entry_payload(entry: &Entry) -> Result<Vec<u8>, StorageError> {
+    let mut out = entry.log_id.index.to_le_bytes().to_vec();
+    bincode::serialize_into(&mut out, entry).map_err(|e| storage_io_error(false, e))?;
+    Ok(out)
+}
+
+fn entry_tag(kind: u8, payload: &[u8]) -> u64 {
+    match (kind, payload.get(..8)) {
+        (ENTRY, Some(index)) => u64::from_le_bytes(index.try_into().unwrap_or([0; 8])),
+        _ => 0,
+    }
 }
 
 impl LogStore {
-    pub fn new(db: Arc<DB>) -> Self {
-        LogStore { db }
-    }
-
-    fn cf(&self, name: &'static str) -> Result<&rocksdb::ColumnFamily, StorageError> {
-        self.db.cf_handle(name).ok_or_else(|| {
-            storage_io_error(
-                true,
-                std::io::Error::other(format!("missing column family {name}")),
-            )
-        })
-    }
-
-    fn get_state<T: serde::de::DeserializeOwned>(
-        &self,
-        key: &[u8],
-    ) -> Result<Option<T>, StorageError> {
-        let raw = self
-            .db
-            .get_cf(self.cf(CF_RAFT_STATE)?, key)
-            .map_err(|e| storage_io_error(true, e))?;
-        raw.map(|v| bincode::deserialize(&v).map_err(|e| storage_io_error(true, e)))
-            .transpose()
-    }
-
-    fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), StorageError> {
-        let mut opts = WriteOptions::default();
-        opts.set_sync(sync);
-        // A synced write blocks on fdatasync: let tokio move other tasks away.
-        tokio::task::block_in_place(|| self.db.write_opt(batch, &opts))
-            .map_err(|e| storage_io_error(false, e))
-    }
-
-    fn put_state<T: serde::Serialize>(
-        &self,
-        key: &[u8],
-        value: &T,
-        sync: bool,
-    ) -> Result<(), StorageError> {
-        let mut batch = WriteBatch::default();
-        let bytes = bincode::serialize(value).map_err(|e| storage_io_error(false, e))?;
-        batch.put_cf(self.cf(CF_RAFT_STATE)?, key, bytes);
-        self.write(batch, sync)
-    }
-
-    fn last_entry_log_id(&self) -> Result<Option<LogId>, StorageError> {
-        let mut it = self.db.raw_iterator_cf(self.cf(CF_RAFT_LOG)?);
-        it.seek_to_last();
-        let found = match it.value() {
-            Some(v) => {
-                let entry: Entry =
-                    bincode::deserialize(v).map_err(|e| storage_io_error(true, e))?;
-                Some(entry.log_id)
-            }
-            None => None,
+    /// Opens (recovering) the log in `dir`.
+    pub fn open(dir: &Path, options: WalOptions) -> anyhow::Result<LogStore> {
+        let opened = Wal::open(dir, options, entry_tag)?;
+        if let Some(cut) = &opened.truncation {
+            tracing::warn!(
+                segment = cut.seq,
+                offset = cut.offset,
+                "raft log: cut a torn or corrupt tail"
+            );
+        }
+        let mut log = Log {
+            entries: BTreeMap::new(),
+            hard: HardState::default(),
         };
-        it.status().map_err(|e| storage_io_error(true, e))?;
-        Ok(found)
+        for record in &opened.records {
+            log.replay(record.kind, &record.payload)?;
+        }
+        tracing::info!(
+            entries = log.entries.len(),
+            last = ?log.entries.last_key_value().map(|(i, _)| i),
+            purged = ?log.hard.last_purged.map(|l| l.index),
+            io = opened.wal.backend(),
+            "raft log recovered"
+        );
+        let store = LogStore {
+            inner: Arc::new(Inner {
+                wal: opened.wal,
+                log: Mutex::new(log),
+            }),
+        };
+        store.refresh_checkpoint(&store.lock()?.hard)?;
+        Ok(store)
+    }
+
+    /// The backend the WAL writes through (`io_uring` or `syscall`).
+    pub fn wal_backend(&self) -> &'static str {
+        self.inner.wal.backend()
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, Log>, StorageError> {
+        self.inner
+            .log
+            .lock()
+            .map_err(|_| storage_io_error(false, std::io::Error::other("raft log lock poisoned")))
+    }
+
+    fn refresh_checkpoint(&self, hard: &HardState) -> Result<(), StorageError> {
+        self.inner.wal.set_checkpoint(CHECKPOINT, encode(hard)?);
+        Ok(())
+    }
+
+    /// Appends one record and waits until it is durable.
+    fn write_durably(&self, kind: u8, payload: &[u8]) -> Result<(), StorageError> {
+        let mut batch = Batch::default();
+        batch.push(kind, 0, payload);
+        tokio::task::block_in_place(|| self.inner.wal.append(batch)).map_err(wal_err)
+    }
+}
+
+impl Log {
+    fn replay(&mut self, kind: u8, payload: &[u8]) -> Result<(), StorageError> {
+        match kind {
+            ENTRY => {
+                let entry: Entry = decode(payload.get(8..).unwrap_or_default(), "entry")?;
+                let index = entry.log_id.index;
+                if self.hard.last_purged.is_none_or(|p| index > p.index) {
+                    self.entries.insert(index, entry);
+                }
+            }
+            VOTE => self.hard.vote = Some(decode(payload, "vote")?),
+            COMMITTED => self.hard.committed = decode(payload, "committed")?,
+            TRUNCATE => {
+                let from: u64 = decode(payload, "truncate")?;
+                self.entries.split_off(&from);
+            }
+            PURGE => self.purge(decode(payload, "purge")?),
+            CHECKPOINT => {
+                let hard: HardState = decode(payload, "checkpoint")?;
+                if let Some(upto) = hard.last_purged {
+                    self.purge(upto);
+                }
+                self.hard = hard;
+            }
+            other => return Err(corrupt(&format!("unknown kind {other}"))),
+        }
+        Ok(())
+    }
+
+    fn purge(&mut self, upto: LogId) {
+        self.entries = self.entries.split_off(&(upto.index + 1));
+        self.hard.last_purged = Some(upto);
     }
 }
 
@@ -92,26 +185,21 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
-        let start = match range.start_bound() {
-            Bound::Included(&i) => i,
-            Bound::Excluded(&i) => i + 1,
-            Bound::Unbounded => 0,
-        };
-        let mut it = self.db.raw_iterator_cf(self.cf(CF_RAFT_LOG)?);
-        it.seek(start.to_be_bytes());
-        let mut out = Vec::new();
-        while let (Some(k), Some(v)) = (it.key(), it.value()) {
-            let idx = u64::from_be_bytes(k.try_into().map_err(|_| {
-                storage_io_error(true, std::io::Error::other("malformed raft log key"))
-            })?);
-            if !range.contains(&idx) {
-                break;
+        let start = range.start_bound().cloned();
+        let end = range.end_bound().cloned();
+        if let (Bound::Included(s) | Bound::Excluded(s), Bound::Included(e) | Bound::Excluded(e)) =
+            (start, end)
+        {
+            if s > e {
+                return Ok(Vec::new());
             }
-            out.push(bincode::deserialize(v).map_err(|e| storage_io_error(true, e))?);
-            it.next();
         }
-        it.status().map_err(|e| storage_io_error(true, e))?;
-        Ok(out)
+        let log = self.lock()?;
+        Ok(log
+            .entries
+            .range((start, end))
+            .map(|(_, e)| e.clone())
+            .collect())
     }
 }
 
@@ -119,8 +207,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let last_purged: Option<LogId> = self.get_state(KEY_LAST_PURGED)?;
-        let last = self.last_entry_log_id()?.or(last_purged);
+        let log = self.lock()?;
+        let last_purged = log.hard.last_purged;
+        let last = log
+            .entries
+            .last_key_value()
+            .map(|(_, e)| e.log_id)
+            .or(last_purged);
         Ok(LogState {
             last_purged_log_id: last_purged,
             last_log_id: last,
@@ -132,20 +225,34 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
-        self.put_state(KEY_VOTE, vote, true)
+        {
+            let mut log = self.lock()?;
+            log.hard.vote = Some(*vote);
+            self.refresh_checkpoint(&log.hard)?;
+        }
+        self.write_durably(VOTE, &encode(vote)?)
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
-        self.get_state(KEY_VOTE)
+        Ok(self.lock()?.hard.vote)
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        // Not synced: losing it only delays re-applying committed entries.
-        self.put_state(KEY_COMMITTED, &committed, false)
+        let payload = encode(&committed)?;
+        {
+            let mut log = self.lock()?;
+            log.hard.committed = committed;
+            self.refresh_checkpoint(&log.hard)?;
+        }
+        // Not waited for: losing it only delays re-applying committed entries.
+        let mut batch = Batch::default();
+        batch.push(COMMITTED, 0, &payload);
+        self.inner.wal.submit(batch, Box::new(|_| {}));
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        Ok(self.get_state::<Option<LogId>>(KEY_COMMITTED)?.flatten())
+        Ok(self.lock()?.hard.committed)
     }
 
     async fn append<I>(
@@ -157,42 +264,38 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
-        let cf = self.cf(CF_RAFT_LOG)?;
-        let mut batch = WriteBatch::default();
-        for entry in entries {
-            let bytes = bincode::serialize(&entry).map_err(|e| storage_io_error(false, e))?;
-            batch.put_cf(cf, entry.log_id.index.to_be_bytes(), bytes);
+        let mut batch = Batch::default();
+        {
+            let mut log = self.lock()?;
+            for entry in entries {
+                let index = entry.log_id.index;
+                batch.push(ENTRY, index, &entry_payload(&entry)?);
+                // Readable at once; durable when the callback fires.
+                log.entries.insert(index, entry);
+            }
         }
-        let result = self.write(batch, true);
-        callback.log_io_completed(
-            result
-                .as_ref()
-                .map(|_| ())
-                .map_err(|e| std::io::Error::other(e.to_string())),
+        self.inner.wal.submit(
+            batch,
+            Box::new(move |result| {
+                callback.log_io_completed(result.map_err(std::io::Error::other));
+            }),
         );
-        result
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let mut batch = WriteBatch::default();
-        batch.delete_range_cf(
-            self.cf(CF_RAFT_LOG)?,
-            log_id.index.to_be_bytes(),
-            u64::MAX.to_be_bytes(),
-        );
-        batch.delete_cf(self.cf(CF_RAFT_LOG)?, u64::MAX.to_be_bytes());
-        self.write(batch, true)
+        self.lock()?.entries.split_off(&log_id.index);
+        self.write_durably(TRUNCATE, &encode(&log_id.index)?)
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let mut batch = WriteBatch::default();
-        let bytes = bincode::serialize(&log_id).map_err(|e| storage_io_error(false, e))?;
-        batch.put_cf(self.cf(CF_RAFT_STATE)?, KEY_LAST_PURGED, bytes);
-        batch.delete_range_cf(
-            self.cf(CF_RAFT_LOG)?,
-            0u64.to_be_bytes(),
-            (log_id.index + 1).to_be_bytes(),
-        );
-        self.write(batch, true)
+        {
+            let mut log = self.lock()?;
+            log.purge(log_id);
+            self.refresh_checkpoint(&log.hard)?;
+        }
+        self.write_durably(PURGE, &encode(&log_id)?)?;
+        let wal = &self.inner.wal;
+        tokio::task::block_in_place(|| wal.purge(log_id.index)).map_err(wal_err)
     }
 }

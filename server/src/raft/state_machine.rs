@@ -208,6 +208,17 @@ impl StateMachine {
                 }
                 revoked
             }
+            Some(Request::MemberAttributes(a)) => {
+                let txn = self.store.write_txn();
+                let db = self.store.db().clone();
+                self.store
+                    .commit(txn, |b| {
+                        crate::members::stage(&db, b, &a)?;
+                        self.stage_applied(b, log_id, None)
+                    })
+                    .map_err(store_err)?;
+                Ok(Response::MemberAttributes(a))
+            }
             None => {
                 self.apply_noop(log_id, None)?;
                 Err(EtcdError::KeyNotFound)
@@ -357,6 +368,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.alarms.reload(self.store.db()).map_err(store_err)?;
         let leases = self.store.read_view().leases().map_err(store_err)?;
         self.lessor.reset(&leases, std::time::Duration::ZERO);
+        tracing::info!(
+            bytes = data.len(),
+            id = %meta.snapshot_id,
+            revision = self.store.current_rev(),
+            "installed a snapshot from the leader"
+        );
         *self
             .current_snapshot
             .lock()

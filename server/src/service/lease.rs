@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::errors::EtcdError;
 use crate::lessor::Renewal;
 use crate::node::{internal, Node};
+use crate::peer::method;
 
 /// etcd's quota cost of a lease grant.
 const LEASE_OVERHEAD: usize = 64;
@@ -68,9 +69,31 @@ impl LeaseService {
         }
     }
 
-    /// Renews lease `id` on the leader: its TTL, or 0 when it does not exist
-    /// (etcd's keep-alive answer for a lease that is gone).
+    /// Renews lease `id` at the leader (forwarding there from a follower, as
+    /// etcd does): its TTL, or 0 when it does not exist (etcd's keep-alive
+    /// answer for a lease that is gone).
     pub async fn renew(&self, id: i64) -> Result<i64, Status> {
+        let this = self.clone();
+        let req = LeaseKeepAliveRequest { id };
+        let resp = self
+            .node
+            .on_leader(method::LEASE_RENEW, req, |r| async move {
+                this.renew_on_leader(r.id).await
+            })
+            .await?;
+        Ok(resp.ttl)
+    }
+
+    pub async fn renew_on_leader(&self, id: i64) -> Result<LeaseKeepAliveResponse, Status> {
+        let ttl = self.renew_here(id).await?;
+        Ok(LeaseKeepAliveResponse {
+            header: None,
+            id,
+            ttl,
+        })
+    }
+
+    async fn renew_here(&self, id: i64) -> Result<i64, Status> {
         if !self.node.is_leader() {
             return Err(EtcdError::NotLeader.into());
         }
@@ -114,7 +137,25 @@ impl LeaseService {
         }
     }
 
+    /// Answered by the leader, which alone knows the remaining time.
     pub async fn time_to_live(
+        &self,
+        r: LeaseTimeToLiveRequest,
+    ) -> Result<LeaseTimeToLiveResponse, Status> {
+        let this = self.clone();
+        let mut resp = self
+            .node
+            .on_leader(method::LEASE_TIME_TO_LIVE, r, |r| async move {
+                this.time_to_live_on_leader(r).await
+            })
+            .await?;
+        // The header is this member's, as in etcd's forwarded answers.
+        let revision = resp.header.as_ref().map_or(0, |h| h.revision);
+        resp.header = self.node.header(revision);
+        Ok(resp)
+    }
+
+    pub async fn time_to_live_on_leader(
         &self,
         r: LeaseTimeToLiveRequest,
     ) -> Result<LeaseTimeToLiveResponse, Status> {

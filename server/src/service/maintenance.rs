@@ -1,6 +1,6 @@
 //! The etcd Maintenance service: status, alarms, hashes, defragmentation and
-//! snapshots. MoveLeader and Downgrade answer Unimplemented (tonic's default)
-//! until the cluster issue.
+//! snapshots, and MoveLeader (run by the cluster service). Downgrade answers
+//! Unimplemented (tonic's default).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -9,8 +9,9 @@ use futures::Stream;
 use tessera_proto::etcdserverpb::maintenance_server::Maintenance;
 use tessera_proto::etcdserverpb::{
     alarm_request::AlarmAction, AlarmRequest, AlarmResponse, AlarmType, DefragmentRequest,
-    DefragmentResponse, HashKvRequest, HashKvResponse, HashRequest, HashResponse, SnapshotRequest,
-    SnapshotResponse, StatusRequest, StatusResponse,
+    DefragmentResponse, HashKvRequest, HashKvResponse, HashRequest, HashResponse,
+    MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest,
+    StatusResponse,
 };
 use tessera_proto::tessera::{raft_command::Request as Cmd, raft_result::Response as Res};
 use tonic::{Request, Response, Status};
@@ -87,8 +88,23 @@ impl Maintenance for MaintenanceService {
             raft_applied_index: m.last_applied.map_or(0, |l| l.index),
             errors,
             db_size_in_use: db::live_size(self.node.store.db()) as i64,
-            is_learner: false,
+            is_learner: self
+                .node
+                .membership()
+                .iter()
+                .any(|m| m.id == self.node.member_id && m.is_learner),
         }))
+    }
+
+    /// As in etcd, only the leader takes this request.
+    async fn move_leader(
+        &self,
+        req: Request<MoveLeaderRequest>,
+    ) -> Result<Response<MoveLeaderResponse>, Status> {
+        crate::service::cluster::ClusterService::new(self.node.clone())
+            .move_leader_on_leader(req.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn defragment(
@@ -100,7 +116,7 @@ impl Maintenance for MaintenanceService {
         let before = db::total_size(store.db());
         tokio::task::spawn_blocking(move || {
             let db = store.db();
-            for name in STATE_MACHINE_CFS.iter().chain(&[db::CF_RAFT_LOG]) {
+            for name in STATE_MACHINE_CFS.iter() {
                 if let Some(cf) = db.cf_handle(name) {
                     db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
                 }

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -32,12 +34,28 @@ pub struct Server {
     child: Option<Child>,
 }
 
+/// A port that was free a moment ago, chosen below the kernel's ephemeral
+/// range (32768 and up) so that outgoing connections of concurrently running
+/// tests cannot take it before the server binds it.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use rand::Rng;
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let mut rng = rand::thread_rng();
+    loop {
+        // Spread processes apart, then walk a per-process sequence.
+        if NEXT.load(Ordering::Relaxed) == 0 {
+            NEXT.store(rng.gen_range(20_000..31_000), Ordering::Relaxed);
+        }
+        let port = NEXT.fetch_add(1, Ordering::Relaxed);
+        if port >= 32_000 {
+            NEXT.store(0, Ordering::Relaxed);
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 impl Server {

@@ -1,0 +1,266 @@
+//! The peer side of a member: the `tessera.Peer` gRPC service on
+//! `--listen-peer-urls` (Raft messages, requests forwarded to the leader,
+//! membership for joining members) and the client connections to peers.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use prost::Message;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tessera_proto::etcdserverpb::{
+    LeaseKeepAliveRequest, LeaseTimeToLiveRequest, MemberAddRequest, MemberPromoteRequest,
+    MemberRemoveRequest, MemberUpdateRequest,
+};
+use tessera_proto::tessera::peer_client::PeerClient;
+use tessera_proto::tessera::peer_server::{Peer, PeerServer};
+use tessera_proto::tessera::{
+    Blob, ForwardRequest, IndexReply, MembersRequest, MembersResponse, PeerMember, ProposeReply,
+    RaftCommand,
+};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::node::Node;
+use crate::service::cluster::ClusterService;
+use crate::service::lease::LeaseService;
+
+/// Names of the requests a member forwards to the leader.
+pub mod method {
+    pub const PROPOSE: &str = "propose";
+    pub const READ_INDEX: &str = "read_index";
+    pub const MEMBER_ADD: &str = "member_add";
+    pub const MEMBER_REMOVE: &str = "member_remove";
+    pub const MEMBER_UPDATE: &str = "member_update";
+    pub const MEMBER_PROMOTE: &str = "member_promote";
+    pub const LEASE_RENEW: &str = "lease_renew";
+    pub const LEASE_TIME_TO_LIVE: &str = "lease_time_to_live";
+    /// Sent by the leader to a move-leader target: start an election now.
+    pub const TIMEOUT_NOW: &str = "timeout_now";
+}
+
+/// Raft messages and snapshot chunks can be large; client limits do not apply.
+const MAX_PEER_MESSAGE: usize = 512 << 20;
+
+/// Connections to peers, one lazily connected channel per address.
+#[derive(Clone, Default)]
+pub struct PeerClients {
+    channels: Arc<Mutex<HashMap<String, PeerClient<Channel>>>>,
+}
+
+impl PeerClients {
+    /// A client for the member whose peer URLs are `addr` (comma-separated;
+    /// the first is used).
+    pub fn client(&self, addr: &str) -> Result<PeerClient<Channel>, tonic::transport::Error> {
+        let url = addr.split(',').next().unwrap_or(addr).trim().to_string();
+        if let Ok(map) = self.channels.lock() {
+            if let Some(c) = map.get(&url) {
+                return Ok(c.clone());
+            }
+        }
+        let channel = Endpoint::from_shared(url.clone())?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .connect_lazy();
+        let client = PeerClient::new(channel)
+            .max_decoding_message_size(MAX_PEER_MESSAGE)
+            .max_encoding_message_size(MAX_PEER_MESSAGE);
+        if let Ok(mut map) = self.channels.lock() {
+            map.insert(url, client.clone());
+        }
+        Ok(client)
+    }
+}
+
+fn decode_blob<T: DeserializeOwned>(req: Request<Blob>) -> Result<T, Status> {
+    bincode::deserialize(&req.into_inner().data)
+        .map_err(|e| Status::invalid_argument(format!("malformed peer message: {e}")))
+}
+
+fn encode_blob<T: Serialize>(value: &T) -> Result<Response<Blob>, Status> {
+    bincode::serialize(value)
+        .map(|data| Response::new(Blob { data }))
+        .map_err(|e| Status::internal(e.to_string()))
+}
+
+/// Decodes a forwarded request, runs `f` and encodes its answer.
+async fn handle<Req, Resp, F, Fut>(body: &[u8], f: F) -> Result<Vec<u8>, Status>
+where
+    Req: Message + Default,
+    Resp: Message,
+    F: FnOnce(Req) -> Fut,
+    Fut: Future<Output = Result<Resp, Status>>,
+{
+    let req = Req::decode(body)
+        .map_err(|e| Status::invalid_argument(format!("malformed forwarded request: {e}")))?;
+    Ok(f(req).await?.encode_to_vec())
+}
+
+pub struct PeerService {
+    node: Arc<Node>,
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn append_entries(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {
+        let rpc = decode_blob(req)?;
+        encode_blob(&self.node.raft.append_entries(rpc).await)
+    }
+
+    async fn vote(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {
+        let rpc = decode_blob(req)?;
+        encode_blob(&self.node.raft.vote(rpc).await)
+    }
+
+    async fn install_snapshot(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {
+        let rpc = decode_blob(req)?;
+        encode_blob(&self.node.raft.install_snapshot(rpc).await)
+    }
+
+    async fn forward(&self, req: Request<ForwardRequest>) -> Result<Response<Blob>, Status> {
+        let ForwardRequest { method, body } = req.into_inner();
+        let node = self.node.clone();
+        let cluster = ClusterService::new(node.clone());
+        let lease = LeaseService::new(node.clone());
+        let data = match method.as_str() {
+            method::PROPOSE => {
+                handle(&body, |cmd: RaftCommand| async move {
+                    let (index, result) = node.propose_on_leader(cmd).await?;
+                    Ok(ProposeReply {
+                        index,
+                        result: Some(result),
+                    })
+                })
+                .await?
+            }
+            method::READ_INDEX => {
+                handle(&body, |_: MembersRequest| async move {
+                    Ok(IndexReply {
+                        index: node.read_index_on_leader().await?,
+                    })
+                })
+                .await?
+            }
+            method::MEMBER_ADD => {
+                handle(&body, |r: MemberAddRequest| cluster.add_on_leader(r)).await?
+            }
+            method::MEMBER_REMOVE => {
+                handle(&body, |r: MemberRemoveRequest| cluster.remove_on_leader(r)).await?
+            }
+            method::MEMBER_UPDATE => {
+                handle(&body, |r: MemberUpdateRequest| cluster.update_on_leader(r)).await?
+            }
+            method::MEMBER_PROMOTE => {
+                handle(&body, |r: MemberPromoteRequest| {
+                    cluster.promote_on_leader(r)
+                })
+                .await?
+            }
+            method::TIMEOUT_NOW => {
+                handle(&body, |_: MembersRequest| async move {
+                    node.campaign_now().await?;
+                    Ok(IndexReply { index: 0 })
+                })
+                .await?
+            }
+            method::LEASE_RENEW => {
+                handle(&body, |r: LeaseKeepAliveRequest| async move {
+                    lease.renew_on_leader(r.id).await
+                })
+                .await?
+            }
+            method::LEASE_TIME_TO_LIVE => {
+                handle(&body, |r: LeaseTimeToLiveRequest| async move {
+                    lease.time_to_live_on_leader(r).await
+                })
+                .await?
+            }
+            other => {
+                return Err(Status::unimplemented(format!(
+                    "unknown forwarded request {other}"
+                )))
+            }
+        };
+        Ok(Response::new(Blob { data }))
+    }
+
+    async fn members(
+        &self,
+        _req: Request<MembersRequest>,
+    ) -> Result<Response<MembersResponse>, Status> {
+        let members = self
+            .node
+            .membership()
+            .into_iter()
+            .map(|m| PeerMember {
+                id: m.id,
+                peer_urls: m.peer_urls,
+                is_learner: m.is_learner,
+            })
+            .collect();
+        Ok(Response::new(MembersResponse {
+            cluster_id: self.node.cluster_id,
+            members,
+        }))
+    }
+}
+
+/// Serves the peer service on every `--listen-peer-urls` address.
+pub async fn serve(node: Arc<Node>) -> anyhow::Result<()> {
+    for addr in node.config.peer_listen_addrs()? {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for peers on {addr}"))?;
+        tracing::info!(%addr, "serving peer traffic");
+        let service = PeerServer::new(PeerService { node: node.clone() })
+            .max_decoding_message_size(MAX_PEER_MESSAGE)
+            .max_encoding_message_size(MAX_PEER_MESSAGE);
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        tokio::spawn(async move {
+            let result = tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(service)
+                .serve_with_incoming(incoming)
+                .await;
+            if let Err(e) = result {
+                tracing::error!(%addr, error = %e, "peer server stopped");
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Asks the members at `peer_urls` for the cluster's membership, until one
+/// answers or `deadline` passes: how a member started with
+/// `--initial-cluster-state=existing` finds its id.
+pub async fn fetch_members(
+    clients: &PeerClients,
+    peer_urls: &[String],
+    deadline: Duration,
+) -> anyhow::Result<MembersResponse> {
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        for url in peer_urls {
+            let Ok(mut client) = clients.client(url) else {
+                continue;
+            };
+            let mut req = Request::new(MembersRequest {});
+            req.set_timeout(Duration::from_secs(2));
+            match client.members(req).await {
+                Ok(resp) if !resp.get_ref().members.is_empty() => return Ok(resp.into_inner()),
+                Ok(_) => {}
+                Err(e) => tracing::debug!(%url, error = %e, "peer did not answer"),
+            }
+        }
+        if tokio::time::Instant::now() >= until {
+            anyhow::bail!(
+                "could not reach any member of --initial-cluster to learn the membership"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}

@@ -1,0 +1,225 @@
+//! Multi-member clusters of the real `tessera` binary on loopback, started
+//! with etcd's clustering flags, with members killed (SIGKILL) and restarted.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tessera_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use tessera_proto::etcdserverpb::{StatusRequest, StatusResponse};
+
+use super::{free_port, TESSERA};
+
+pub struct Member {
+    pub name: String,
+    pub client_port: u16,
+    pub peer_port: u16,
+    pub data_dir: PathBuf,
+    pub log_path: PathBuf,
+    /// Everything after the binary name.
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Member {
+    /// A member named `name` in `dir`, not started.
+    pub fn new(name: &str, dir: &Path) -> Member {
+        Member {
+            name: name.to_string(),
+            client_port: free_port(),
+            peer_port: free_port(),
+            data_dir: dir.join(name),
+            log_path: dir.join(format!("{name}.log")),
+            args: Vec::new(),
+            child: None,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    pub fn peer_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.peer_port)
+    }
+
+    /// Sets the flags: etcd's clustering flags for `initial_cluster` and
+    /// `state`, then `extra`.
+    pub fn configure(&mut self, initial_cluster: &str, state: &str, extra: &[&str]) {
+        self.args = vec![
+            format!("--name={}", self.name),
+            format!("--data-dir={}", self.data_dir.display()),
+            format!("--listen-client-urls={}", self.url()),
+            format!("--advertise-client-urls={}", self.url()),
+            format!("--listen-peer-urls={}", self.peer_url()),
+            format!("--initial-advertise-peer-urls={}", self.peer_url()),
+            format!("--initial-cluster={initial_cluster}"),
+            format!("--initial-cluster-state={state}"),
+            "--initial-cluster-token=tessera-test".to_string(),
+        ];
+        self.args.extend(extra.iter().map(|s| s.to_string()));
+    }
+
+    /// Starts the process (it may not be serving yet).
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "{} already running", self.name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap();
+        let child = Command::new(TESSERA)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.name));
+        self.child = Some(child);
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// This member's Status, if it answers within a second.
+    pub async fn status(&self) -> Option<StatusResponse> {
+        let fut = async {
+            let mut m = MaintenanceClient::connect(self.url()).await.ok()?;
+            m.status(StatusRequest {})
+                .await
+                .ok()
+                .map(|r| r.into_inner())
+        };
+        tokio::time::timeout(Duration::from_secs(1), fut)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Waits until the member answers Status (30 s at most).
+    pub async fn wait_serving(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!("{} exited with {status}; log:\n{}", self.name, self.log());
+            }
+            if self.status().await.is_some() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} not serving; log:\n{}",
+                self.name,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A client of the `etcd-client` crate bound to this member only.
+    pub async fn client(&self) -> etcd_client::Client {
+        let options = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(10));
+        etcd_client::Client::connect([self.url()], Some(options))
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct Cluster {
+    pub members: Vec<Member>,
+    pub initial_cluster: String,
+}
+
+impl Cluster {
+    /// Starts `n` members named m1..mn in `dir`, each with `extra` flags, and
+    /// waits until all serve and one leads.
+    pub async fn start(n: usize, dir: &Path, extra: &[&str]) -> Cluster {
+        let mut members: Vec<Member> = (1..=n)
+            .map(|i| Member::new(&format!("m{i}"), dir))
+            .collect();
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer_url()))
+            .collect::<Vec<_>>()
+            .join(",");
+        for m in &mut members {
+            m.configure(&initial_cluster, "new", extra);
+            m.spawn();
+        }
+        for m in &mut members {
+            m.wait_serving().await;
+        }
+        let cluster = Cluster {
+            members,
+            initial_cluster,
+        };
+        cluster.wait_leader(Duration::from_secs(30)).await;
+        cluster
+    }
+
+    pub fn endpoints(&self) -> String {
+        self.members
+            .iter()
+            .map(Member::endpoint)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The index of the running member that reports itself leader.
+    pub async fn leader(&self) -> Option<usize> {
+        for (i, m) in self.members.iter().enumerate() {
+            if !m.is_running() {
+                continue;
+            }
+            if let Some(s) = m.status().await {
+                if s.leader != 0 && s.header.as_ref().map(|h| h.member_id) == Some(s.leader) {
+                    return Some(i);
+                }
+            }
+        }
+        None
+    }
+
+    pub async fn wait_leader(&self, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(i) = self.leader().await {
+                return i;
+            }
+            assert!(Instant::now() < deadline, "no leader within {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Restarts member `i` on its ports and data and waits until it serves.
+    pub async fn restart(&mut self, i: usize) {
+        self.members[i].kill();
+        self.members[i].spawn();
+        self.members[i].wait_serving().await;
+    }
+}
