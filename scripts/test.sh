@@ -13,15 +13,19 @@ cargo build --workspace --all-targets
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
+# A hung test must fail the run, not eat CI's time limit: each pass gets a
+# bound well above its usual 10 minutes (the test harness also aborts a test
+# binary whose servers outlive 15 minutes, printing where they are stuck).
+pass_limit=30m
 for wal_io in auto syscall; do
     echo "=== test pass with TESSERA_WAL_IO=$wal_io ===" | tee -a "$log"
     # --no-fail-fast: every test binary runs, so the count below is complete.
     set +e
-    TESSERA_WAL_IO=$wal_io cargo test --workspace --lib --bins --tests --no-fail-fast -- --test-threads=2 2>&1 | tee -a "$log"
+    TESSERA_WAL_IO=$wal_io timeout --kill-after=30s $pass_limit cargo test --workspace --lib --bins --tests --no-fail-fast -- --test-threads=2 2>&1 | tee -a "$log"
     pass_status=${PIPESTATUS[0]}
     # criterion benches run each benchmark once in test mode (they take no
     # libtest flags): a smoke test that they still work.
-    TESSERA_WAL_IO=$wal_io cargo test --workspace --benches --no-fail-fast 2>&1 | tee -a "$log"
+    TESSERA_WAL_IO=$wal_io timeout --kill-after=30s $pass_limit cargo test --workspace --benches --no-fail-fast 2>&1 | tee -a "$log"
     bench_status=${PIPESTATUS[0]}
     set -e
     if [ "$pass_status" -ne 0 ]; then status=$pass_status; fi

@@ -585,7 +585,7 @@ impl Node {
         let reply = client.forward(request).await.map_err(|e| {
             // A leader that cannot be connected to never saw the request, so
             // the caller may safely try again (at a new leader).
-            if e.code() == tonic::Code::Unavailable && e.message().contains("connect") {
+            if crate::peer::never_reached_peer(&e) {
                 Status::unavailable(format!("{LEADER_UNREACHABLE}: {}", e.message()))
             } else {
                 e

@@ -76,6 +76,31 @@ impl PeerClients {
     }
 }
 
+/// Whether a failed call to a peer certainly never reached it: the TCP
+/// connection was refused or could not be made in time. Only then may a
+/// forwarded proposal be sent again elsewhere; an error after the connection
+/// existed (reset, closed, timed out mid-call) leaves its fate unknown, and a
+/// retry could apply it twice.
+pub fn never_reached_peer(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::AddrNotAvailable
+            ) {
+                return true;
+            }
+        }
+        // hyper's connector wraps the refused or timed-out TCP connect.
+        if e.to_string().starts_with("tcp connect error") {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
 fn decode_blob<T: DeserializeOwned>(req: Request<Blob>) -> Result<T, Status> {
     bincode::deserialize(&req.into_inner().data)
         .map_err(|e| Status::invalid_argument(format!("malformed peer message: {e}")))
@@ -262,5 +287,46 @@ pub async fn fetch_members(
             );
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[cfg(test)]
+mod reach_tests {
+    use super::*;
+    use tessera_proto::tessera::ForwardRequest;
+
+    async fn forward_to(addr: std::net::SocketAddr) -> Status {
+        let client = PeerClients::default()
+            .client(&format!("http://{addr}"))
+            .unwrap();
+        let mut client = client;
+        client
+            .forward(ForwardRequest::default())
+            .await
+            .expect_err("nothing serves the peer API there")
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_never_reached_the_peer() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let status = forward_to(addr).await;
+        assert!(never_reached_peer(&status), "{status:?}");
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_mid_call_may_have_reached_the_peer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Accept, read what the client sends, then hang up without answering.
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf).await;
+        });
+        let status = forward_to(addr).await;
+        assert!(!never_reached_peer(&status), "{status:?}");
     }
 }

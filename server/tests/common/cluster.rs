@@ -2,13 +2,14 @@
 //! with etcd's clustering flags, with members killed (SIGKILL) and restarted.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tessera_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use tessera_proto::etcdserverpb::{StatusRequest, StatusResponse};
 
-use super::{free_port, TESSERA};
+use super::process::Process;
+use super::{channel, free_port, TESSERA};
 
 pub struct Member {
     pub name: String,
@@ -18,7 +19,7 @@ pub struct Member {
     pub log_path: PathBuf,
     /// Everything after the binary name.
     args: Vec<String>,
-    child: Option<Child>,
+    child: Option<Process>,
 }
 
 impl Member {
@@ -67,19 +68,9 @@ impl Member {
     /// Starts the process (it may not be serving yet).
     pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "{} already running", self.name);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .unwrap();
-        let child = Command::new(TESSERA)
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.name));
-        self.child = Some(child);
+        let mut cmd = Command::new(TESSERA);
+        cmd.args(&self.args);
+        self.child = Some(Process::spawn(&self.name, cmd, &self.log_path));
     }
 
     pub fn is_running(&self) -> bool {
@@ -89,8 +80,7 @@ impl Member {
     /// SIGKILL: no chance to flush anything.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+            c.kill();
         }
     }
 
@@ -101,7 +91,7 @@ impl Member {
     /// This member's Status, if it answers within a second.
     pub async fn status(&self) -> Option<StatusResponse> {
         let fut = async {
-            let mut m = MaintenanceClient::connect(self.url()).await.ok()?;
+            let mut m = MaintenanceClient::new(channel(&self.url()));
             m.status(StatusRequest {})
                 .await
                 .ok()
@@ -117,7 +107,7 @@ impl Member {
     pub async fn wait_serving(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+            if let Some(status) = self.child.as_mut().and_then(Process::exited) {
                 panic!("{} exited with {status}; log:\n{}", self.name, self.log());
             }
             if self.status().await.is_some() {

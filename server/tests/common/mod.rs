@@ -4,16 +4,19 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod process;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use tessera_proto::etcdserverpb::kv_client::KvClient;
 use tessera_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use tessera_proto::etcdserverpb::{RangeRequest, StatusRequest};
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
+
+use process::Process;
 
 pub const TESSERA: &str = env!("CARGO_BIN_EXE_tessera");
 
@@ -31,7 +34,7 @@ pub struct Server {
     pub data_dir: PathBuf,
     pub log_path: PathBuf,
     extra: Vec<String>,
-    child: Option<Child>,
+    child: Option<Process>,
 }
 
 /// A port that was free a moment ago, chosen below the kernel's ephemeral
@@ -102,19 +105,8 @@ impl Server {
     }
 
     async fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .unwrap();
-        let child = self
-            .command()
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", self.kind));
-        self.child = Some(child);
+        let name = format!("{:?}", self.kind);
+        self.child = Some(Process::spawn(&name, self.command(), &self.log_path));
         self.wait_ready().await;
     }
 
@@ -122,13 +114,13 @@ impl Server {
     pub async fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+            if let Some(status) = self.child.as_mut().and_then(Process::exited) {
                 panic!("{:?} exited with {status}; log:\n{}", self.kind, self.log());
             }
-            if let Ok(mut m) = MaintenanceClient::connect(self.url()).await {
-                if m.status(StatusRequest {}).await.is_ok() {
-                    return;
-                }
+            let mut m = self.maintenance().await;
+            let status = tokio::time::timeout(Duration::from_secs(2), m.status(StatusRequest {}));
+            if matches!(status.await, Ok(Ok(_))) {
+                return;
             }
             assert!(
                 Instant::now() < deadline,
@@ -147,8 +139,7 @@ impl Server {
     /// SIGKILL, no chance to flush anything.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+            c.kill();
         }
     }
 
@@ -159,17 +150,11 @@ impl Server {
     }
 
     pub async fn kv(&self) -> KvClient<Channel> {
-        KvClient::connect(self.url())
-            .await
-            .unwrap()
-            .max_decoding_message_size(64 << 20)
+        KvClient::new(channel(&self.url())).max_decoding_message_size(64 << 20)
     }
 
     pub async fn maintenance(&self) -> MaintenanceClient<Channel> {
-        MaintenanceClient::connect(self.url())
-            .await
-            .unwrap()
-            .max_decoding_message_size(64 << 20)
+        MaintenanceClient::new(channel(&self.url())).max_decoding_message_size(64 << 20)
     }
 
     /// A client from the `etcd-client` crate, as applications use.
@@ -192,6 +177,16 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A lazily connecting channel to `url` whose calls fail after 30 s instead
+/// of hanging a test on a server that stopped answering.
+pub fn channel(url: &str) -> Channel {
+    Endpoint::from_shared(url.to_string())
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        .connect_lazy()
 }
 
 /// Runs Debian's etcdctl (v3 API) against `endpoint`.
