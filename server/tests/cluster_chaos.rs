@@ -168,7 +168,16 @@ async fn kill_restart_rounds_keep_histories_linearizable() {
         assert!(known > 20, "reg/{key}: only {known} operations completed");
         total += history.len();
         if let Err(v) = check(history) {
-            panic!("reg/{key}: {v}");
+            // The operations around the failure, in call order, to tell a
+            // lost or phantom write from a stale read.
+            let at = v.stuck_at.first().map_or(0, |e| e.called);
+            let mut near: Vec<&Event> = history
+                .iter()
+                .filter(|e| e.called + 4_000_000_000 >= at && e.called <= at + 2_000_000_000)
+                .collect();
+            near.sort_by_key(|e| e.called);
+            let near: String = near.iter().map(|e| format!("  {e:?}\n")).collect();
+            panic!("reg/{key}: {v}operations called from 4 s before to 2 s after:\n{near}");
         }
     }
     println!(
