@@ -17,11 +17,14 @@ pub enum Op {
     Put(u64),
     /// Read the register: the value seen (`None`: the key did not exist).
     Get(Option<u64>),
-    /// Set to `new` if the register holds `expect`; whether it did, when known.
+    /// Set to `new` if the register holds `expect`; whether it did, when
+    /// known, and on failure the value `found` instead (`None`: no key), so
+    /// that a failure is an observation like a read.
     Cas {
         expect: u64,
         new: u64,
         succeeded: Option<bool>,
+        found: Option<u64>,
     },
 }
 
@@ -72,11 +75,12 @@ fn step(state: Option<u64>, op: &Op) -> Option<Option<u64>> {
             expect,
             new,
             succeeded,
+            found,
         } => {
             let matches = state == Some(expect);
             match succeeded {
                 Some(true) if matches => Some(Some(new)),
-                Some(false) if !matches => Some(state),
+                Some(false) if !matches && found == state => Some(state),
                 Some(_) => None,
                 None => Some(if matches { Some(new) } else { state }),
             }
@@ -85,17 +89,13 @@ fn step(state: Option<u64>, op: &Op) -> Option<Option<u64>> {
 }
 
 /// Whether an operation with an unknown outcome can matter: only if some
-/// operation observed the value it would have written, or a compare-and-set
-/// called after it failed (the failure shows the register held *some* other
-/// value, which may be exactly this unobserved write). One that can matter
-/// in neither way may as well never have happened, which is always a valid
-/// outcome, so it is dropped (this keeps the search from trying it at every
-/// position).
-fn may_matter(e: &Event, seen: &HashSet<u64>, last_failed_cas: Option<u64>) -> bool {
-    match e.op {
-        Op::Put(v) | Op::Cas { new: v, .. } => {
-            seen.contains(&v) || last_failed_cas.is_some_and(|t| t > e.called)
-        }
+/// operation observed the value it would have written. One nobody observed
+/// may as well never have happened, which is always a valid outcome, so it
+/// is dropped (this keeps the search from trying it at every position).
+/// Failed compare-and-sets report the value they found, so they observe too.
+fn observed(op: &Op, seen: &HashSet<u64>) -> bool {
+    match op {
+        Op::Put(v) | Op::Cas { new: v, .. } => seen.contains(v),
         Op::Get(_) => false,
     }
 }
@@ -107,27 +107,19 @@ pub fn check(history: &[Event]) -> Result<(), Violation> {
         .iter()
         .filter_map(|e| match e.op {
             Op::Get(Some(v)) => Some(v),
+            Op::Cas {
+                succeeded: Some(false),
+                found,
+                ..
+            } => found,
             Op::Cas { expect, .. } => Some(expect),
             _ => None,
         })
         .collect();
-    let last_failed_cas = history
-        .iter()
-        .filter(|e| {
-            matches!(
-                e.op,
-                Op::Cas {
-                    succeeded: Some(false),
-                    ..
-                }
-            )
-        })
-        .map(|e| e.called)
-        .max();
     let mut events: Vec<Event> = history
         .iter()
         .copied()
-        .filter(|e| e.returned.is_some() || may_matter(e, &seen, last_failed_cas))
+        .filter(|e| e.returned.is_some() || observed(&e.op, &seen))
         .collect();
     events.sort_by_key(|e| e.called);
     let mut search = Search::new(&events);
@@ -293,6 +285,7 @@ mod tests {
                     expect: 1,
                     new: 2,
                     succeeded: Some(true),
+                    found: None,
                 },
                 6,
                 7,
@@ -302,6 +295,7 @@ mod tests {
                     expect: 1,
                     new: 3,
                     succeeded: Some(false),
+                    found: Some(2),
                 },
                 8,
                 9,
@@ -351,6 +345,7 @@ mod tests {
                     expect: 1,
                     new: 2,
                     succeeded: Some(true),
+                    found: None,
                 },
                 10,
                 20,
@@ -360,6 +355,7 @@ mod tests {
                     expect: 1,
                     new: 3,
                     succeeded: Some(true),
+                    found: None,
                 },
                 11,
                 21,
@@ -404,6 +400,8 @@ mod tests {
                         expect,
                         new: value,
                         succeeded: Some(expect != 0),
+                        // It fails only on the missing key.
+                        found: None,
                     }
                 }
             };
@@ -438,15 +436,16 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_cas_may_be_explained_by_an_unobserved_unknown_write() {
-        // Nobody read 9, but the put of 9 may have landed before the CAS,
-        // which then rightly failed (found at random by the chaos test).
+    fn a_failed_cas_observes_an_unknown_write() {
+        // Nobody read 9, but the failed CAS found it: the timed-out put of 9
+        // landed before it (a history the chaos test produced).
         let expect_1 = |called| {
             ev(
                 Op::Cas {
                     expect: 1,
                     new: 2,
                     succeeded: Some(false),
+                    found: Some(9),
                 },
                 called,
                 called + 1,
@@ -464,7 +463,7 @@ mod tests {
             expect_1(10),
         ];
         assert_eq!(check(&h), Ok(()));
-        // Without the unknown write the failure is a violation.
+        // Without the put of 9, finding 9 is impossible.
         let h = [
             ev(Op::Put(1), 0, 1),
             ev(Op::Get(Some(1)), 2, 3),

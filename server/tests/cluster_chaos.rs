@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::cluster::Cluster;
-use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp, TxnOpResponse};
 use rand::{Rng, SeedableRng};
 use tessera_chaos::linearizability::{check, Event, Op};
 
@@ -81,12 +81,21 @@ async fn run_client(
                     CompareOp::Equal,
                     value_bytes(seen),
                 )])
-                .and_then([TxnOp::put(key.clone(), value_bytes(value), None)]);
+                .and_then([TxnOp::put(key.clone(), value_bytes(value), None)])
+                // On failure, read what was there instead in the same txn.
+                .or_else([TxnOp::get(key.clone(), None)]);
             let result = client.txn(txn).await;
+            let found = result.as_ref().ok().and_then(|r| {
+                r.op_responses().into_iter().find_map(|op| match op {
+                    TxnOpResponse::Get(g) => g.kvs().first().map(|kv| parse_value(kv.value())),
+                    _ => None,
+                })
+            });
             let op = Op::Cas {
                 expect: seen,
                 new: value,
                 succeeded: result.as_ref().ok().map(|r| r.succeeded()),
+                found,
             };
             let event = Event {
                 op,
