@@ -107,6 +107,17 @@ impl BenchServer {
         Ok(peak)
     }
 
+    /// CPU time (user + system) all members have used so far. On a machine
+    /// the load generator shares, CPU per request is what compares servers
+    /// fairly: throughput there is bounded by both together.
+    pub fn cpu_time(&self) -> anyhow::Result<Duration> {
+        let mut total = Duration::ZERO;
+        for m in &self.members {
+            total += m.cpu_time()?;
+        }
+        Ok(total)
+    }
+
     /// Bytes on disk under the first member's data directory.
     pub fn disk_bytes(&self) -> u64 {
         dir_size(&self.members[0].data_dir)
@@ -129,6 +140,22 @@ impl Member {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         bail!("{} did not become ready with a leader in 30 s", self.name)
+    }
+
+    fn cpu_time(&self) -> anyhow::Result<Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
+        // Fields after the parenthesised command name; utime and stime are
+        // the 14th and 15th fields of the line, in clock ticks.
+        let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        let ticks = |i: usize| -> anyhow::Result<u64> {
+            Ok(fields.get(i).context("short /proc stat line")?.parse()?)
+        };
+        // fields[0] is the 3rd field (state), so utime (14th) is fields[11].
+        let total = ticks(11)? + ticks(12)?;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Ok(Duration::from_millis(total * 1000 / hz))
     }
 
     fn proc_status_kib(&self, field: &str) -> anyhow::Result<u64> {

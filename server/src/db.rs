@@ -35,8 +35,10 @@ pub fn open(dir: &Path) -> Result<Arc<DB>, rocksdb::Error> {
     // Writes to the state machine are not synced individually: the Raft log
     // (synced) is the source of truth and RocksDB's WAL recovers a consistent
     // prefix after a process crash; on restart, entries after the persisted
-    // applied index are applied again.
-    opts.set_manual_wal_flush(false);
+    // applied index are applied again. The WAL is buffered in memory and
+    // written once per applied batch of entries (`Store::flush_wal`) rather
+    // than with a write syscall per request; synced writes still flush it.
+    opts.set_manual_wal_flush(true);
     let cfs = ALL_CFS.iter().map(|name| {
         let mut cf_opts = Options::default();
         cf_opts.set_write_buffer_size(32 << 20);

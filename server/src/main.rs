@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use tessera_server::config::{self, Config, Tool, ETCD_VERSION};
 use tessera_server::node::{open_data_dir, Node};
-use tessera_server::raft::state_machine::{META_APPLIED, META_MEMBERSHIP};
+use tessera_server::raft::state_machine::{META_APPLIED, META_MEMBERSHIP, META_PARTIAL};
 
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -103,8 +103,10 @@ fn restore(cfg: &Config, file: &std::path::Path) -> anyhow::Result<()> {
     }
     let data = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let db = open_data_dir(&data_dir)?;
-    tessera_server::snapshot::restore(&db, &data, |k| k == META_APPLIED || k == META_MEMBERSHIP)
-        .with_context(|| format!("cannot restore {}", file.display()))?;
+    tessera_server::snapshot::restore(&db, &data, |k| {
+        k == META_APPLIED || k == META_MEMBERSHIP || k == META_PARTIAL
+    })
+    .with_context(|| format!("cannot restore {}", file.display()))?;
     println!("restored {} into {}", file.display(), data_dir.display());
     Ok(())
 }

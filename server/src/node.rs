@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
@@ -27,14 +27,18 @@ use crate::lessor::Lessor;
 use crate::metrics::{Gauges, Metrics};
 use crate::mvcc::{Store, StoreError};
 use crate::peer::{self, method, PeerClients};
+use crate::proposals::ProposalBatcher;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::PeerNetwork;
 use crate::raft::state_machine::StateMachine;
-use crate::raft::{Command, Raft};
+use crate::raft::Raft;
+use crate::read_index::ReadIndexBatcher;
 use crate::watch_hub::WatchHub;
 
 /// How long a proposal may wait for commit and apply before etcd's timeout error.
 const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(7);
+/// How long a database size read for the quota check stays current.
+const QUOTA_SIZE_REFRESH: Duration = Duration::from_millis(100);
 /// `raft_state` key of this member's identity (not part of snapshots).
 const IDENTITY_KEY: &[u8] = b"identity";
 
@@ -57,6 +61,12 @@ pub struct Node {
     pub peers: PeerClients,
     /// Source of [`Node::next_request_id`].
     request_ids: AtomicU64,
+    /// Shares read indexes among concurrent linearizable reads.
+    read_indexes: Arc<ReadIndexBatcher>,
+    /// Shares Raft entries among concurrent proposals.
+    proposals: Arc<ProposalBatcher>,
+    /// When the database size was last read, and what it was.
+    quota_size: Mutex<Option<(Instant, u64)>>,
 }
 
 /// The directory holding RocksDB under a data dir (etcd keeps `member/` too).
@@ -223,6 +233,9 @@ impl Node {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_count),
             // etcd keeps 5000 entries behind a snapshot for slow followers.
             max_in_snapshot_log_to_keep: config.snapshot_count.min(5000),
+            // Entries carry batches of up to 1 MiB of requests (see
+            // `proposals`): bound how many one AppendEntries message holds.
+            max_payload_entries: 64,
             ..Default::default()
         }
         .validate()
@@ -253,6 +266,7 @@ impl Node {
         .await
         .context("cannot start raft")?;
 
+        let proposals = ProposalBatcher::new(raft.clone());
         let node = Arc::new(Node {
             config,
             raft,
@@ -265,6 +279,9 @@ impl Node {
             cluster_id: identity.cluster_id,
             peers,
             request_ids: AtomicU64::new(request_id_base()),
+            read_indexes: Arc::default(),
+            proposals,
+            quota_size: Mutex::new(None),
         });
 
         let initial = node.config.initial_members()?;
@@ -460,45 +477,48 @@ impl Node {
         }
     }
 
-    /// Proposes `cmd` on this member, which must lead; returns the entry's
-    /// log index with the apply result.
+    /// Proposes `cmd` on this member, which must lead (batched with other
+    /// concurrent proposals); returns the entry's log index with the result.
     pub async fn propose_on_leader(&self, cmd: RaftCommand) -> Result<(u64, RaftResult), Status> {
-        let written = self
-            .raft
-            .client_write(Command(cmd))
-            .await
-            .map_err(raft_write_error)?;
-        Ok((written.log_id.index, written.data.0))
+        self.proposals.propose(cmd).await
     }
 
     /// Waits until this member has applied everything committed before the
     /// call: a linearizable read point (Raft read index, asked of the leader
-    /// when this member is a follower).
-    pub async fn read_barrier(&self) -> Result<(), Status> {
+    /// when this member is a follower, and shared by concurrent reads).
+    pub async fn read_barrier(self: &Arc<Self>) -> Result<(), Status> {
         let barrier = async {
-            loop {
-                let leader = self.wait_for_leader().await;
-                let index = if leader == self.member_id {
-                    self.read_index_on_leader().await
-                } else {
-                    self.forward::<_, IndexReply>(leader, method::READ_INDEX, &MembersRequest {})
-                        .await
-                        .map(|r| r.index)
-                };
-                match index {
-                    Ok(index) => return self.wait_applied(index).await,
-                    // No quorum behind the leader yet, or leadership moved:
-                    // try again until the deadline, as etcd's read index does.
-                    Err(e) => {
-                        tracing::debug!(error = %e, "read index failed; retrying");
-                        self.pause().await;
-                    }
-                }
-            }
+            let node = self.clone();
+            let index = self
+                .read_indexes
+                .read_index(
+                    Duration::from_millis(self.config.heartbeat_interval),
+                    move || {
+                        let node = node.clone();
+                        async move { node.fetch_read_index().await }
+                    },
+                )
+                .await?;
+            self.wait_applied(index).await
         };
         tokio::time::timeout(PROPOSAL_TIMEOUT, barrier)
             .await
             .unwrap_or_else(|_| Err(EtcdError::Timeout.into()))
+    }
+
+    /// One attempt at a read index: the leader's own, or asked of the leader.
+    async fn fetch_read_index(&self) -> Result<u64, Status> {
+        // Bounded, so a batch whose readers all gave up is dropped.
+        let leader = tokio::time::timeout(self.election_timeout(), self.wait_for_leader())
+            .await
+            .map_err(|_| Status::unavailable("no leader"))?;
+        if leader == self.member_id {
+            self.read_index_on_leader().await
+        } else {
+            self.forward::<_, IndexReply>(leader, method::READ_INDEX, &MembersRequest {})
+                .await
+                .map(|r| r.index)
+        }
     }
 
     /// The leader's read index: confirms leadership with a quorum and
@@ -633,13 +653,29 @@ impl Node {
         tokio::time::sleep(Duration::from_millis(self.config.heartbeat_interval)).await;
     }
 
+    /// The database size the quota is checked against. Summing RocksDB's
+    /// size properties costs more than a put, so it is read at most every
+    /// [`QUOTA_SIZE_REFRESH`]; writes in between are not counted yet, as in
+    /// etcd, where concurrent proposals may all pass the same check.
+    fn db_size_for_quota(&self) -> u64 {
+        let mut cached = self.quota_size.lock().unwrap_or_else(|p| p.into_inner());
+        match *cached {
+            Some((at, size)) if at.elapsed() < QUOTA_SIZE_REFRESH => size,
+            _ => {
+                let size = db::total_size(self.store.db());
+                *cached = Some((Instant::now(), size));
+                size
+            }
+        }
+    }
+
     /// etcd's quota check before a write is proposed: past the quota, raise
     /// the NOSPACE alarm and refuse.
     pub async fn check_quota(&self, cost: usize) -> Result<(), Status> {
         let Some(quota) = self.config.quota_bytes() else {
             return Ok(());
         };
-        if db::total_size(self.store.db()) + (cost as u64) < quota {
+        if self.db_size_for_quota() + (cost as u64) < quota {
             return Ok(());
         }
         if !self.alarms.is_active(AlarmType::Nospace) {

@@ -54,6 +54,8 @@ struct Row {
     stats: Option<Stats>,
     /// etcd's `benchmark` tool's requests/sec, when it ran.
     etcd_tool_rps: Option<f64>,
+    /// Server CPU time (all members) per request of the workload, in µs.
+    cpu_us_per_request: Option<f64>,
     peak_rss_kib: u64,
     disk_bytes: u64,
 }
@@ -121,7 +123,9 @@ async fn measure(
         clients: args.clients,
     };
     eprintln!("== {server_name}, {members} member(s)");
+    let cpu_before = server.cpu_time()?;
     let put = kv::put(&target, &write_args(args.total, args.total)).await?;
+    let put_cpu = cpu_per_request(cpu_before, server.cpu_time()?, args.total);
     let etcd_tool_rps = etcd_tool().and_then(|t| run_etcd_tool(&t, &server, args));
     rows.push(Row {
         workload: "put".into(),
@@ -129,6 +133,7 @@ async fn measure(
         server: server_name,
         stats: put.into_iter().next(),
         etcd_tool_rps,
+        cpu_us_per_request: Some(put_cpu),
         peak_rss_kib: server.peak_rss_kib()?,
         disk_bytes: server.disk_bytes(),
     });
@@ -142,13 +147,16 @@ async fn measure(
         limit: 0,
         count_only: false,
     };
+    let cpu_before = server.cpu_time()?;
     let range = kv::range(&target, &range).await?;
+    let range_cpu = cpu_per_request(cpu_before, server.cpu_time()?, args.total);
     rows.push(Row {
         workload: "range (linearizable)".into(),
         members,
         server: server_name,
         stats: range.into_iter().next(),
         etcd_tool_rps: None,
+        cpu_us_per_request: Some(range_cpu),
         peak_rss_kib: server.peak_rss_kib()?,
         disk_bytes: server.disk_bytes(),
     });
@@ -171,11 +179,16 @@ async fn measure(
             server: server_name,
             stats: None,
             etcd_tool_rps: None,
+            cpu_us_per_request: None,
             peak_rss_kib: server.peak_rss_kib()?,
             disk_bytes: server.disk_bytes(),
         });
     }
     Ok(rows)
+}
+
+fn cpu_per_request(before: Duration, after: Duration, requests: u64) -> f64 {
+    after.saturating_sub(before).as_secs_f64() * 1e6 / requests.max(1) as f64
 }
 
 fn ms(secs: f64) -> String {
@@ -195,9 +208,9 @@ fn table(rows: &[Row]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| workload | members | etcd req/s | tessera req/s | ratio | etcd p50 / p99 ms | tessera p50 / p99 ms | p99 ratio |"
+        "| workload | members | etcd req/s | tessera req/s | ratio | etcd p50 / p99 ms | tessera p50 / p99 ms | p99 ratio | etcd CPU µs/req | tessera CPU µs/req | CPU ratio |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
     let pairs = rows
         .iter()
         .filter(|r| r.server == "etcd" && r.stats.is_some())
@@ -221,7 +234,7 @@ fn table(rows: &[Row]) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {:.0}{} | {:.0}{} | {} | {} / {} | {} / {} | {} |",
+            "| {} | {} | {:.0}{} | {:.0}{} | {} | {} / {} | {} / {} | {} | {:.0} | {:.0} | {} |",
             e.workload,
             e.members,
             es.requests_per_sec,
@@ -234,6 +247,12 @@ fn table(rows: &[Row]) -> String {
             ms(ts.percentile(50.0)),
             ms(ts.percentile(99.0)),
             ratio(ts.percentile(99.0), es.percentile(99.0)),
+            e.cpu_us_per_request.unwrap_or(0.0),
+            t.cpu_us_per_request.unwrap_or(0.0),
+            ratio(
+                t.cpu_us_per_request.unwrap_or(0.0),
+                e.cpu_us_per_request.unwrap_or(0.0)
+            ),
         );
     }
     let _ = writeln!(
@@ -351,7 +370,10 @@ async fn main() -> anyhow::Result<()> {
          put: {} requests, {} clients over {} connections to all members, \
          {KEY_SIZE}-byte sequential keys, {VAL_SIZE}-byte values; range: the same \
          number of linearizable reads of one key. Ratios are tessera / etcd \
-         (above 1 is better for req/s, below 1 is better for latency, memory and disk).\n\n{}\n",
+         (above 1 is better for req/s, below 1 is better for latency, CPU, memory and disk). \
+         The load generator runs on the same machine, so req/s is bounded by \
+         server and client together; server CPU per request (user + system, \
+         all members) compares the servers' own cost.\n\n{}\n",
         utc_date(),
         machine(),
         args.total,

@@ -180,6 +180,13 @@ impl Store {
         Ok(())
     }
 
+    /// Hands RocksDB's buffered WAL to the OS (see `db::open`): after this,
+    /// everything written so far survives a crash of the process.
+    pub fn flush_wal(&self) -> Result<(), StoreError> {
+        self.db.flush_wal(false)?;
+        Ok(())
+    }
+
     /// Checks a compaction request the way etcd does, without changing anything.
     pub fn check_compact(&self, rev: i64) -> Result<(), crate::errors::EtcdError> {
         if rev <= self.compact_rev() {

@@ -1,8 +1,12 @@
 //! The Raft state machine: applies committed etcd requests to the MVCC store.
 //!
-//! Each entry is applied in one RocksDB batch that also records the entry's
-//! log id as the applied index, so after a crash the store and the applied
-//! index agree and openraft re-applies exactly the entries after it.
+//! An entry carries a batch of requests (see [`crate::proposals`]). Each
+//! request is applied in one RocksDB batch that also records how far the
+//! apply got: after the last request of an entry, the entry's log id as the
+//! applied index; after an earlier one, the entry and the number of its
+//! requests done (`META_PARTIAL`). After a crash the store and the applied
+//! position agree: openraft re-applies the entries after the applied index,
+//! and the partly applied one resumes after its last applied request.
 
 use std::io::Cursor;
 use std::sync::{Arc, Mutex};
@@ -15,7 +19,7 @@ use tessera_proto::etcdserverpb::{
     LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeResponse, ResponseHeader,
 };
 use tessera_proto::tessera::{
-    raft_command::Request, raft_result::Response, RaftCommand, RaftResult,
+    raft_command::Request, raft_result::Response, RaftBatchResult, RaftCommand, RaftResult,
 };
 
 use super::types::{
@@ -35,6 +39,29 @@ use crate::watch_hub::WatchHub;
 pub const META_APPLIED: &[u8] = b"applied";
 /// `meta` key of the last applied membership.
 pub const META_MEMBERSHIP: &[u8] = b"membership";
+/// `meta` key of a partly applied entry: its log id and how many of its
+/// requests are applied (absent when none is partly applied).
+pub const META_PARTIAL: &[u8] = b"partial";
+
+/// Where the apply stands once a request is applied: in entry `log_id`,
+/// `done` of its `total` requests.
+#[derive(Clone, Copy, Debug)]
+struct Position {
+    log_id: LogId,
+    done: usize,
+    total: usize,
+}
+
+impl Position {
+    /// An entry applied as a whole (blank, membership, or a one-request batch).
+    fn whole(log_id: LogId) -> Self {
+        Position {
+            log_id,
+            done: 1,
+            total: 1,
+        }
+    }
+}
 
 fn store_err(e: StoreError) -> StorageError {
     storage_io_error(false, e)
@@ -78,7 +105,7 @@ impl StateMachine {
     fn stage_applied(
         &self,
         batch: &mut WriteBatch,
-        log_id: LogId,
+        at: Position,
         membership: Option<&StoredMembership>,
     ) -> Result<(), StoreError> {
         let meta = self
@@ -87,11 +114,22 @@ impl StateMachine {
             .cf_handle(CF_META)
             .ok_or(StoreError::MissingColumnFamily(CF_META))?;
         let corrupt = |e: bincode::Error| StoreError::Corrupt(e.to_string());
-        batch.put_cf(
-            meta,
-            META_APPLIED,
-            bincode::serialize(&Some(log_id)).map_err(corrupt)?,
-        );
+        if at.done < at.total {
+            batch.put_cf(
+                meta,
+                META_PARTIAL,
+                bincode::serialize(&(at.log_id, at.done as u64)).map_err(corrupt)?,
+            );
+        } else {
+            batch.put_cf(
+                meta,
+                META_APPLIED,
+                bincode::serialize(&Some(at.log_id)).map_err(corrupt)?,
+            );
+            if at.total > 1 {
+                batch.delete_cf(meta, META_PARTIAL);
+            }
+        }
         if let Some(m) = membership {
             batch.put_cf(
                 meta,
@@ -102,15 +140,14 @@ impl StateMachine {
         Ok(())
     }
 
-    /// Records an entry that changes no key.
     fn apply_noop(
         &self,
-        log_id: LogId,
+        at: Position,
         membership: Option<&StoredMembership>,
     ) -> Result<(), StorageError> {
         let txn = self.store.write_txn();
         self.store
-            .commit(txn, |b| self.stage_applied(b, log_id, membership))
+            .commit(txn, |b| self.stage_applied(b, at, membership))
             .map_err(store_err)?;
         Ok(())
     }
@@ -119,7 +156,7 @@ impl StateMachine {
     /// success, records only the applied index when etcd would reject it.
     fn run_txn(
         &self,
-        log_id: LogId,
+        at: Position,
         op: impl FnOnce(&mut WriteTxn<'_>) -> Result<Response, ApplyError>,
     ) -> Result<Result<Response, EtcdError>, StorageError> {
         let mut txn = self.store.write_txn();
@@ -127,56 +164,85 @@ impl StateMachine {
             Ok(resp) => {
                 let events = self
                     .store
-                    .commit(txn, |b| self.stage_applied(b, log_id, None))
+                    .commit(txn, |b| self.stage_applied(b, at, None))
                     .map_err(store_err)?;
                 self.hub.publish(self.store.current_rev(), events);
                 Ok(Ok(resp))
             }
             Err(ApplyError::Etcd(e)) => {
                 drop(txn);
-                self.apply_noop(log_id, None)?;
+                self.apply_noop(at, None)?;
                 Ok(Err(e))
             }
             Err(ApplyError::Store(e)) => Err(store_err(e)),
         }
     }
 
-    fn execute(&self, log_id: LogId, cmd: RaftCommand) -> Result<RaftResult, StorageError> {
+    /// Applies the requests of entry `log_id` in order, resuming after the
+    /// ones a crash interrupted it after (their results are gone, and so are
+    /// the clients that waited for them).
+    fn execute_batch(
+        &self,
+        log_id: LogId,
+        commands: Vec<RaftCommand>,
+    ) -> Result<RaftBatchResult, StorageError> {
+        let resume_after = match self.read_meta::<(LogId, u64)>(META_PARTIAL)? {
+            Some((partial, done)) if partial == log_id => done as usize,
+            _ => 0,
+        };
+        let total = commands.len();
+        let mut results = vec![RaftResult::default(); resume_after.min(total)];
+        for (i, cmd) in commands.into_iter().enumerate().skip(resume_after) {
+            let at = Position {
+                log_id,
+                done: i + 1,
+                total,
+            };
+            results.push(self.execute(at, cmd)?);
+            self.metrics.inc(&self.metrics.proposals_applied);
+        }
+        if total == 0 {
+            self.apply_noop(Position::whole(log_id), None)?;
+        }
+        Ok(RaftBatchResult { results })
+    }
+
+    fn execute(&self, at: Position, cmd: RaftCommand) -> Result<RaftResult, StorageError> {
         let nospace = || self.alarms.is_active(AlarmType::Nospace);
         let outcome = match cmd.request {
             Some(Request::Put(p)) => {
                 self.metrics.inc(&self.metrics.puts);
                 if nospace() {
-                    self.apply_noop(log_id, None)?;
+                    self.apply_noop(at, None)?;
                     Err(EtcdError::NoSpace)
                 } else {
-                    self.run_txn(log_id, |t| apply::put(t, &p, true).map(Response::Put))?
+                    self.run_txn(at, |t| apply::put(t, &p, true).map(Response::Put))?
                 }
             }
             Some(Request::DeleteRange(d)) => {
                 self.metrics.inc(&self.metrics.deletes);
-                self.run_txn(log_id, |t| {
+                self.run_txn(at, |t| {
                     apply::delete_range(t, &d).map(Response::DeleteRange)
                 })?
             }
             Some(Request::Txn(t)) => {
                 self.metrics.inc(&self.metrics.txns);
                 if nospace() && !apply::is_txn_read_only(&t) {
-                    self.apply_noop(log_id, None)?;
+                    self.apply_noop(at, None)?;
                     Err(EtcdError::NoSpace)
                 } else {
-                    self.run_txn(log_id, |w| apply::txn(w, &t).map(Response::Txn))?
+                    self.run_txn(at, |w| apply::txn(w, &t).map(Response::Txn))?
                 }
             }
             Some(Request::Compaction(c)) => match self.store.check_compact(c.revision) {
                 Err(e) => {
-                    self.apply_noop(log_id, None)?;
+                    self.apply_noop(at, None)?;
                     Err(e)
                 }
                 Ok(()) => {
                     let removed = self
                         .store
-                        .compact(c.revision, |b| self.stage_applied(b, log_id, None))
+                        .compact(c.revision, |b| self.stage_applied(b, at, None))
                         .map_err(store_err)?;
                     tracing::info!(revision = c.revision, removed, "compacted history");
                     Ok(Response::Compaction(CompactionResponse {
@@ -184,17 +250,17 @@ impl StateMachine {
                     }))
                 }
             },
-            Some(Request::Alarm(a)) => Ok(Response::Alarm(self.apply_alarm(log_id, &a)?)),
+            Some(Request::Alarm(a)) => Ok(Response::Alarm(self.apply_alarm(at, &a)?)),
             Some(Request::LeaseGrant(g)) => {
                 if nospace() {
-                    self.apply_noop(log_id, None)?;
+                    self.apply_noop(at, None)?;
                     Err(EtcdError::NoSpace)
                 } else {
-                    self.apply_lease_grant(log_id, &g)?
+                    self.apply_lease_grant(at, &g)?
                 }
             }
             Some(Request::LeaseRevoke(r)) => {
-                let revoked = self.run_txn(log_id, |t| {
+                let revoked = self.run_txn(at, |t| {
                     if !t.lease_exists(r.id)? {
                         return Err(EtcdError::LeaseNotFound.into());
                     }
@@ -214,13 +280,13 @@ impl StateMachine {
                 self.store
                     .commit(txn, |b| {
                         crate::members::stage(&db, b, &a)?;
-                        self.stage_applied(b, log_id, None)
+                        self.stage_applied(b, at, None)
                     })
                     .map_err(store_err)?;
                 Ok(Response::MemberAttributes(a))
             }
             None => {
-                self.apply_noop(log_id, None)?;
+                self.apply_noop(at, None)?;
                 Err(EtcdError::KeyNotFound)
             }
         };
@@ -238,11 +304,11 @@ impl StateMachine {
 
     fn apply_lease_grant(
         &self,
-        log_id: LogId,
+        at: Position,
         g: &LeaseGrantRequest,
     ) -> Result<Result<Response, EtcdError>, StorageError> {
         let ttl = self.lessor.granted_ttl(g.ttl);
-        let granted = self.run_txn(log_id, |t| {
+        let granted = self.run_txn(at, |t| {
             if g.id == 0 {
                 return Err(EtcdError::LeaseNotFound.into());
             }
@@ -266,7 +332,7 @@ impl StateMachine {
         Ok(granted)
     }
 
-    fn apply_alarm(&self, log_id: LogId, a: &AlarmRequest) -> Result<AlarmResponse, StorageError> {
+    fn apply_alarm(&self, at: Position, a: &AlarmRequest) -> Result<AlarmResponse, StorageError> {
         let alarm = AlarmType::try_from(a.alarm).unwrap_or(AlarmType::None);
         let action = AlarmAction::try_from(a.action).unwrap_or(AlarmAction::Get);
         let mut resp = AlarmResponse::default();
@@ -279,14 +345,14 @@ impl StateMachine {
             AlarmAction::Deactivate => self.alarms.plan_change(a.member_id, alarm, false),
         };
         match change {
-            None => self.apply_noop(log_id, None)?,
+            None => self.apply_noop(at, None)?,
             Some((changed, list)) => {
                 let txn = self.store.write_txn();
                 let db = self.store.db().clone();
                 self.store
                     .commit(txn, |b| {
                         Alarms::stage(&db, b, &list)?;
-                        self.stage_applied(b, log_id, None)
+                        self.stage_applied(b, at, None)
                     })
                     .map_err(store_err)?;
                 self.alarms.publish(list);
@@ -333,18 +399,21 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let log_id = entry.log_id;
             let result = match entry.payload {
                 EntryPayload::Blank => {
-                    self.apply_noop(log_id, None)?;
-                    RaftResult::default()
+                    self.apply_noop(Position::whole(log_id), None)?;
+                    RaftBatchResult::default()
                 }
                 EntryPayload::Membership(m) => {
-                    self.apply_noop(log_id, Some(&StoredMembership::new(Some(log_id), m)))?;
-                    RaftResult::default()
+                    let membership = StoredMembership::new(Some(log_id), m);
+                    self.apply_noop(Position::whole(log_id), Some(&membership))?;
+                    RaftBatchResult::default()
                 }
-                EntryPayload::Normal(cmd) => self.execute(log_id, cmd.0)?,
+                EntryPayload::Normal(cmd) => self.execute_batch(log_id, cmd.0.commands)?,
             };
-            self.metrics.inc(&self.metrics.proposals_applied);
             results.push(CommandResult(result));
         }
+        // Before openraft learns these are applied (and may snapshot and
+        // purge the log behind them), their writes must outlive the process.
+        self.store.flush_wal().map_err(store_err)?;
         Ok(results)
     }
 
@@ -448,4 +517,81 @@ fn decode_meta<T: serde::de::DeserializeOwned>(
         .map(|raw| bincode::deserialize(raw))
         .transpose()
         .map_err(|e| storage_io_error(true, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, Entry as RaftEntry};
+    use tessera_proto::etcdserverpb::PutRequest;
+    use tessera_proto::tessera::RaftBatch;
+
+    fn state_machine(dir: &std::path::Path) -> StateMachine {
+        let db = crate::db::open(dir).unwrap();
+        StateMachine::new(
+            Arc::new(Store::open(db.clone()).unwrap()),
+            Arc::new(Alarms::load(&db).unwrap()),
+            Arc::new(Metrics::default()),
+            Arc::new(WatchHub::default()),
+            Arc::new(Lessor::new(1000, 100)),
+        )
+    }
+
+    fn put(key: &str) -> RaftCommand {
+        RaftCommand {
+            request: Some(Request::Put(PutRequest {
+                key: key.as_bytes().to_vec(),
+                value: b"v".to_vec(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn batch_entry(index: u64, keys: &[&str]) -> Entry {
+        RaftEntry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(crate::raft::Command(RaftBatch {
+                commands: keys.iter().map(|k| put(k)).collect(),
+            })),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_interrupted_by_a_crash_resumes_after_its_last_applied_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let entry = batch_entry(1, &["a", "b", "c"]);
+        {
+            // The process dies after the first request of the batch.
+            let sm = state_machine(dir.path());
+            let at = Position {
+                log_id: entry.log_id,
+                done: 1,
+                total: 3,
+            };
+            sm.execute(at, put("a")).unwrap();
+            sm.store.flush_wal().unwrap();
+        }
+        let mut sm = state_machine(dir.path());
+        // The entry is not applied, so openraft hands it over again...
+        let (applied, _) = sm.applied_state().await.unwrap();
+        assert_eq!(applied, None);
+        let results = sm.apply([entry]).await.unwrap();
+        // ...and only "b" and "c" are applied now: one revision each.
+        assert_eq!(results[0].0.results.len(), 3);
+        let revision_of = |r: &RaftResult| match &r.response {
+            Some(Response::Put(p)) => p.header.as_ref().map(|h| h.revision),
+            _ => None,
+        };
+        assert_eq!(revision_of(&results[0].0.results[1]), Some(3));
+        assert_eq!(revision_of(&results[0].0.results[2]), Some(4));
+        assert_eq!(sm.store.current_rev(), 4);
+        let a = sm.store.read_view().get(b"a", 4).unwrap().unwrap();
+        assert_eq!((a.version, a.mod_revision), (1, 2));
+        let (applied, _) = sm.applied_state().await.unwrap();
+        assert_eq!(applied.map(|l| l.index), Some(1));
+        assert_eq!(sm.read_meta::<(LogId, u64)>(META_PARTIAL).unwrap(), None);
+        // A later batch starts from its first request.
+        let results = sm.apply([batch_entry(2, &["d", "e"])]).await.unwrap();
+        assert_eq!(revision_of(&results[0].0.results[0]), Some(5));
+    }
 }

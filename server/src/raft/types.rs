@@ -1,8 +1,8 @@
 //! openraft type configuration and the replicated command format.
 //!
-//! Log entries carry etcd requests encoded as protobuf (`tessera.RaftCommand`)
-//! and results come back as `tessera.RaftResult`, so the serde layer openraft
-//! needs is just "these bytes".
+//! Log entries carry batches of etcd requests encoded as protobuf
+//! (`tessera.RaftBatch`) and results come back as `tessera.RaftBatchResult`,
+//! so the serde layer openraft needs is just "these bytes".
 
 use std::fmt;
 use std::io::Cursor;
@@ -10,7 +10,7 @@ use std::io::Cursor;
 use prost::Message;
 use serde::de::{Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
-use tessera_proto::tessera::{RaftCommand, RaftResult};
+use tessera_proto::tessera::{RaftBatch, RaftBatchResult};
 
 openraft::declare_raft_types!(
     /// Tessera's Raft types: u64 member ids, etcd requests as log payload.
@@ -31,13 +31,14 @@ pub type LogId = openraft::LogId<NodeId>;
 pub type StorageError = openraft::StorageError<NodeId>;
 pub type StoredMembership = openraft::StoredMembership<NodeId, openraft::BasicNode>;
 
-/// A replicated request.
+/// Replicated requests: a batch proposed together (see
+/// [`crate::proposals`]).
 #[derive(Clone, Debug, PartialEq, Default)]
-pub struct Command(pub RaftCommand);
+pub struct Command(pub RaftBatch);
 
-/// What applying a [`Command`] produced.
+/// What applying a [`Command`] produced: one result per request.
 #[derive(Clone, Debug, PartialEq, Default)]
-pub struct CommandResult(pub RaftResult);
+pub struct CommandResult(pub RaftBatchResult);
 
 macro_rules! serde_as_protobuf {
     ($wrapper:ident, $inner:ty) => {
@@ -58,8 +59,8 @@ macro_rules! serde_as_protobuf {
     };
 }
 
-serde_as_protobuf!(Command, RaftCommand);
-serde_as_protobuf!(CommandResult, RaftResult);
+serde_as_protobuf!(Command, RaftBatch);
+serde_as_protobuf!(CommandResult, RaftBatchResult);
 
 struct BytesVisitor;
 
@@ -102,15 +103,19 @@ mod tests {
     use super::*;
     use tessera_proto::etcdserverpb::PutRequest;
     use tessera_proto::tessera::raft_command::Request;
+    use tessera_proto::tessera::RaftCommand;
 
     #[test]
     fn command_survives_bincode() {
-        let cmd = Command(RaftCommand {
+        let put = |key: &[u8]| RaftCommand {
             request: Some(Request::Put(PutRequest {
-                key: b"k".to_vec(),
+                key: key.to_vec(),
                 value: vec![0, 1, 2, 255],
                 ..Default::default()
             })),
+        };
+        let cmd = Command(RaftBatch {
+            commands: vec![put(b"k"), put(b"l")],
         });
         let bytes = bincode::serialize(&cmd).unwrap();
         let back: Command = bincode::deserialize(&bytes).unwrap();
