@@ -15,7 +15,7 @@ use rocksdb::DB;
 use tessera_proto::etcdserverpb::{alarm_request, AlarmRequest, AlarmType, ResponseHeader};
 use tessera_proto::tessera::{
     raft_command::Request, raft_result::Response, IndexReply, MemberAttributes, MembersRequest,
-    ProposeReply, RaftCommand, RaftResult,
+    ProposeReply, RaftBatch, RaftCommand, RaftResult,
 };
 use tonic::Status;
 
@@ -31,7 +31,7 @@ use crate::proposals::ProposalBatcher;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::PeerNetwork;
 use crate::raft::state_machine::StateMachine;
-use crate::raft::Raft;
+use crate::raft::{Command, Raft};
 use crate::read_index::ReadIndexBatcher;
 use crate::watch_hub::WatchHub;
 
@@ -266,8 +266,7 @@ impl Node {
         .await
         .context("cannot start raft")?;
 
-        let proposals = ProposalBatcher::new(raft.clone());
-        let node = Arc::new(Node {
+        let node = Arc::new_cyclic(|node| Node {
             config,
             raft,
             store,
@@ -280,7 +279,7 @@ impl Node {
             peers,
             request_ids: AtomicU64::new(request_id_base()),
             read_indexes: Arc::default(),
-            proposals,
+            proposals: ProposalBatcher::new(node.clone()),
             quota_size: Mutex::new(None),
         });
 
@@ -448,24 +447,7 @@ impl Node {
 
     async fn replicate(&self, cmd: RaftCommand) -> Result<RaftResult, Status> {
         loop {
-            let leader = self.wait_for_leader().await;
-            let attempt = if leader == self.member_id {
-                self.propose_on_leader(cmd.clone()).await.map(|(_, r)| r)
-            } else {
-                match self
-                    .forward::<_, ProposeReply>(leader, method::PROPOSE, &cmd)
-                    .await
-                {
-                    Ok(reply) => {
-                        // Answer once this member has applied it too, as etcd
-                        // does, so a read here right after sees the write.
-                        self.wait_applied(reply.index).await?;
-                        Ok(reply.result.unwrap_or_default())
-                    }
-                    Err(e) => Err(e),
-                }
-            };
-            match attempt {
+            match self.proposals.propose(cmd.clone()).await {
                 // Leadership moved, or the leader could not be reached, before
                 // the proposal was accepted: nothing was proposed, so trying
                 // again (at the new leader) is safe.
@@ -477,10 +459,39 @@ impl Node {
         }
     }
 
-    /// Proposes `cmd` on this member, which must lead (batched with other
-    /// concurrent proposals); returns the entry's log index with the result.
-    pub async fn propose_on_leader(&self, cmd: RaftCommand) -> Result<(u64, RaftResult), Status> {
-        self.proposals.propose(cmd).await
+    /// Replicates `batch` as one Raft entry through the leader, wherever it
+    /// is, and returns its results once this member has applied it.
+    pub async fn write_batch(&self, batch: RaftBatch) -> Result<Vec<RaftResult>, Status> {
+        // Bounded, so a batch whose callers all gave up does not wait forever
+        // (its requests are retried by `replicate` while they still wait).
+        let leader = tokio::time::timeout(self.election_timeout(), self.wait_for_leader())
+            .await
+            .map_err(|_| Status::from(EtcdError::NotLeader))?;
+        let (index, results) = if leader == self.member_id {
+            self.propose_on_leader(batch).await?
+        } else {
+            let reply: ProposeReply = self.forward(leader, method::PROPOSE, &batch).await?;
+            let results = reply.results.unwrap_or_default().results;
+            (reply.index, results)
+        };
+        // Answer once this member has applied it too, as etcd does, so a read
+        // here right after sees the write (on the leader it already has).
+        self.wait_applied(index).await?;
+        Ok(results)
+    }
+
+    /// Proposes `batch` as one entry on this member, which must lead; returns
+    /// the entry's log index with the results.
+    pub async fn propose_on_leader(
+        &self,
+        batch: RaftBatch,
+    ) -> Result<(u64, Vec<RaftResult>), Status> {
+        let written = self
+            .raft
+            .client_write(Command::encode(&batch))
+            .await
+            .map_err(raft_write_error)?;
+        Ok((written.log_id.index, written.data.0.results))
     }
 
     /// Waits until this member has applied everything committed before the

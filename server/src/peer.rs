@@ -19,7 +19,7 @@ use tessera_proto::tessera::peer_client::PeerClient;
 use tessera_proto::tessera::peer_server::{Peer, PeerServer};
 use tessera_proto::tessera::{
     Blob, ForwardRequest, IndexReply, MembersRequest, MembersResponse, PeerMember, ProposeReply,
-    RaftCommand,
+    RaftBatch, RaftBatchResult,
 };
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
@@ -153,11 +153,11 @@ impl Peer for PeerService {
         let lease = LeaseService::new(node.clone());
         let data = match method.as_str() {
             method::PROPOSE => {
-                handle(&body, |cmd: RaftCommand| async move {
-                    let (index, result) = node.propose_on_leader(cmd).await?;
+                handle(&body, |batch: RaftBatch| async move {
+                    let (index, results) = node.propose_on_leader(batch).await?;
                     Ok(ProposeReply {
                         index,
-                        result: Some(result),
+                        results: Some(RaftBatchResult { results }),
                     })
                 })
                 .await?

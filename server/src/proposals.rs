@@ -3,20 +3,23 @@
 //! openraft 0.9 appends each client write to the log and waits for its
 //! fsync before it takes the next one, so proposing one request per entry
 //! caps writes at one fsync each. Requests queue here instead, and a few
-//! flusher tasks each take everything queued (up to a size bound) and propose
-//! it as one entry: while one batch is being synced and applied, the next one
-//! fills up. Under light load a request finds no flusher busy and is proposed
-//! at once, alone, so batching adds no latency.
+//! flusher tasks each take everything queued (up to a size bound) and hand
+//! it to [`Node::write_batch`]: proposed as one entry on the leader, or
+//! forwarded to the leader in one peer call from a follower. While one batch
+//! is being synced and applied, the next one fills up. Under light load a
+//! request finds no flusher busy and goes at once, alone, so batching adds
+//! no latency.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use prost::Message;
 use tessera_proto::tessera::{RaftBatch, RaftCommand, RaftResult};
 use tokio::sync::oneshot;
 use tonic::Status;
 
-use crate::raft::{Command, Raft};
+use crate::errors::EtcdError;
+use crate::node::Node;
 
 /// Batches proposed at the same time. Two keep the log busy: one is synced
 /// while the other is applied, and meanwhile the queue refills.
@@ -25,8 +28,8 @@ const MAX_FLUSHERS: usize = 2;
 /// it up to `--max-request-bytes`), so an entry stays a cheap Raft message.
 const MAX_BATCH_BYTES: usize = 1 << 20;
 
-/// A proposed request's log index and result.
-pub type Proposed = Result<(u64, RaftResult), Status>;
+/// A proposed request's result.
+pub type Proposed = Result<RaftResult, Status>;
 
 struct Pending {
     command: RaftCommand,
@@ -40,22 +43,23 @@ struct State {
     flushers: usize,
 }
 
-/// Groups requests proposed on the leader into shared Raft entries.
+/// Groups a member's concurrent requests into shared Raft entries.
 pub struct ProposalBatcher {
-    raft: Raft,
+    /// The member whose `write_batch` proposes batches (weak: it owns us).
+    node: Weak<Node>,
     state: Mutex<State>,
 }
 
 impl ProposalBatcher {
-    pub fn new(raft: Raft) -> Arc<Self> {
+    pub fn new(node: Weak<Node>) -> Arc<Self> {
         Arc::new(ProposalBatcher {
-            raft,
+            node,
             state: Mutex::default(),
         })
     }
 
-    /// Proposes `command` (this member must lead) in the next batch and
-    /// returns its entry's log index with its result once applied here.
+    /// Proposes `command` in the next batch and returns its result once this
+    /// member has applied it.
     pub async fn propose(self: &Arc<Self>, command: RaftCommand) -> Proposed {
         let (reply, answer) = oneshot::channel();
         let bytes = command.encoded_len();
@@ -92,24 +96,21 @@ impl ProposalBatcher {
             };
             let (commands, replies): (Vec<_>, Vec<_>) =
                 batch.into_iter().map(|p| (p.command, p.reply)).unzip();
-            let written = self
-                .raft
-                .client_write(Command(RaftBatch { commands }))
-                .await;
+            let written = match self.node.upgrade() {
+                Some(node) => node.write_batch(RaftBatch { commands }).await,
+                None => Err(EtcdError::Stopped.into()),
+            };
             match written {
-                Ok(w) => {
-                    let index = w.log_id.index;
-                    let mut results = w.data.0.results.into_iter();
+                Ok(results) => {
+                    let mut results = results.into_iter();
                     for reply in replies {
                         let result = results
                             .next()
-                            .map(|r| (index, r))
                             .ok_or_else(|| Status::internal("apply returned too few results"));
                         let _ = reply.send(result);
                     }
                 }
-                Err(e) => {
-                    let status = crate::node::raft_write_error(e);
+                Err(status) => {
                     for reply in replies {
                         let _ = reply.send(Err(status.clone()));
                     }
@@ -123,10 +124,13 @@ impl ProposalBatcher {
     }
 }
 
-/// The oldest queued requests that fit in one batch (at least one).
+/// The oldest queued requests that fit in one batch (at least one, unless
+/// the queue is empty). Requests whose callers gave up (timed out) before
+/// they were sent are dropped: nothing was proposed for them.
 fn take_batch(queue: &mut VecDeque<Pending>) -> Vec<Pending> {
     let mut bytes = 0;
     let mut batch = Vec::new();
+    queue.retain(|p| !p.reply.is_closed());
     while let Some(next) = queue.front() {
         if !batch.is_empty() && bytes + next.bytes > MAX_BATCH_BYTES {
             break;
@@ -141,24 +145,38 @@ fn take_batch(queue: &mut VecDeque<Pending>) -> Vec<Pending> {
 mod tests {
     use super::*;
 
-    fn pending(bytes: usize) -> Pending {
-        Pending {
+    /// A queued request of `bytes`, and the receiver its caller waits on.
+    fn pending(bytes: usize) -> (Pending, oneshot::Receiver<Proposed>) {
+        let (reply, answer) = oneshot::channel();
+        let p = Pending {
             command: RaftCommand::default(),
             bytes,
-            reply: oneshot::channel().0,
-        }
+            reply,
+        };
+        (p, answer)
+    }
+
+    fn queue_of(sizes: &[usize]) -> (VecDeque<Pending>, Vec<oneshot::Receiver<Proposed>>) {
+        sizes.iter().map(|&b| pending(b)).unzip()
     }
 
     #[test]
     fn batches_are_bounded_in_bytes_but_never_empty() {
-        let mut queue: VecDeque<Pending> =
-            [100, MAX_BATCH_BYTES - 200, 150, 10].map(pending).into();
+        let (mut queue, _callers) = queue_of(&[100, MAX_BATCH_BYTES - 200, 150, 10]);
         assert_eq!(take_batch(&mut queue).len(), 2);
         assert_eq!(take_batch(&mut queue).len(), 2);
         assert!(take_batch(&mut queue).is_empty());
         // One request above the bound still goes, alone.
-        let mut queue: VecDeque<Pending> = [2 * MAX_BATCH_BYTES, 10].map(pending).into();
+        let (mut queue, _callers) = queue_of(&[2 * MAX_BATCH_BYTES, 10]);
         assert_eq!(take_batch(&mut queue).len(), 1);
         assert_eq!(take_batch(&mut queue).len(), 1);
+    }
+
+    #[test]
+    fn requests_whose_callers_gave_up_are_not_proposed() {
+        let (mut queue, mut callers) = queue_of(&[10, 20, 30]);
+        drop(callers.remove(1));
+        let batch = take_batch(&mut queue);
+        assert_eq!(batch.iter().map(|p| p.bytes).collect::<Vec<_>>(), [10, 30]);
     }
 }

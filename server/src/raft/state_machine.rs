@@ -407,7 +407,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     self.apply_noop(Position::whole(log_id), Some(&membership))?;
                     RaftBatchResult::default()
                 }
-                EntryPayload::Normal(cmd) => self.execute_batch(log_id, cmd.0.commands)?,
+                EntryPayload::Normal(cmd) => {
+                    // A committed entry that does not decode is corruption.
+                    let batch = cmd.decode().map_err(|e| storage_io_error(true, e))?;
+                    self.execute_batch(log_id, batch.commands)?
+                }
             };
             results.push(CommandResult(result));
         }
@@ -550,7 +554,7 @@ mod tests {
     fn batch_entry(index: u64, keys: &[&str]) -> Entry {
         RaftEntry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-            payload: EntryPayload::Normal(crate::raft::Command(RaftBatch {
+            payload: EntryPayload::Normal(crate::raft::Command::encode(&RaftBatch {
                 commands: keys.iter().map(|k| put(k)).collect(),
             })),
         }
