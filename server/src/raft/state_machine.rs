@@ -186,11 +186,17 @@ impl StateMachine {
         log_id: LogId,
         commands: Vec<RaftCommand>,
     ) -> Result<RaftBatchResult, StorageError> {
-        let resume_after = match self.read_meta::<(LogId, u64)>(META_PARTIAL)? {
-            Some((partial, done)) if partial == log_id => done as usize,
-            _ => 0,
-        };
         let total = commands.len();
+        // Only batches of several requests ever leave a partial marker, so
+        // the common one-request entry skips the lookup.
+        let resume_after = if total > 1 {
+            match self.read_meta::<(LogId, u64)>(META_PARTIAL)? {
+                Some((partial, done)) if partial == log_id => done as usize,
+                _ => 0,
+            }
+        } else {
+            0
+        };
         let mut results = vec![RaftResult::default(); resume_after.min(total)];
         for (i, cmd) in commands.into_iter().enumerate().skip(resume_after) {
             let at = Position {
