@@ -31,7 +31,7 @@ async fn compact_to(node: &Node, revision: i64) {
         revision,
         physical: false,
     };
-    match node.propose(Cmd::Compaction(req)).await {
+    match node.propose_internal(Cmd::Compaction(req)).await {
         Ok(_) => tracing::info!(revision, "auto-compaction finished"),
         Err(e) => tracing::warn!(revision, error = %e.message(), "auto-compaction failed"),
     }

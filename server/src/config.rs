@@ -5,6 +5,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::tls::TlsFiles;
 use clap::parser::ValueSource;
 use clap::{Arg, ArgAction, ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 
@@ -109,6 +110,44 @@ pub struct Config {
     #[arg(long, env = "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value = "10m",
           value_parser = parse_duration_arg)]
     pub experimental_watch_progress_notify_interval: Duration,
+    /// Path to the client server TLS cert file.
+    #[arg(long, env = "ETCD_CERT_FILE")]
+    pub cert_file: Option<PathBuf>,
+    /// Path to the client server TLS key file.
+    #[arg(long, env = "ETCD_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Path to the client server TLS trusted CA cert file (client certificates are then required).
+    #[arg(long, env = "ETCD_TRUSTED_CA_FILE")]
+    pub trusted_ca_file: Option<PathBuf>,
+    /// Enable client cert authentication.
+    #[arg(long, env = "ETCD_CLIENT_CERT_AUTH", num_args = 0..=1, default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
+    pub client_cert_auth: bool,
+    /// Path to the peer server TLS cert file.
+    #[arg(long, env = "ETCD_PEER_CERT_FILE")]
+    pub peer_cert_file: Option<PathBuf>,
+    /// Path to the peer server TLS key file.
+    #[arg(long, env = "ETCD_PEER_KEY_FILE")]
+    pub peer_key_file: Option<PathBuf>,
+    /// Path to the peer server TLS trusted CA file.
+    #[arg(long, env = "ETCD_PEER_TRUSTED_CA_FILE")]
+    pub peer_trusted_ca_file: Option<PathBuf>,
+    /// Enable peer client cert authentication.
+    #[arg(long, env = "ETCD_PEER_CLIENT_CERT_AUTH", num_args = 0..=1, default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
+    pub peer_client_cert_auth: bool,
+    /// Comma-separated list of supported TLS cipher suites (Go's names; TLS 1.2 only, as in etcd).
+    #[arg(long, env = "ETCD_CIPHER_SUITES", default_value = "")]
+    pub cipher_suites: String,
+    /// Auth token type: 'simple', or 'jwt,pub-key=PATH,priv-key=PATH,sign-method=RS256,ttl=5m'.
+    #[arg(long, env = "ETCD_AUTH_TOKEN", default_value = "simple")]
+    pub auth_token: String,
+    /// Time (in seconds) a simple auth token lives after its last use.
+    #[arg(long, env = "ETCD_AUTH_TOKEN_TTL", default_value_t = 300)]
+    pub auth_token_ttl: u64,
+    /// bcrypt cost for hashing auth passwords (4..31).
+    #[arg(long, env = "ETCD_BCRYPT_COST", default_value_t = 10)]
+    pub bcrypt_cost: u32,
     /// Log level: debug, info, warn, error, panic or fatal.
     #[arg(long, env = "ETCD_LOG_LEVEL", default_value = "info",
           value_parser = ["debug", "info", "warn", "error", "panic", "fatal"])]
@@ -134,17 +173,11 @@ pub enum Tool {
 /// etcd 3.5 server flags Tessera accepts but does not act on yet, and whether
 /// each is a boolean switch. Passing one logs a warning naming it.
 pub const ACCEPTED_NOT_ACTED_ON: &[(&str, bool)] = &[
-    ("auth-token", false),
-    ("auth-token-ttl", false),
     ("auto-tls", true),
     ("backend-batch-interval", false),
     ("backend-batch-limit", false),
     ("backend-bbolt-freelist-type", false),
-    ("bcrypt-cost", false),
-    ("cert-file", false),
-    ("cipher-suites", false),
     ("client-cert-allowed-hostname", false),
-    ("client-cert-auth", true),
     ("client-cert-file", false),
     ("client-crl-file", false),
     ("client-key-file", false),
@@ -192,7 +225,6 @@ pub const ACCEPTED_NOT_ACTED_ON: &[(&str, bool)] = &[
     ("grpc-keepalive-timeout", false),
     ("host-whitelist", false),
     ("initial-election-tick-advance", true),
-    ("key-file", false),
     ("listen-client-http-urls", false),
     ("listen-metrics-urls", false),
     ("log-format", false),
@@ -206,11 +238,7 @@ pub const ACCEPTED_NOT_ACTED_ON: &[(&str, bool)] = &[
     ("peer-auto-tls", true),
     ("peer-cert-allowed-cn", false),
     ("peer-cert-allowed-hostname", false),
-    ("peer-cert-file", false),
-    ("peer-client-cert-auth", true),
     ("peer-crl-file", false),
-    ("peer-key-file", false),
-    ("peer-trusted-ca-file", false),
     ("pre-vote", true),
     ("proxy", false),
     ("proxy-dial-timeout", false),
@@ -224,7 +252,6 @@ pub const ACCEPTED_NOT_ACTED_ON: &[(&str, bool)] = &[
     ("strict-reconfig-check", true),
     ("tls-max-version", false),
     ("tls-min-version", false),
-    ("trusted-ca-file", false),
     ("unsafe-no-fsync", true),
     ("v2-deprecation", false),
 ];
@@ -303,9 +330,42 @@ impl Config {
     }
 
     /// Socket addresses for `--listen-client-urls`.
-    pub fn client_listen_addrs(&self) -> Result<Vec<SocketAddr>, ConfigError> {
+    pub fn client_listen_addrs(&self) -> Result<Vec<ListenAddr>, ConfigError> {
         split_urls(&self.listen_client_urls)
-            .map(|u| resolve_url("--listen-client-urls", u))
+            .map(|u| ListenAddr::resolve("--listen-client-urls", u))
+            .collect()
+    }
+
+    /// The client-side TLS files (`--cert-file`, `--key-file`, `--trusted-ca-file`).
+    pub fn client_tls(&self) -> TlsFiles {
+        TlsFiles {
+            cert_file: given(&self.cert_file),
+            key_file: given(&self.key_file),
+            trusted_ca_file: given(&self.trusted_ca_file),
+            client_cert_auth: self.client_cert_auth,
+            flags: ("--cert-file", "--key-file", "--trusted-ca-file"),
+        }
+    }
+
+    /// The peer-side TLS files (`--peer-cert-file`, ...).
+    pub fn peer_tls(&self) -> TlsFiles {
+        TlsFiles {
+            cert_file: given(&self.peer_cert_file),
+            key_file: given(&self.peer_key_file),
+            trusted_ca_file: given(&self.peer_trusted_ca_file),
+            client_cert_auth: self.peer_client_cert_auth,
+            flags: (
+                "--peer-cert-file",
+                "--peer-key-file",
+                "--peer-trusted-ca-file",
+            ),
+        }
+    }
+
+    /// `--cipher-suites`, split.
+    pub fn cipher_suite_names(&self) -> Vec<String> {
+        split_urls(&self.cipher_suites)
+            .map(str::to_string)
             .collect()
     }
 
@@ -375,10 +435,71 @@ impl Config {
     }
 
     /// Addresses for `--listen-peer-urls`.
-    pub fn peer_listen_addrs(&self) -> Result<Vec<SocketAddr>, ConfigError> {
+    pub fn peer_listen_addrs(&self) -> Result<Vec<ListenAddr>, ConfigError> {
         split_urls(&self.listen_peer_urls)
-            .map(|u| resolve_url("--listen-peer-urls", u))
+            .map(|u| ListenAddr::resolve("--listen-peer-urls", u))
             .collect()
+    }
+
+    /// Whether this member talks to peers over TLS: it listens on an
+    /// `https://` peer URL or one of the initial members advertises one.
+    pub fn uses_peer_tls(&self) -> Result<bool, ConfigError> {
+        let listens = self.peer_listen_addrs()?.iter().any(|a| a.tls);
+        let dials = self
+            .initial_members()?
+            .iter()
+            .flat_map(|m| &m.peer_urls)
+            .any(|u| u.starts_with("https://"));
+        Ok(listens || dials)
+    }
+
+    /// The TLS problems etcd refuses to start with, in etcd's words where it has them.
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        let client = self.client_tls();
+        for a in self.client_listen_addrs()? {
+            if a.tls && !client.has_identity() {
+                return Err(ConfigError(format!(
+                    "TLS key/cert (--cert-file, --key-file) must be provided for client url {} with HTTPS scheme",
+                    a.url
+                )));
+            }
+        }
+        let peer = self.peer_tls();
+        for a in self.peer_listen_addrs()? {
+            if a.tls && !peer.has_identity() {
+                return Err(ConfigError(format!(
+                    "TLS key/cert (--peer-cert-file, --peer-key-file) must be provided for peer url {} with HTTPS scheme",
+                    a.url
+                )));
+            }
+        }
+        if self.uses_peer_tls()? && peer.trusted_ca_file.is_none() {
+            return Err(ConfigError(
+                "https peer URLs need --peer-trusted-ca-file to verify the other members".into(),
+            ));
+        }
+        for (files, flags) in [
+            (&client, "--cert-file and --key-file"),
+            (&peer, "--peer-cert-file and --peer-key-file"),
+        ] {
+            if files.cert_file.is_some() != files.key_file.is_some() {
+                return Err(ConfigError(format!("{flags} must both be given")));
+            }
+        }
+        let provider = crate::tls::provider(&self.cipher_suite_names())
+            .map_err(|e| ConfigError(format!("--cipher-suites: {e}")))?;
+        // Read and check the files now, before anything touches the disk.
+        let tls_err = |e: crate::tls::TlsError| ConfigError(e.to_string());
+        if self.client_listen_addrs()?.iter().any(|a| a.tls) {
+            crate::tls::server_config(&client, provider.clone()).map_err(tls_err)?;
+        }
+        if self.peer_listen_addrs()?.iter().any(|a| a.tls) {
+            crate::tls::server_config(&peer, provider).map_err(tls_err)?;
+        }
+        if self.uses_peer_tls()? {
+            crate::tls::peer_client_config(&peer).map_err(tls_err)?;
+        }
+        Ok(())
     }
 
     /// Checks everything that can be checked before touching the disk.
@@ -431,7 +552,24 @@ impl Config {
             )));
         }
         self.auto_compaction()?;
-        Ok(())
+        crate::auth::token_provider(&self.auth_token, Duration::from_secs(self.auth_token_ttl))
+            .map_err(ConfigError)?;
+        self.validate_tls()
+    }
+
+    /// `--bcrypt-cost`, or etcd's default (10) when out of bcrypt's range,
+    /// as etcd does (with a warning).
+    pub fn bcrypt_cost(&self) -> u32 {
+        use crate::auth::{MAX_BCRYPT_COST, MIN_BCRYPT_COST};
+        if (MIN_BCRYPT_COST..=MAX_BCRYPT_COST).contains(&self.bcrypt_cost) {
+            self.bcrypt_cost
+        } else {
+            tracing::warn!(
+                given = self.bcrypt_cost,
+                "invalid --bcrypt-cost; using the default 10"
+            );
+            10
+        }
     }
 
     /// The auto-compaction policy, or None when disabled.
@@ -509,6 +647,11 @@ fn parse_duration_arg(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("invalid duration {s:?} (expected e.g. 10m, 30s, 500ms)"))
 }
 
+/// An empty path (as from `ETCD_CERT_FILE=`) means "not given", as in etcd.
+fn given(path: &Option<PathBuf>) -> Option<PathBuf> {
+    path.clone().filter(|p| !p.as_os_str().is_empty())
+}
+
 fn split_urls(s: &str) -> impl Iterator<Item = &str> {
     s.split(',').map(str::trim).filter(|u| !u.is_empty())
 }
@@ -516,12 +659,13 @@ fn split_urls(s: &str) -> impl Iterator<Item = &str> {
 /// Splits `http://host:port` into (host, port).
 fn parse_url<'a>(flag: &str, url: &'a str) -> Result<(&'a str, u16), ConfigError> {
     let bad = |why: &str| ConfigError(format!("{flag}: invalid URL {url:?}: {why}"));
-    let rest = if let Some(r) = url.strip_prefix("http://") {
+    let rest = if let Some(r) = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+    {
         r
-    } else if url.starts_with("https://") || url.starts_with("unixs://") {
-        return Err(bad("TLS is not supported by this Tessera build yet"));
     } else {
-        return Err(bad("expected http://host:port"));
+        return Err(bad("expected http://host:port or https://host:port"));
     };
     let rest = rest.trim_end_matches('/');
     let (host, port) = rest.rsplit_once(':').ok_or_else(|| bad("missing port"))?;
@@ -533,18 +677,33 @@ fn parse_url<'a>(flag: &str, url: &'a str) -> Result<(&'a str, u16), ConfigError
     Ok((host, port))
 }
 
-fn resolve_url(flag: &str, url: &str) -> Result<SocketAddr, ConfigError> {
-    let (host, port) = parse_url(flag, url)?;
-    let host = if host == "localhost" {
-        "127.0.0.1"
-    } else {
-        host
-    };
-    (host, port)
-        .to_socket_addrs()
-        .map_err(|e| ConfigError(format!("{flag}: cannot resolve {url:?}: {e}")))?
-        .next()
-        .ok_or_else(|| ConfigError(format!("{flag}: {url:?} resolves to no address")))
+/// One `--listen-*-urls` entry: where to bind, and whether it is `https://`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenAddr {
+    pub addr: SocketAddr,
+    pub tls: bool,
+    pub url: String,
+}
+
+impl ListenAddr {
+    fn resolve(flag: &str, url: &str) -> Result<ListenAddr, ConfigError> {
+        let (host, port) = parse_url(flag, url)?;
+        let host = if host == "localhost" {
+            "127.0.0.1"
+        } else {
+            host
+        };
+        let addr = (host, port)
+            .to_socket_addrs()
+            .map_err(|e| ConfigError(format!("{flag}: cannot resolve {url:?}: {e}")))?
+            .next()
+            .ok_or_else(|| ConfigError(format!("{flag}: {url:?} resolves to no address")))?;
+        Ok(ListenAddr {
+            addr,
+            tls: url.starts_with("https://"),
+            url: url.to_string(),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -566,7 +725,11 @@ mod tests {
         assert_eq!(c.quota_bytes(), Some(2 << 30));
         assert_eq!(
             c.client_listen_addrs().unwrap(),
-            vec!["127.0.0.1:2379".parse().unwrap()]
+            vec![ListenAddr {
+                addr: "127.0.0.1:2379".parse().unwrap(),
+                tls: false,
+                url: "http://localhost:2379".into()
+            }]
         );
         assert!(c.validate().is_ok());
         assert!(p.ignored_flags.is_empty());
@@ -574,10 +737,10 @@ mod tests {
 
     #[test]
     fn ignored_flags_are_accepted_and_reported() {
-        let p = parse(&["--enable-pprof", "--max-wals=3", "--client-cert-auth=true"]).unwrap();
+        let p = parse(&["--enable-pprof", "--max-wals=3", "--auto-tls=true"]).unwrap();
         assert_eq!(
             p.ignored_flags,
-            vec!["client-cert-auth", "enable-pprof", "max-wals"]
+            vec!["auto-tls", "enable-pprof", "max-wals"]
         );
     }
 

@@ -17,14 +17,17 @@ pub const CF_REV: &str = "rev";
 pub const CF_META: &str = "meta";
 /// Leases (empty until the lease service lands; puts with a lease look here).
 pub const CF_LEASE: &str = "lease";
+/// Users, roles and the auth switch: see [`crate::auth::store`].
+pub const CF_AUTH: &str = "auth";
 /// This member's identity (member and cluster ids). The Raft log, vote and
 /// commit index live in the WAL (`tessera_storage::wal`), not here.
 pub const CF_RAFT_STATE: &str = "raft_state";
 
 /// Column families that make up the state machine (what snapshots carry).
-pub const STATE_MACHINE_CFS: [&str; 4] = [CF_KV, CF_META, CF_LEASE, CF_REV];
+/// (New families go at the end: a snapshot names them by position.)
+pub const STATE_MACHINE_CFS: [&str; 5] = [CF_KV, CF_META, CF_LEASE, CF_REV, CF_AUTH];
 
-const ALL_CFS: [&str; 5] = [CF_KV, CF_META, CF_LEASE, CF_REV, CF_RAFT_STATE];
+const ALL_CFS: [&str; 6] = [CF_KV, CF_META, CF_LEASE, CF_REV, CF_AUTH, CF_RAFT_STATE];
 
 /// Opens (creating if needed) the database under `dir`.
 pub fn open(dir: &Path) -> Result<Arc<DB>, rocksdb::Error> {

@@ -62,6 +62,44 @@ pub enum EtcdError {
     BadLeaderTransferee,
     #[error("etcdserver: request timed out, leader transfer took too long")]
     LeadershipTransferTimeout,
+    #[error("etcdserver: root user does not exist")]
+    RootUserNotExist,
+    #[error("etcdserver: root user does not have root role")]
+    RootRoleNotExist,
+    #[error("etcdserver: user name already exists")]
+    UserAlreadyExist,
+    #[error("etcdserver: user name is empty")]
+    UserEmpty,
+    #[error("etcdserver: user name not found")]
+    UserNotFound,
+    #[error("etcdserver: role name already exists")]
+    RoleAlreadyExist,
+    #[error("etcdserver: role name not found")]
+    RoleNotFound,
+    #[error("etcdserver: role name is empty")]
+    RoleEmpty,
+    #[error("etcdserver: authentication failed, invalid user ID or password")]
+    AuthFailed,
+    #[error("etcdserver: permission denied")]
+    PermissionDenied,
+    #[error("etcdserver: role is not granted to the user")]
+    RoleNotGranted,
+    #[error("etcdserver: permission is not granted to the role")]
+    PermissionNotGranted,
+    #[error("etcdserver: authentication is not enabled")]
+    AuthNotEnabled,
+    #[error("etcdserver: invalid auth token")]
+    InvalidAuthToken,
+    #[error("etcdserver: invalid auth management")]
+    InvalidAuthMgmt,
+    #[error("etcdserver: revision of auth store is old")]
+    AuthOldRevision,
+    #[error("auth: authentication failed, password was given for no password user")]
+    NoPasswordUser,
+    #[error("etcdserver: permission not given")]
+    PermissionNotGiven,
+    #[error("auth: token signing attempted with verify-only key")]
+    VerifyOnly,
 }
 
 impl EtcdError {
@@ -78,7 +116,32 @@ impl EtcdError {
             | LearnerNotReady | BadLeaderTransferee => Code::FailedPrecondition,
             NoLeader | Timeout | Stopped | LeadershipTransferTimeout => Code::Unavailable,
             Corrupt => Code::DataLoss,
+            UserEmpty | RoleEmpty | AuthFailed | InvalidAuthMgmt | AuthOldRevision => {
+                Code::InvalidArgument
+            }
+            RootUserNotExist | RootRoleNotExist | UserAlreadyExist | UserNotFound
+            | RoleAlreadyExist | RoleNotFound | RoleNotGranted | PermissionNotGranted
+            | AuthNotEnabled => Code::FailedPrecondition,
+            PermissionDenied => Code::PermissionDenied,
+            InvalidAuthToken => Code::Unauthenticated,
+            NoPasswordUser | VerifyOnly => Code::Unknown,
+            PermissionNotGiven => Code::InvalidArgument,
         }
+    }
+
+    /// The auth package's own text for an auth error, which etcd answers
+    /// (with code Unknown) where it returns the error without translating it
+    /// (the maintenance RPCs' admin check).
+    pub fn untranslated(self) -> Status {
+        use EtcdError::*;
+        let text = match self {
+            UserEmpty => "auth: user name is empty",
+            UserNotFound => "auth: user not found",
+            PermissionDenied => "auth: permission denied",
+            InvalidAuthToken => "auth: invalid auth token",
+            other => return other.into(),
+        };
+        Status::unknown(text)
     }
 
     /// The message text, as clients match on it.
@@ -117,13 +180,32 @@ impl EtcdError {
             LearnerNotReady => 24,
             BadLeaderTransferee => 25,
             LeadershipTransferTimeout => 26,
+            RootUserNotExist => 27,
+            RootRoleNotExist => 28,
+            UserAlreadyExist => 29,
+            UserEmpty => 30,
+            UserNotFound => 31,
+            RoleAlreadyExist => 32,
+            RoleNotFound => 33,
+            RoleEmpty => 34,
+            AuthFailed => 35,
+            PermissionDenied => 36,
+            RoleNotGranted => 37,
+            PermissionNotGranted => 38,
+            AuthNotEnabled => 39,
+            InvalidAuthToken => 40,
+            InvalidAuthMgmt => 41,
+            AuthOldRevision => 42,
+            NoPasswordUser => 43,
+            PermissionNotGiven => 44,
+            VerifyOnly => 45,
         }
     }
 
     /// Inverse of [`EtcdError::code_number`]; unknown numbers are `None`.
     pub fn from_code_number(n: u32) -> Option<Self> {
         use EtcdError::*;
-        const ALL: [EtcdError; 26] = [
+        const ALL: [EtcdError; 45] = [
             EmptyKey,
             KeyNotFound,
             ValueProvided,
@@ -150,6 +232,25 @@ impl EtcdError {
             LearnerNotReady,
             BadLeaderTransferee,
             LeadershipTransferTimeout,
+            RootUserNotExist,
+            RootRoleNotExist,
+            UserAlreadyExist,
+            UserEmpty,
+            UserNotFound,
+            RoleAlreadyExist,
+            RoleNotFound,
+            RoleEmpty,
+            AuthFailed,
+            PermissionDenied,
+            RoleNotGranted,
+            PermissionNotGranted,
+            AuthNotEnabled,
+            InvalidAuthToken,
+            InvalidAuthMgmt,
+            AuthOldRevision,
+            NoPasswordUser,
+            PermissionNotGiven,
+            VerifyOnly,
         ];
         ALL.into_iter().find(|e| e.code_number() == n)
     }
@@ -174,7 +275,7 @@ mod tests {
                 assert!(seen.insert(n));
             }
         }
-        assert_eq!(seen.len(), 26);
+        assert_eq!(seen.len(), 45);
         assert_eq!(EtcdError::from_code_number(0), None);
     }
 

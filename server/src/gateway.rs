@@ -8,21 +8,27 @@
 use std::future::Future;
 
 use axum::body::{Body, Bytes};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{post, MethodRouter};
 use axum::Router;
 use futures::{Stream, StreamExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tessera_proto::etcdserverpb::auth_server::Auth;
 use tessera_proto::etcdserverpb::cluster_server::Cluster;
+use tessera_proto::etcdserverpb::kv_server::Kv;
+use tessera_proto::etcdserverpb::lease_server::Lease;
 use tessera_proto::etcdserverpb::maintenance_server::Maintenance;
 use tessera_proto::v3electionpb::election_server::Election;
+use tessera_proto::v3lockpb::lock_server::Lock;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::BoxStream;
 use tonic::{Code, Status};
 
+use crate::auth::Credentials;
+use crate::service::auth::AuthService;
 use crate::service::cluster::ClusterService;
 use crate::service::election::ElectionService;
 use crate::service::kv::KvService;
@@ -77,18 +83,40 @@ fn decode<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, Status> {
     serde_json::from_slice(body).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
+/// The gRPC request the gateway makes of `msg`: grpc-gateway passes the
+/// `Authorization` header on as `authorization` metadata, where the auth
+/// token is looked for. (A client certificate's CN is not used for gateway
+/// requests, as in etcd, whose gateway dials the server with its own.)
+fn grpc_request<T>(headers: &HeaderMap, msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    if let Some(v) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| tonic::metadata::MetadataValue::try_from(v.as_bytes()).ok())
+    {
+        req.metadata_mut().insert("authorization", v);
+    }
+    req
+}
+
+/// The credentials of a gateway request (see [`grpc_request`]).
+fn credentials(headers: &HeaderMap) -> Credentials {
+    Credentials::of(&grpc_request(headers, ()))
+}
+
 /// A unary call: JSON request in, JSON response (or error) out.
 fn unary<S, Req, Resp, F, Fut>(service: S, call: F) -> MethodRouter
 where
     S: Clone + Send + Sync + 'static,
     Req: DeserializeOwned + Default + Send + 'static,
     Resp: Serialize,
-    F: Fn(S, Req) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(S, tonic::Request<Req>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Resp, Status>> + Send,
 {
-    post(move |body: Bytes| async move {
+    post(move |headers: HeaderMap, body: Bytes| async move {
         let outcome = match decode::<Req>(&body) {
-            Ok(req) => call(service, req).await.and_then(|r| encode(&r)),
+            Ok(req) => call(service, grpc_request(&headers, req))
+                .await
+                .and_then(|r| encode(&r)),
             Err(e) => Err(e),
         };
         match outcome {
@@ -135,12 +163,12 @@ where
     S: Clone + Send + Sync + 'static,
     Req: DeserializeOwned + Default + Send + 'static,
     T: Serialize + Send + 'static,
-    F: Fn(S, Req) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(S, tonic::Request<Req>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<BoxStream<T>, Status>> + Send,
 {
-    post(move |body: Bytes| async move {
+    post(move |headers: HeaderMap, body: Bytes| async move {
         let stream = match decode::<Req>(&body) {
-            Ok(req) => call(service, req).await,
+            Ok(req) => call(service, grpc_request(&headers, req)).await,
             Err(e) => Err(e),
         };
         match stream {
@@ -189,72 +217,30 @@ fn json_messages<T: DeserializeOwned + Send + 'static>(
     ReceiverStream::new(rx)
 }
 
-fn tonic_req<T>(msg: T) -> tonic::Request<T> {
-    tonic::Request::new(msg)
-}
-
 /// A [`unary`] call through a service's tonic trait method.
 macro_rules! via_trait {
     ($service:ident :: $method:ident) => {
-        |s, r| async move {
-            $service::$method(&s, tonic_req(r))
-                .await
-                .map(|r| r.into_inner())
-        }
+        |s, r| async move { $service::$method(&s, r).await.map(|r| r.into_inner()) }
     };
 }
 
 fn kv_routes(kv: KvService) -> Router {
     Router::new()
-        .route(
-            "/v3/kv/range",
-            unary(
-                kv.clone(),
-                |s: KvService, r| async move { s.do_range(r).await },
-            ),
-        )
-        .route(
-            "/v3/kv/put",
-            unary(
-                kv.clone(),
-                |s: KvService, r| async move { s.do_put(r).await },
-            ),
-        )
+        .route("/v3/kv/range", unary(kv.clone(), via_trait!(Kv::range)))
+        .route("/v3/kv/put", unary(kv.clone(), via_trait!(Kv::put)))
         .route(
             "/v3/kv/deleterange",
-            unary(kv.clone(), |s: KvService, r| async move {
-                s.do_delete_range(r).await
-            }),
+            unary(kv.clone(), via_trait!(Kv::delete_range)),
         )
-        .route(
-            "/v3/kv/txn",
-            unary(
-                kv.clone(),
-                |s: KvService, r| async move { s.do_txn(r).await },
-            ),
-        )
-        .route(
-            "/v3/kv/compaction",
-            unary(kv, |s: KvService, r| async move { s.do_compact(r).await }),
-        )
+        .route("/v3/kv/txn", unary(kv.clone(), via_trait!(Kv::txn)))
+        .route("/v3/kv/compaction", unary(kv, via_trait!(Kv::compact)))
 }
 
 fn lease_routes(lease: LeaseService) -> Router {
-    let grant = unary(lease.clone(), |s: LeaseService, r| async move {
-        s.grant(r).await
-    });
-    let revoke = unary(lease.clone(), |s: LeaseService, r| async move {
-        s.revoke(r).await
-    });
-    let ttl = unary(lease.clone(), |s: LeaseService, r| async move {
-        s.time_to_live(r).await
-    });
-    let leases = unary(
-        lease.clone(),
-        |s: LeaseService, _: tessera_proto::etcdserverpb::LeaseLeasesRequest| async move {
-            s.leases().await
-        },
-    );
+    let grant = unary(lease.clone(), via_trait!(Lease::lease_grant));
+    let revoke = unary(lease.clone(), via_trait!(Lease::lease_revoke));
+    let ttl = unary(lease.clone(), via_trait!(Lease::lease_time_to_live));
+    let leases = unary(lease.clone(), via_trait!(Lease::lease_leases));
     let keep_alive = post(move |body: Body| async move {
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(lease.serve_keep_alive(json_messages(body), tx));
@@ -269,6 +255,78 @@ fn lease_routes(lease: LeaseService) -> Router {
         .route("/v3/kv/lease/timetolive", ttl)
         .route("/v3/lease/leases", leases.clone())
         .route("/v3/kv/lease/leases", leases)
+}
+
+fn auth_routes(a: AuthService) -> Router {
+    Router::new()
+        .route(
+            "/v3/auth/enable",
+            unary(a.clone(), via_trait!(Auth::auth_enable)),
+        )
+        .route(
+            "/v3/auth/disable",
+            unary(a.clone(), via_trait!(Auth::auth_disable)),
+        )
+        .route(
+            "/v3/auth/status",
+            unary(a.clone(), via_trait!(Auth::auth_status)),
+        )
+        .route(
+            "/v3/auth/authenticate",
+            unary(a.clone(), via_trait!(Auth::authenticate)),
+        )
+        .route(
+            "/v3/auth/user/add",
+            unary(a.clone(), via_trait!(Auth::user_add)),
+        )
+        .route(
+            "/v3/auth/user/get",
+            unary(a.clone(), via_trait!(Auth::user_get)),
+        )
+        .route(
+            "/v3/auth/user/list",
+            unary(a.clone(), via_trait!(Auth::user_list)),
+        )
+        .route(
+            "/v3/auth/user/delete",
+            unary(a.clone(), via_trait!(Auth::user_delete)),
+        )
+        .route(
+            "/v3/auth/user/changepw",
+            unary(a.clone(), via_trait!(Auth::user_change_password)),
+        )
+        .route(
+            "/v3/auth/user/grant",
+            unary(a.clone(), via_trait!(Auth::user_grant_role)),
+        )
+        .route(
+            "/v3/auth/user/revoke",
+            unary(a.clone(), via_trait!(Auth::user_revoke_role)),
+        )
+        .route(
+            "/v3/auth/role/add",
+            unary(a.clone(), via_trait!(Auth::role_add)),
+        )
+        .route(
+            "/v3/auth/role/get",
+            unary(a.clone(), via_trait!(Auth::role_get)),
+        )
+        .route(
+            "/v3/auth/role/list",
+            unary(a.clone(), via_trait!(Auth::role_list)),
+        )
+        .route(
+            "/v3/auth/role/delete",
+            unary(a.clone(), via_trait!(Auth::role_delete)),
+        )
+        .route(
+            "/v3/auth/role/grant",
+            unary(a.clone(), via_trait!(Auth::role_grant_permission)),
+        )
+        .route(
+            "/v3/auth/role/revoke",
+            unary(a, via_trait!(Auth::role_revoke_permission)),
+        )
 }
 
 fn maintenance_routes(m: MaintenanceService) -> Router {
@@ -325,64 +383,49 @@ fn cluster_routes(c: ClusterService) -> Router {
 fn recipe_routes(recipes: Recipes) -> Router {
     let lock = LockService::new(recipes.clone());
     let election = ElectionService::new(recipes);
-    type E = ElectionService;
-    let observe = server_streaming(election.clone(), via_trait!(Election::observe));
     Router::new()
-        .route(
-            "/v3/lock/lock",
-            unary(
-                lock.clone(),
-                |s: LockService, r| async move { s.lock(r).await },
-            ),
-        )
-        .route(
-            "/v3/lock/unlock",
-            unary(lock, |s: LockService, r| async move { s.unlock(r).await }),
-        )
+        .route("/v3/lock/lock", unary(lock.clone(), via_trait!(Lock::lock)))
+        .route("/v3/lock/unlock", unary(lock, via_trait!(Lock::unlock)))
         .route(
             "/v3/election/campaign",
-            unary(
-                election.clone(),
-                |s: E, r| async move { s.campaign(r).await },
-            ),
+            unary(election.clone(), via_trait!(Election::campaign)),
         )
         .route(
             "/v3/election/proclaim",
-            unary(
-                election.clone(),
-                |s: E, r| async move { s.proclaim(r).await },
-            ),
+            unary(election.clone(), via_trait!(Election::proclaim)),
         )
         .route(
             "/v3/election/leader",
-            unary(election.clone(), |s: E, r| async move { s.leader(r).await }),
+            unary(election.clone(), via_trait!(Election::leader)),
         )
         .route(
             "/v3/election/resign",
-            unary(election, |s: E, r| async move { s.resign(r).await }),
+            unary(election.clone(), via_trait!(Election::resign)),
         )
-        .route("/v3/election/observe", observe)
+        .route(
+            "/v3/election/observe",
+            server_streaming(election, via_trait!(Election::observe)),
+        )
 }
 
-/// Every gateway route. Auth is not served yet: its paths answer gRPC's
-/// Unimplemented, like the gRPC service does.
+/// Every gateway route.
 pub fn router(recipes: Recipes) -> Router {
     let node = recipes.node.clone();
     let watch = {
         let node = node.clone();
-        post(move |body: Body| async move {
+        post(move |headers: HeaderMap, body: Body| async move {
             let (tx, rx) = mpsc::channel(64);
-            tokio::spawn(watch::serve_stream(node, json_messages(body), tx));
+            let creds = credentials(&headers);
+            tokio::spawn(watch::serve_stream(node, creds, json_messages(body), tx));
             streamed(ReceiverStream::new(rx))
         })
     };
-    let auth = post(|| async { error_response(&Status::unimplemented("Not yet implemented")) });
     Router::new()
         .merge(kv_routes(recipes.kv.clone()))
         .merge(lease_routes(LeaseService::new(node.clone())))
+        .merge(auth_routes(AuthService::new(node.clone())))
         .merge(maintenance_routes(MaintenanceService::new(node.clone())))
         .merge(cluster_routes(ClusterService::new(node)))
         .merge(recipe_routes(recipes))
         .route("/v3/watch", watch)
-        .route("/v3/auth/{*rest}", auth)
 }

@@ -27,7 +27,7 @@ pub fn spawn(node: Arc<Node>) {
                 let node = node.clone();
                 tokio::spawn(async move {
                     let revoke = Request::LeaseRevoke(LeaseRevokeRequest { id });
-                    match node.propose(revoke).await {
+                    match node.propose_internal(revoke).await {
                         Ok(_) => tracing::debug!(lease = id, "revoked expired lease"),
                         // Revoked meanwhile by a client: nothing left to do.
                         Err(e) if e.code() == tonic::Code::NotFound => {

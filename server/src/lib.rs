@@ -1,6 +1,7 @@
 //! `tessera`: an etcd v3-compatible datastore. See `docs/ARCHITECTURE.md`.
 
 pub mod alarms;
+pub mod auth;
 pub mod compactor;
 pub mod config;
 pub mod db;
@@ -20,5 +21,6 @@ pub mod read_index;
 pub mod server;
 pub mod service;
 pub mod snapshot;
+pub mod tls;
 pub mod validate;
 pub mod watch_hub;

@@ -20,6 +20,8 @@ use tessera_proto::tessera::{
 use tonic::Status;
 
 use crate::alarms::Alarms;
+use crate::auth::store::AuthStore;
+use crate::auth::{Auth, AuthInfo, Credentials};
 use crate::config::Config;
 use crate::db::{self, CF_RAFT_STATE};
 use crate::errors::EtcdError;
@@ -56,6 +58,7 @@ pub struct Node {
     pub metrics: Arc<Metrics>,
     pub hub: Arc<WatchHub>,
     pub lessor: Arc<Lessor>,
+    pub auth: Arc<Auth>,
     pub member_id: u64,
     pub cluster_id: u64,
     pub peers: PeerClients,
@@ -201,7 +204,12 @@ impl Node {
     pub async fn start(config: Config) -> anyhow::Result<Arc<Node>> {
         let data_dir = config.data_dir();
         let db = open_data_dir(&data_dir)?;
-        let peers = PeerClients::default();
+        let peer_tls = if config.uses_peer_tls()? {
+            Some(crate::tls::peer_client_config(&config.peer_tls())?)
+        } else {
+            None
+        };
+        let peers = PeerClients::new(peer_tls);
         let identity = load_or_create_identity(&db, &config, &peers).await?;
         let store = Arc::new(Store::open(db.clone())?);
         let alarms = Arc::new(Alarms::load(&db)?);
@@ -212,6 +220,16 @@ impl Node {
             config.heartbeat_interval,
         ));
         lessor.reset(&store.read_view().leases()?, Duration::ZERO);
+        let auth = Arc::new(Auth {
+            store: AuthStore::load(&db)?,
+            tokens: crate::auth::token_provider(
+                &config.auth_token,
+                Duration::from_secs(config.auth_token_ttl),
+            )
+            .map_err(|e| anyhow::anyhow!(e))?,
+            bcrypt_cost: config.bcrypt_cost(),
+            client_cert_auth: config.client_cert_auth,
+        });
         tracing::info!(
             name = %config.name,
             data_dir = %data_dir.display(),
@@ -246,6 +264,7 @@ impl Node {
             metrics.clone(),
             hub.clone(),
             lessor.clone(),
+            auth.clone(),
         );
         let wal_options = tessera_storage::wal::WalOptions {
             io_mode: config
@@ -274,6 +293,7 @@ impl Node {
             metrics,
             hub,
             lessor,
+            auth,
             member_id: identity.member_id,
             cluster_id: identity.cluster_id,
             peers,
@@ -341,7 +361,10 @@ impl Node {
                 if published.as_ref() == Some(&attrs) {
                     return;
                 }
-                match self.propose(Request::MemberAttributes(attrs.clone())).await {
+                match self
+                    .propose_internal(Request::MemberAttributes(attrs.clone()))
+                    .await
+                {
                     Ok(_) => {
                         tracing::info!(name = %attrs.name, "published member attributes");
                         return;
@@ -414,11 +437,33 @@ impl Node {
         })
     }
 
-    /// Replicates `request` (through the leader, wherever it is), waits
-    /// until this member has applied it and returns its result.
-    pub async fn propose(&self, request: Request) -> Result<Response, Status> {
+    /// Who `req` comes from: its auth token, or with `--client-cert-auth`
+    /// its client certificate's common name (etcd's `AuthInfoFromCtx`).
+    pub fn caller<T>(&self, req: &tonic::Request<T>) -> Result<Option<AuthInfo>, Status> {
+        Ok(self.auth.identify(&Credentials::of(req))?)
+    }
+
+    /// Replicates `request` for the server itself (lease expiry, member
+    /// attributes), which etcd runs with root's rights.
+    pub async fn propose_internal(&self, request: Request) -> Result<Response, Status> {
+        let root = AuthInfo {
+            username: crate::auth::store::ROOT_USER.to_string(),
+            revision: self.auth.store.view().state.revision,
+        };
+        self.propose_as(Some(&root), request).await
+    }
+
+    /// Replicates `request` on behalf of `who` (through the leader, wherever
+    /// it is), waits until this member has applied it and returns its
+    /// result. Permissions are checked when it is applied, as in etcd.
+    pub async fn propose_as(
+        &self,
+        who: Option<&AuthInfo>,
+        request: Request,
+    ) -> Result<Response, Status> {
         let cmd = RaftCommand {
             request: Some(request),
+            auth: AuthInfo::to_command(who),
         };
         if cmd.encoded_len() > self.config.max_request_bytes as usize {
             return Err(EtcdError::RequestTooLarge.into());
@@ -696,7 +741,7 @@ impl Node {
                 member_id: self.member_id,
                 alarm: AlarmType::Nospace as i32,
             };
-            self.propose(Request::Alarm(raise)).await?;
+            self.propose_internal(Request::Alarm(raise)).await?;
         }
         Err(EtcdError::NoSpace.into())
     }

@@ -21,7 +21,7 @@ use tessera_proto::tessera::{
     Blob, ForwardRequest, IndexReply, MembersRequest, MembersResponse, PeerMember, ProposeReply,
     RaftBatch, RaftBatchResult,
 };
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Response, Status};
 
 use crate::node::Node;
@@ -49,9 +49,18 @@ const MAX_PEER_MESSAGE: usize = 512 << 20;
 #[derive(Clone, Default)]
 pub struct PeerClients {
     channels: Arc<Mutex<HashMap<String, PeerClient<Channel>>>>,
+    /// How `https://` peer URLs are dialled (`--peer-*` TLS files).
+    tls: Option<ClientTlsConfig>,
 }
 
 impl PeerClients {
+    pub fn new(tls: Option<ClientTlsConfig>) -> Self {
+        PeerClients {
+            channels: Arc::default(),
+            tls,
+        }
+    }
+
     /// A client for the member whose peer URLs are `addr` (comma-separated;
     /// the first is used).
     pub fn client(&self, addr: &str) -> Result<PeerClient<Channel>, tonic::transport::Error> {
@@ -61,11 +70,16 @@ impl PeerClients {
                 return Ok(c.clone());
             }
         }
-        let channel = Endpoint::from_shared(url.clone())?
+        let mut endpoint = Endpoint::from_shared(url.clone())?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .connect_lazy();
+            .http2_keep_alive_interval(Duration::from_secs(10));
+        if url.starts_with("https://") {
+            if let Some(tls) = &self.tls {
+                endpoint = endpoint.tls_config(tls.clone())?;
+            }
+        }
+        let channel = endpoint.connect_lazy();
         let client = PeerClient::new(channel)
             .max_decoding_message_size(MAX_PEER_MESSAGE)
             .max_encoding_message_size(MAX_PEER_MESSAGE);
@@ -234,24 +248,49 @@ impl Peer for PeerService {
     }
 }
 
-/// Serves the peer service on every `--listen-peer-urls` address.
+/// Serves the peer service on every `--listen-peer-urls` address, over TLS
+/// with the `--peer-*` files for `https://` URLs.
 pub async fn serve(node: Arc<Node>) -> anyhow::Result<()> {
-    for addr in node.config.peer_listen_addrs()? {
+    let addrs = node.config.peer_listen_addrs()?;
+    let tls_files = node.config.peer_tls();
+    let tls = if addrs.iter().any(|a| a.tls) {
+        let provider = crate::tls::provider(&node.config.cipher_suite_names())?;
+        Some(crate::tls::server_config(&tls_files, provider)?)
+    } else {
+        None
+    };
+    for listen in addrs {
+        let addr = listen.addr;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen for peers on {addr}"))?;
-        tracing::info!(%addr, "serving peer traffic");
         let service = PeerServer::new(PeerService { node: node.clone() })
             .max_decoding_message_size(MAX_PEER_MESSAGE)
             .max_encoding_message_size(MAX_PEER_MESSAGE);
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let server = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(service);
+        let serving = match (&tls, listen.tls) {
+            (Some(config), true) => {
+                tracing::info!(%addr, peer_client_cert_auth = tls_files.requires_client_cert(), "serving peer traffic over TLS");
+                let incoming =
+                    crate::tls::TlsListener::new(listener, config.clone())?.into_stream();
+                tokio::spawn(server.serve_with_incoming(incoming))
+            }
+            _ => {
+                if tls_files.has_identity() {
+                    tracing::warn!(url = %listen.url, "scheme is HTTP while key and cert files are present; ignoring key and cert files");
+                }
+                if tls_files.client_cert_auth {
+                    tracing::warn!(url = %listen.url, "scheme is HTTP while --peer-client-cert-auth is enabled; ignoring client cert auth for this URL");
+                }
+                tracing::info!(%addr, "serving peer traffic insecurely");
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                tokio::spawn(server.serve_with_incoming(incoming))
+            }
+        };
         tokio::spawn(async move {
-            let result = tonic::transport::Server::builder()
-                .tcp_nodelay(true)
-                .add_service(service)
-                .serve_with_incoming(incoming)
-                .await;
-            if let Err(e) = result {
+            if let Ok(Err(e)) = serving.await {
                 tracing::error!(%addr, error = %e, "peer server stopped");
             }
         });

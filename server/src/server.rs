@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use tessera_proto::etcdserverpb::auth_server::AuthServer;
 use tessera_proto::etcdserverpb::cluster_server::ClusterServer;
 use tessera_proto::etcdserverpb::kv_server::KvServer;
@@ -15,13 +14,14 @@ use tessera_proto::v3lockpb::lock_server::LockServer;
 use tonic::service::Routes;
 
 use crate::node::Node;
+use crate::service::auth::AuthService;
 use crate::service::election::ElectionService;
 use crate::service::lease::LeaseService;
 use crate::service::lock::LockService;
-use crate::service::not_served::NotServed;
 use crate::service::recipes::Recipes;
 use crate::service::watch::WatchService;
 use crate::service::{cluster::ClusterService, kv::KvService, maintenance::MaintenanceService};
+use crate::tls::ClientConn;
 
 /// etcd's allowance for gRPC framing on top of `--max-request-bytes`.
 pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
@@ -41,7 +41,7 @@ pub fn router(node: Arc<Node>) -> axum::Router {
     )
     .add_service(WatchServer::new(WatchService::new(node.clone())))
     .add_service(LeaseServer::new(LeaseService::new(node.clone())))
-    .add_service(AuthServer::new(NotServed))
+    .add_service(AuthServer::new(AuthService::new(node.clone())))
     .add_service(LockServer::new(LockService::new(recipes.clone())))
     .add_service(ElectionServer::new(ElectionService::new(recipes.clone())))
     .prepare()
@@ -69,32 +69,66 @@ async fn unknown_path(req: axum::extract::Request) -> axum::response::Response {
     }
 }
 
-/// Binds every `--listen-client-urls` address and serves until `shutdown`.
+/// Binds every `--listen-client-urls` address and serves until `shutdown`:
+/// `https://` URLs over TLS with the `--cert-file` identity, `http://` ones
+/// in plaintext (h2c and HTTP/1.1 on one port, as etcd).
 pub async fn serve(
     node: Arc<Node>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let addrs = node.config.client_listen_addrs()?;
+    let tls_files = node.config.client_tls();
+    let tls = if addrs.iter().any(|a| a.tls) {
+        let provider = crate::tls::provider(&node.config.cipher_suite_names())?;
+        Some(crate::tls::server_config(&tls_files, provider)?)
+    } else {
+        None
+    };
     let app = router(node.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
-    for addr in addrs {
+    for listen in addrs {
+        let addr = listen.addr;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
-            .with_context(|| format!("cannot listen on {addr}"))?
-            .tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-        tracing::info!(%addr, "serving client traffic (gRPC and HTTP)");
+            .with_context(|| format!("cannot listen on {addr}"))?;
         let mut stop = stop_rx.clone();
+        let stopped = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
         let app = app.clone();
-        tasks.push(tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
-        }));
+        match (&tls, listen.tls) {
+            (Some(config), true) => {
+                tracing::info!(%addr, client_cert_auth = tls_files.requires_client_cert(), "serving client traffic over TLS (gRPC and HTTP)");
+                let listener = crate::tls::TlsListener::new(listener, config.clone())?;
+                tasks.push(tokio::spawn(async move {
+                    axum::serve(
+                        listener,
+                        app.into_make_service_with_connect_info::<ClientConn>(),
+                    )
+                    .with_graceful_shutdown(stopped)
+                    .await
+                }));
+            }
+            _ => {
+                if tls_files.has_identity() {
+                    tracing::warn!(url = %listen.url, "scheme is HTTP while key and cert files are present; ignoring key and cert files");
+                }
+                if tls_files.client_cert_auth {
+                    tracing::warn!(url = %listen.url, "scheme is HTTP while --client-cert-auth is enabled; ignoring client cert auth for this URL");
+                }
+                tracing::info!(%addr, "serving client traffic insecurely (gRPC and HTTP)");
+                let listener = crate::tls::PlainListener(listener);
+                tasks.push(tokio::spawn(async move {
+                    axum::serve(
+                        listener,
+                        app.into_make_service_with_connect_info::<ClientConn>(),
+                    )
+                    .with_graceful_shutdown(stopped)
+                    .await
+                }));
+            }
+        }
     }
     tracing::info!("ready to serve client requests");
     shutdown.await;

@@ -25,7 +25,11 @@ use tessera_proto::tessera::{
 use super::types::{
     storage_io_error, CommandResult, Entry, LogId, StorageError, StoredMembership, TypeConfig,
 };
+mod auth_apply;
+
 use crate::alarms::Alarms;
+use crate::auth::store::AuthView;
+use crate::auth::{Auth, AuthInfo};
 use crate::db::CF_META;
 use crate::errors::EtcdError;
 use crate::lessor::{Lessor, MAX_LEASE_TTL};
@@ -81,6 +85,7 @@ pub struct StateMachine {
     metrics: Arc<Metrics>,
     hub: Arc<WatchHub>,
     lessor: Arc<Lessor>,
+    auth: Arc<Auth>,
     current_snapshot: Arc<Mutex<Option<StoredSnapshot>>>,
 }
 
@@ -91,6 +96,7 @@ impl StateMachine {
         metrics: Arc<Metrics>,
         hub: Arc<WatchHub>,
         lessor: Arc<Lessor>,
+        auth: Arc<Auth>,
     ) -> Self {
         StateMachine {
             store,
@@ -98,6 +104,7 @@ impl StateMachine {
             metrics,
             hub,
             lessor,
+            auth,
             current_snapshot: Arc::new(Mutex::new(None)),
         }
     }
@@ -214,9 +221,43 @@ impl StateMachine {
     }
 
     fn execute(&self, at: Position, cmd: RaftCommand) -> Result<RaftResult, StorageError> {
-        let nospace = || self.alarms.is_active(AlarmType::Nospace);
+        let who = AuthInfo::from_command(cmd.auth.as_ref());
+        let view = self.auth.store.view();
         let outcome = match cmd.request {
-            Some(Request::Put(p)) => {
+            None => {
+                self.apply_noop(at, None)?;
+                Err(EtcdError::KeyNotFound)
+            }
+            Some(request) => match self.authorize(&view, who.as_ref(), &request)? {
+                Err(e) => {
+                    self.apply_noop(at, None)?;
+                    Err(e)
+                }
+                Ok(()) => self.apply_request(at, &view, request)?,
+            },
+        };
+        Ok(match outcome {
+            Ok(resp) => RaftResult {
+                response: Some(resp),
+                error: 0,
+            },
+            Err(e) => RaftResult {
+                response: None,
+                error: e.code_number(),
+            },
+        })
+    }
+
+    /// Applies `request`, already authorized, with etcd's semantics.
+    fn apply_request(
+        &self,
+        at: Position,
+        view: &AuthView,
+        request: Request,
+    ) -> Result<Result<Response, EtcdError>, StorageError> {
+        let nospace = || self.alarms.is_active(AlarmType::Nospace);
+        Ok(match request {
+            Request::Put(p) => {
                 self.metrics.inc(&self.metrics.puts);
                 if nospace() {
                     self.apply_noop(at, None)?;
@@ -225,13 +266,13 @@ impl StateMachine {
                     self.run_txn(at, |t| apply::put(t, &p, true).map(Response::Put))?
                 }
             }
-            Some(Request::DeleteRange(d)) => {
+            Request::DeleteRange(d) => {
                 self.metrics.inc(&self.metrics.deletes);
                 self.run_txn(at, |t| {
                     apply::delete_range(t, &d).map(Response::DeleteRange)
                 })?
             }
-            Some(Request::Txn(t)) => {
+            Request::Txn(t) => {
                 self.metrics.inc(&self.metrics.txns);
                 if nospace() && !apply::is_txn_read_only(&t) {
                     self.apply_noop(at, None)?;
@@ -240,7 +281,7 @@ impl StateMachine {
                     self.run_txn(at, |w| apply::txn(w, &t).map(Response::Txn))?
                 }
             }
-            Some(Request::Compaction(c)) => match self.store.check_compact(c.revision) {
+            Request::Compaction(c) => match self.store.check_compact(c.revision) {
                 Err(e) => {
                     self.apply_noop(at, None)?;
                     Err(e)
@@ -256,8 +297,8 @@ impl StateMachine {
                     }))
                 }
             },
-            Some(Request::Alarm(a)) => Ok(Response::Alarm(self.apply_alarm(at, &a)?)),
-            Some(Request::LeaseGrant(g)) => {
+            Request::Alarm(a) => Ok(Response::Alarm(self.apply_alarm(at, &a)?)),
+            Request::LeaseGrant(g) => {
                 if nospace() {
                     self.apply_noop(at, None)?;
                     Err(EtcdError::NoSpace)
@@ -265,7 +306,7 @@ impl StateMachine {
                     self.apply_lease_grant(at, &g)?
                 }
             }
-            Some(Request::LeaseRevoke(r)) => {
+            Request::LeaseRevoke(r) => {
                 let revoked = self.run_txn(at, |t| {
                     if !t.lease_exists(r.id)? {
                         return Err(EtcdError::LeaseNotFound.into());
@@ -280,7 +321,7 @@ impl StateMachine {
                 }
                 revoked
             }
-            Some(Request::MemberAttributes(a)) => {
+            Request::MemberAttributes(a) => {
                 let txn = self.store.write_txn();
                 let db = self.store.db().clone();
                 self.store
@@ -291,19 +332,13 @@ impl StateMachine {
                     .map_err(store_err)?;
                 Ok(Response::MemberAttributes(a))
             }
-            None => {
-                self.apply_noop(at, None)?;
-                Err(EtcdError::KeyNotFound)
-            }
-        };
-        Ok(match outcome {
-            Ok(resp) => RaftResult {
-                response: Some(resp),
-                error: 0,
-            },
-            Err(e) => RaftResult {
-                response: None,
-                error: e.code_number(),
+            other => match self.apply_auth(at, view, &other) {
+                Some(result) => result?,
+                // Every request kind is handled above or by apply_auth.
+                None => {
+                    self.apply_noop(at, None)?;
+                    Err(EtcdError::KeyNotFound)
+                }
             },
         })
     }
@@ -445,6 +480,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map_err(|e| storage_io_error(false, e))?;
         self.store.reload().map_err(store_err)?;
         self.alarms.reload(self.store.db()).map_err(store_err)?;
+        self.auth.store.reload(self.store.db()).map_err(store_err)?;
         let leases = self.store.read_view().leases().map_err(store_err)?;
         self.lessor.reset(&leases, std::time::Duration::ZERO);
         tracing::info!(
@@ -544,6 +580,14 @@ mod tests {
             Arc::new(Metrics::default()),
             Arc::new(WatchHub::default()),
             Arc::new(Lessor::new(1000, 100)),
+            Arc::new(crate::auth::Auth {
+                store: crate::auth::store::AuthStore::load(&db).unwrap(),
+                tokens: crate::auth::TokenProvider::Simple(crate::auth::tokens::SimpleTokens::new(
+                    std::time::Duration::from_secs(300),
+                )),
+                bcrypt_cost: crate::auth::MIN_BCRYPT_COST,
+                client_cert_auth: false,
+            }),
         )
     }
 
@@ -554,6 +598,7 @@ mod tests {
                 value: b"v".to_vec(),
                 ..Default::default()
             })),
+            auth: None,
         }
     }
 

@@ -138,6 +138,7 @@ mod tests {
                 value: vec![0, 1, 2, 255],
                 ..Default::default()
             })),
+            auth: None,
         };
         let batch = RaftBatch {
             commands: vec![put(b"k"), put(b"l")],

@@ -209,7 +209,8 @@ impl Election for ElectionService {
         &self,
         req: Request<CampaignRequest>,
     ) -> Result<Response<CampaignResponse>, Status> {
-        ElectionService::campaign(self, req.into_inner())
+        let svc = ElectionService::new(self.recipes.for_caller(&req)?);
+        ElectionService::campaign(&svc, req.into_inner())
             .await
             .map(Response::new)
     }
@@ -218,7 +219,8 @@ impl Election for ElectionService {
         &self,
         req: Request<ProclaimRequest>,
     ) -> Result<Response<ProclaimResponse>, Status> {
-        ElectionService::proclaim(self, req.into_inner())
+        let svc = ElectionService::new(self.recipes.for_caller(&req)?);
+        ElectionService::proclaim(&svc, req.into_inner())
             .await
             .map(Response::new)
     }
@@ -227,7 +229,8 @@ impl Election for ElectionService {
         &self,
         req: Request<LeaderRequest>,
     ) -> Result<Response<LeaderResponse>, Status> {
-        ElectionService::leader(self, req.into_inner())
+        let svc = ElectionService::new(self.recipes.for_caller(&req)?);
+        ElectionService::leader(&svc, req.into_inner())
             .await
             .map(Response::new)
     }
@@ -237,8 +240,8 @@ impl Election for ElectionService {
         req: Request<LeaderRequest>,
     ) -> Result<Response<BoxStream<LeaderResponse>>, Status> {
         let (tx, rx) = mpsc::channel(16);
+        let service = ElectionService::new(self.recipes.for_caller(&req)?);
         let name = req.into_inner().name;
-        let service = self.clone();
         tokio::spawn(async move {
             let errors = tx.clone();
             if let Err(e) = service.observe_into(name, tx).await {
@@ -252,7 +255,8 @@ impl Election for ElectionService {
         &self,
         req: Request<ResignRequest>,
     ) -> Result<Response<ResignResponse>, Status> {
-        ElectionService::resign(self, req.into_inner())
+        let svc = ElectionService::new(self.recipes.for_caller(&req)?);
+        ElectionService::resign(&svc, req.into_inner())
             .await
             .map(Response::new)
     }

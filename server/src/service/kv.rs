@@ -10,6 +10,9 @@ use tessera_proto::etcdserverpb::{
 use tessera_proto::tessera::{raft_command::Request as Cmd, raft_result::Response as Res};
 use tonic::{Request, Response, Status};
 
+use crate::auth::store::AuthView;
+use crate::auth::{AuthInfo, PermType};
+use crate::errors::EtcdError;
 use crate::mvcc::apply::{self, ApplyError};
 use crate::node::{internal, Node};
 use crate::validate;
@@ -66,22 +69,54 @@ impl KvService {
 /// The KV requests, shared by the gRPC service, the JSON gateway and the
 /// lock and election services.
 impl KvService {
-    pub async fn do_range(&self, r: RangeRequest) -> Result<RangeResponse, Status> {
+    pub async fn do_range(
+        &self,
+        who: Option<&AuthInfo>,
+        r: RangeRequest,
+    ) -> Result<RangeResponse, Status> {
         validate::check_range(&r)?;
         if !r.serializable {
             self.node.read_barrier().await?;
         }
         self.node.metrics.inc(&self.node.metrics.ranges);
-        let txn = self.node.store.read_txn();
-        let mut resp = apply::range(&txn, &r).map_err(apply_error)?;
+        let mut resp = self.serialized(
+            who,
+            |view| view.check(who, &r.key, &r.range_end, PermType::Read),
+            || {
+                let txn = self.node.store.read_txn();
+                apply::range(&txn, &r).map_err(apply_error)
+            },
+        )?;
         resp.header = self.node.header(resp.header.map_or(0, |h| h.revision));
         Ok(resp)
     }
 
-    pub async fn do_put(&self, p: PutRequest) -> Result<PutResponse, Status> {
+    /// etcd's `doSerialize`: a read served from local state, after `check`
+    /// allowed it, and refused if the auth state moved while it ran.
+    fn serialized<T>(
+        &self,
+        who: Option<&AuthInfo>,
+        check: impl FnOnce(&AuthView) -> Result<(), EtcdError>,
+        read: impl FnOnce() -> Result<T, Status>,
+    ) -> Result<T, Status> {
+        check(&self.node.auth.store.view())?;
+        let out = read()?;
+        if let Some(who) = who.filter(|w| w.revision != 0) {
+            if who.revision != self.node.auth.store.view().state.revision {
+                return Err(EtcdError::AuthOldRevision.into());
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn do_put(
+        &self,
+        who: Option<&AuthInfo>,
+        p: PutRequest,
+    ) -> Result<PutResponse, Status> {
         validate::check_put(&p)?;
         self.node.check_quota(put_cost(&p)).await?;
-        match self.node.propose(Cmd::Put(p)).await? {
+        match self.node.propose_as(who, Cmd::Put(p)).await? {
             Res::Put(mut resp) => {
                 resp.header = self.node.header(resp.header.map_or(0, |h| h.revision));
                 Ok(resp)
@@ -92,10 +127,11 @@ impl KvService {
 
     pub async fn do_delete_range(
         &self,
+        who: Option<&AuthInfo>,
         d: DeleteRangeRequest,
     ) -> Result<DeleteRangeResponse, Status> {
         validate::check_delete(&d)?;
-        match self.node.propose(Cmd::DeleteRange(d)).await? {
+        match self.node.propose_as(who, Cmd::DeleteRange(d)).await? {
             Res::DeleteRange(mut resp) => {
                 resp.header = self.node.header(resp.header.map_or(0, |h| h.revision));
                 Ok(resp)
@@ -104,18 +140,28 @@ impl KvService {
         }
     }
 
-    pub async fn do_txn(&self, t: TxnRequest) -> Result<TxnResponse, Status> {
+    pub async fn do_txn(
+        &self,
+        who: Option<&AuthInfo>,
+        t: TxnRequest,
+    ) -> Result<TxnResponse, Status> {
         validate::check_txn(&t, self.node.config.max_txn_ops as usize)?;
         let mut resp = if apply::is_txn_read_only(&t) {
             if !txn_serializable(&t) {
                 self.node.read_barrier().await?;
             }
             self.node.metrics.inc(&self.node.metrics.txns);
-            let mut txn = self.node.store.read_txn();
-            apply::txn(&mut txn, &t).map_err(apply_error)?
+            self.serialized(
+                who,
+                |view| view.check_txn(who, &t),
+                || {
+                    let mut txn = self.node.store.read_txn();
+                    apply::txn(&mut txn, &t).map_err(apply_error)
+                },
+            )?
         } else {
             self.node.check_quota(txn_cost(&t)).await?;
-            match self.node.propose(Cmd::Txn(t)).await? {
+            match self.node.propose_as(who, Cmd::Txn(t)).await? {
                 Res::Txn(resp) => resp,
                 _ => return Err(unexpected()),
             }
@@ -124,9 +170,13 @@ impl KvService {
         Ok(resp)
     }
 
-    pub async fn do_compact(&self, c: CompactionRequest) -> Result<CompactionResponse, Status> {
+    pub async fn do_compact(
+        &self,
+        who: Option<&AuthInfo>,
+        c: CompactionRequest,
+    ) -> Result<CompactionResponse, Status> {
         // Compaction is applied synchronously, so `physical` needs no extra wait.
-        match self.node.propose(Cmd::Compaction(c)).await? {
+        match self.node.propose_as(who, Cmd::Compaction(c)).await? {
             Res::Compaction(mut resp) => {
                 resp.header = self.node.header(resp.header.map_or(0, |h| h.revision));
                 Ok(resp)
@@ -139,30 +189,43 @@ impl KvService {
 #[tonic::async_trait]
 impl Kv for KvService {
     async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
-        self.do_range(req.into_inner()).await.map(Response::new)
+        let who = self.node.caller(&req)?;
+        self.do_range(who.as_ref(), req.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        self.do_put(req.into_inner()).await.map(Response::new)
+        let who = self.node.caller(&req)?;
+        self.do_put(who.as_ref(), req.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn delete_range(
         &self,
         req: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
-        self.do_delete_range(req.into_inner())
+        let who = self.node.caller(&req)?;
+        self.do_delete_range(who.as_ref(), req.into_inner())
             .await
             .map(Response::new)
     }
 
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
-        self.do_txn(req.into_inner()).await.map(Response::new)
+        let who = self.node.caller(&req)?;
+        self.do_txn(who.as_ref(), req.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn compact(
         &self,
         req: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
-        self.do_compact(req.into_inner()).await.map(Response::new)
+        let who = self.node.caller(&req)?;
+        self.do_compact(who.as_ref(), req.into_inner())
+            .await
+            .map(Response::new)
     }
 }

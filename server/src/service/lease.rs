@@ -17,6 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::AuthInfo;
 use crate::errors::EtcdError;
 use crate::lessor::Renewal;
 use crate::node::{internal, Node};
@@ -45,12 +46,16 @@ impl LeaseService {
 /// Grants, revokes, renews and reads leases; shared by the gRPC service,
 /// the JSON gateway, and the lock and election services.
 impl LeaseService {
-    pub async fn grant(&self, mut r: LeaseGrantRequest) -> Result<LeaseGrantResponse, Status> {
+    pub async fn grant(
+        &self,
+        who: Option<&AuthInfo>,
+        mut r: LeaseGrantRequest,
+    ) -> Result<LeaseGrantResponse, Status> {
         self.node.check_quota(LEASE_OVERHEAD).await?;
         while r.id == 0 {
             r.id = self.node.next_request_id();
         }
-        match self.node.propose(Cmd::LeaseGrant(r)).await? {
+        match self.node.propose_as(who, Cmd::LeaseGrant(r)).await? {
             Res::LeaseGrant(mut resp) => {
                 resp.header = self.node.header(resp.header.map_or(0, |h| h.revision));
                 Ok(resp)
@@ -59,8 +64,14 @@ impl LeaseService {
         }
     }
 
-    pub async fn revoke(&self, r: LeaseRevokeRequest) -> Result<LeaseRevokeResponse, Status> {
-        match self.node.propose(Cmd::LeaseRevoke(r)).await? {
+    /// Revokes lease `r.id`; `who` must be allowed to write every key
+    /// attached to it (checked when applied, as in etcd).
+    pub async fn revoke(
+        &self,
+        who: Option<&AuthInfo>,
+        r: LeaseRevokeRequest,
+    ) -> Result<LeaseRevokeResponse, Status> {
+        match self.node.propose_as(who, Cmd::LeaseRevoke(r)).await? {
             Res::LeaseRevoke(mut resp) => {
                 resp.header = self.node.header(resp.header.map_or(0, |h| h.revision));
                 Ok(resp)
@@ -212,14 +223,20 @@ impl Lease for LeaseService {
         &self,
         req: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
-        self.grant(req.into_inner()).await.map(Response::new)
+        let who = self.node.caller(&req)?;
+        self.grant(who.as_ref(), req.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn lease_revoke(
         &self,
         req: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
-        self.revoke(req.into_inner()).await.map(Response::new)
+        let who = self.node.caller(&req)?;
+        self.revoke(who.as_ref(), req.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn lease_keep_alive(

@@ -61,10 +61,13 @@ impl LockService {
         let resp = self
             .recipes
             .kv
-            .do_delete_range(DeleteRangeRequest {
-                key: r.key,
-                ..Default::default()
-            })
+            .do_delete_range(
+                self.recipes.who(),
+                DeleteRangeRequest {
+                    key: r.key,
+                    ..Default::default()
+                },
+            )
             .await?;
         Ok(UnlockResponse {
             header: resp.header,
@@ -75,7 +78,8 @@ impl LockService {
 #[tonic::async_trait]
 impl Lock for LockService {
     async fn lock(&self, req: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
-        LockService::lock(self, req.into_inner())
+        let svc = LockService::new(self.recipes.for_caller(&req)?);
+        LockService::lock(&svc, req.into_inner())
             .await
             .map(Response::new)
     }
@@ -84,7 +88,8 @@ impl Lock for LockService {
         &self,
         req: Request<UnlockRequest>,
     ) -> Result<Response<UnlockResponse>, Status> {
-        LockService::unlock(self, req.into_inner())
+        let svc = LockService::new(self.recipes.for_caller(&req)?);
+        LockService::unlock(&svc, req.into_inner())
             .await
             .map(Response::new)
     }

@@ -16,8 +16,10 @@ use tessera_proto::etcdserverpb::{
 use tessera_proto::tessera::{raft_command::Request as Cmd, raft_result::Response as Res};
 use tonic::{Request, Response, Status};
 
+use crate::auth::Credentials;
 use crate::config::ETCD_VERSION;
 use crate::db::{self, STATE_MACHINE_CFS};
+use crate::errors::EtcdError;
 use crate::node::{internal, Node};
 use crate::snapshot;
 
@@ -39,11 +41,24 @@ fn alarm_name(alarm: i32) -> &'static str {
     AlarmType::try_from(alarm).map_or("UNKNOWN", |a| a.as_str_name())
 }
 
+impl MaintenanceService {
+    /// etcd's `authMaintenanceServer`: defragment, hash and snapshot are
+    /// for the root role when auth is on.
+    /// etcd returns these errors untranslated (code Unknown, auth texts).
+    fn require_admin<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let auth = &self.node.auth;
+        auth.identify(&Credentials::of(req))
+            .and_then(|who| auth.store.view().check_admin(who.as_ref()))
+            .map_err(EtcdError::untranslated)
+    }
+}
+
 type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
     async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        let who = self.node.caller(&req)?;
         let a = req.into_inner();
         let mut resp = if a.action == AlarmAction::Get as i32 {
             let filter = AlarmType::try_from(a.alarm).unwrap_or(AlarmType::None);
@@ -52,7 +67,7 @@ impl Maintenance for MaintenanceService {
                 alarms: self.node.alarms.list(filter),
             }
         } else {
-            match self.node.propose(Cmd::Alarm(a)).await? {
+            match self.node.propose_as(who.as_ref(), Cmd::Alarm(a)).await? {
                 Res::Alarm(r) => r,
                 _ => {
                     return Err(Status::internal(
@@ -109,8 +124,9 @@ impl Maintenance for MaintenanceService {
 
     async fn defragment(
         &self,
-        _req: Request<DefragmentRequest>,
+        req: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
+        self.require_admin(&req)?;
         // RocksDB compacts in the background: reads and writes go on meanwhile.
         let store = self.node.store.clone();
         let before = db::total_size(store.db());
@@ -134,7 +150,8 @@ impl Maintenance for MaintenanceService {
         }))
     }
 
-    async fn hash(&self, _req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+    async fn hash(&self, req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        self.require_admin(&req)?;
         let store = self.node.store.clone();
         let (hash, rev) = tokio::task::spawn_blocking(move || store.hash_all())
             .await
@@ -150,6 +167,7 @@ impl Maintenance for MaintenanceService {
         &self,
         req: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
+        self.require_admin(&req)?;
         let rev = req.into_inner().revision;
         let store = self.node.store.clone();
         let (hash, cur, compact) = tokio::task::spawn_blocking(move || store.hash_kv(rev))
@@ -165,8 +183,9 @@ impl Maintenance for MaintenanceService {
 
     async fn snapshot(
         &self,
-        _req: Request<SnapshotRequest>,
+        req: Request<SnapshotRequest>,
     ) -> Result<Response<SnapshotStream>, Status> {
+        self.require_admin(&req)?;
         let store = self.node.store.clone();
         let header = self.node.header(0);
         let dump = tokio::task::spawn_blocking(move || snapshot::dump(store.db()))

@@ -16,6 +16,7 @@ use tonic::Status;
 use super::kv::KvService;
 use super::lease::LeaseService;
 use super::watch::InternalWatch;
+use crate::auth::AuthInfo;
 use crate::mvcc::encoding::{prefix_range_end, KeyRange};
 use crate::node::Node;
 
@@ -27,6 +28,9 @@ pub struct Recipes {
     pub node: Arc<Node>,
     pub kv: KvService,
     lease: LeaseService,
+    /// Whose rights the recipe's reads and writes run with (etcd's v3lock
+    /// and v3election act with the caller's credentials).
+    who: Option<AuthInfo>,
 }
 
 /// `prefix` followed by the lease id the way Go's `%x` prints it.
@@ -122,7 +126,20 @@ impl Recipes {
             kv: KvService::new(node.clone()),
             lease: LeaseService::new(node.clone()),
             node,
+            who: None,
         }
+    }
+
+    /// These recipes acting for the caller of `req`.
+    pub fn for_caller<T>(&self, req: &tonic::Request<T>) -> Result<Recipes, Status> {
+        Ok(Recipes {
+            who: self.node.caller(req)?,
+            ..self.clone()
+        })
+    }
+
+    pub fn who(&self) -> Option<&AuthInfo> {
+        self.who.as_ref()
     }
 
     /// The lease a contender uses: the one asked for, or a new one with
@@ -133,10 +150,13 @@ impl Recipes {
         }
         let granted = self
             .lease
-            .grant(LeaseGrantRequest {
-                ttl: SESSION_TTL,
-                id: 0,
-            })
+            .grant(
+                self.who(),
+                LeaseGrantRequest {
+                    ttl: SESSION_TTL,
+                    id: 0,
+                },
+            )
             .await?;
         Ok(granted.id)
     }
@@ -148,11 +168,14 @@ impl Recipes {
         failure: Vec<RequestOp>,
     ) -> Result<TxnResponse, Status> {
         self.kv
-            .do_txn(TxnRequest {
-                compare,
-                success,
-                failure,
-            })
+            .do_txn(
+                self.who(),
+                TxnRequest {
+                    compare,
+                    success,
+                    failure,
+                },
+            )
             .await
     }
 
@@ -167,7 +190,7 @@ impl Recipes {
         loop {
             let resp = self
                 .kv
-                .do_range(by_create(prefix, false, max_create_rev))
+                .do_range(self.who(), by_create(prefix, false, max_create_rev))
                 .await?;
             let Some(last) = resp.kvs.first() else {
                 return Ok(resp.header);
@@ -201,7 +224,10 @@ impl Recipes {
         &self,
         prefix: &[u8],
     ) -> Result<(Option<ResponseHeader>, Option<KeyValue>), Status> {
-        let resp = self.kv.do_range(by_create(prefix, true, 0)).await?;
+        let resp = self
+            .kv
+            .do_range(self.who(), by_create(prefix, true, 0))
+            .await?;
         Ok((resp.header, resp.kvs.into_iter().next()))
     }
 }

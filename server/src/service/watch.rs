@@ -26,6 +26,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{Credentials, PermType};
 use crate::errors::EtcdError;
 use crate::mvcc::encoding::KeyRange;
 use crate::node::Node;
@@ -65,8 +66,10 @@ impl Watch for WatchService {
             return Err(EtcdError::NoLeader.into());
         }
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let creds = Credentials::of(&req);
         tokio::spawn(serve_stream(
             self.node.clone(),
+            creds,
             req.into_inner(),
             tx.clone(),
         ));
@@ -165,6 +168,7 @@ struct Watcher {
 /// Shared by the gRPC service and the JSON gateway.
 pub async fn serve_stream(
     node: Arc<Node>,
+    creds: Credentials,
     mut inbound: impl Stream<Item = Result<WatchRequest, Status>> + Unpin,
     tx: Outbound,
 ) {
@@ -188,7 +192,7 @@ pub async fn serve_stream(
         watchers.retain(|_, w| !w.task.is_finished());
         let sent = match req.request_union {
             Some(RequestUnion::CreateRequest(c)) => {
-                create(&node, c, &mut watchers, &mut next_id, &tx).await
+                create(&node, &creds, c, &mut watchers, &mut next_id, &tx).await
             }
             Some(RequestUnion::CancelRequest(c)) => match watchers.remove(&c.watch_id) {
                 Some(w) => {
@@ -233,6 +237,7 @@ pub async fn serve_stream(
 /// Handles a create request; returns false when the client is gone.
 async fn create(
     node: &Arc<Node>,
+    creds: &Credentials,
     c: WatchCreateRequest,
     watchers: &mut HashMap<i64, Watcher>,
     next_id: &mut i64,
@@ -245,6 +250,31 @@ async fn create(
     };
     let range = KeyRange::new(&key, &c.range_end);
     let current = node.store.current_rev();
+    // etcd checks read permission on every create (so an expired token
+    // refuses new watchers on a live stream); a refusal cancels only it.
+    let permitted = node.auth.identify(creds).and_then(|who| {
+        node.auth
+            .store
+            .view()
+            .check(who.as_ref(), &key, &c.range_end, PermType::Read)
+    });
+    if let Err(e) = permitted {
+        let status = tonic::Status::from(e);
+        let refused = WatchResponse {
+            header: node.header(current),
+            watch_id: INVALID_WATCH_ID,
+            created: true,
+            canceled: true,
+            // etcd puts the gRPC error's Go string here.
+            cancel_reason: format!(
+                "rpc error: code = {:?} desc = {}",
+                status.code(),
+                status.message()
+            ),
+            ..Default::default()
+        };
+        return tx.send(Ok(refused)).await.is_ok();
+    }
     let id = match &range {
         KeyRange::Between(k, e) if k >= e => Err("mvcc: watcher range is empty"),
         _ if c.watch_id == 0 => {

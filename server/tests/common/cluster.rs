@@ -17,6 +17,8 @@ pub struct Member {
     pub peer_port: u16,
     pub data_dir: PathBuf,
     pub log_path: PathBuf,
+    /// `http` or `https` for the peer URL.
+    pub peer_scheme: &'static str,
     /// Everything after the binary name.
     args: Vec<String>,
     child: Option<Process>,
@@ -31,6 +33,7 @@ impl Member {
             peer_port: free_port(),
             data_dir: dir.join(name),
             log_path: dir.join(format!("{name}.log")),
+            peer_scheme: "http",
             args: Vec::new(),
             child: None,
         }
@@ -45,7 +48,7 @@ impl Member {
     }
 
     pub fn peer_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.peer_port)
+        format!("{}://127.0.0.1:{}", self.peer_scheme, self.peer_port)
     }
 
     /// Sets the flags: etcd's clustering flags for `initial_cluster` and
@@ -149,8 +152,26 @@ impl Cluster {
     /// Starts `n` members named m1..mn in `dir`, each with `extra` flags, and
     /// waits until all serve and one leads.
     pub async fn start(n: usize, dir: &Path, extra: &[&str]) -> Cluster {
+        Self::start_with_peer_scheme(n, dir, extra, "http").await
+    }
+
+    /// Like `start`, with `https://` peer URLs (`extra` holds the peer TLS flags).
+    pub async fn start_peer_tls(n: usize, dir: &Path, extra: &[&str]) -> Cluster {
+        Self::start_with_peer_scheme(n, dir, extra, "https").await
+    }
+
+    async fn start_with_peer_scheme(
+        n: usize,
+        dir: &Path,
+        extra: &[&str],
+        peer_scheme: &'static str,
+    ) -> Cluster {
         let mut members: Vec<Member> = (1..=n)
-            .map(|i| Member::new(&format!("m{i}"), dir))
+            .map(|i| {
+                let mut m = Member::new(&format!("m{i}"), dir);
+                m.peer_scheme = peer_scheme;
+                m
+            })
             .collect();
         let initial_cluster = members
             .iter()

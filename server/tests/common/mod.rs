@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod pki;
 pub mod process;
 
 use std::net::TcpListener;
@@ -33,6 +34,8 @@ pub struct Server {
     pub peer_port: u16,
     pub data_dir: PathBuf,
     pub log_path: PathBuf,
+    /// `http` or `https` for the client URL.
+    pub scheme: &'static str,
     extra: Vec<String>,
     child: Option<Process>,
 }
@@ -67,11 +70,26 @@ impl Server {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("{}://127.0.0.1:{}", self.scheme, self.port)
     }
 
     /// Starts a server of `kind` in `dir` (data in `dir/data`, log in `dir/<kind>.log`).
     pub async fn start(kind: Kind, dir: &Path, extra: &[&str]) -> Server {
+        Self::start_with_scheme(kind, dir, extra, "http").await
+    }
+
+    /// Like `start`, with an `https://` client URL (`extra` holds the TLS
+    /// flags). Ready once the server logs that it serves.
+    pub async fn start_tls(kind: Kind, dir: &Path, extra: &[&str]) -> Server {
+        Self::start_with_scheme(kind, dir, extra, "https").await
+    }
+
+    async fn start_with_scheme(
+        kind: Kind,
+        dir: &Path,
+        extra: &[&str],
+        scheme: &'static str,
+    ) -> Server {
         std::fs::create_dir_all(dir).unwrap();
         let mut s = Server {
             kind,
@@ -79,6 +97,7 @@ impl Server {
             peer_port: free_port(),
             data_dir: dir.join("data"),
             log_path: dir.join(format!("{kind:?}.log").to_lowercase()),
+            scheme,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
         };
@@ -110,17 +129,25 @@ impl Server {
         self.wait_ready().await;
     }
 
-    /// Polls Status until the server answers (30 s at most).
+    /// Polls Status until the server answers (30 s at most); a TLS server,
+    /// which this plaintext client cannot ask, until it logs the ready line.
     pub async fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.as_mut().and_then(Process::exited) {
                 panic!("{:?} exited with {status}; log:\n{}", self.kind, self.log());
             }
-            let mut m = self.maintenance().await;
-            let status = tokio::time::timeout(Duration::from_secs(2), m.status(StatusRequest {}));
-            if matches!(status.await, Ok(Ok(_))) {
-                return;
+            if self.scheme == "https" {
+                if self.log().contains("ready to serve client requests") {
+                    return;
+                }
+            } else {
+                let mut m = self.maintenance().await;
+                let status =
+                    tokio::time::timeout(Duration::from_secs(2), m.status(StatusRequest {}));
+                if matches!(status.await, Ok(Ok(_))) {
+                    return;
+                }
             }
             assert!(
                 Instant::now() < deadline,
