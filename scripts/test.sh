@@ -4,7 +4,8 @@
 #
 # The suite runs twice: once with the WAL's default I/O (io_uring when the
 # kernel allows it) and once with io_uring forced off (TESSERA_WAL_IO=syscall),
-# so both ways to the disk are covered.
+# so both ways to the disk are covered. Then each fuzz target runs for a
+# bounded time (scripts/fuzz.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/prereqs.sh test
@@ -31,6 +32,13 @@ for wal_io in auto syscall; do
     if [ "$pass_status" -ne 0 ]; then status=$pass_status; fi
     if [ "$bench_status" -ne 0 ]; then status=$bench_status; fi
 done
+# Coverage-guided fuzzing of request validation and WAL recovery, bounded
+# (FUZZ_SECONDS each, 60 by default): any crash fails the run.
+set +e
+scripts/fuzz.sh 2>&1 | tee -a "$log"
+fuzz_status=${PIPESTATUS[0]}
+set -e
+if [ "$fuzz_status" -ne 0 ]; then status=$fuzz_status; fi
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "tests: %d passed, %d failed (both WAL I/O modes)\n", p, f }' "$log"

@@ -18,7 +18,10 @@ pub const ETCD_CLUSTER_VERSION: &str = "3.5.0";
 #[command(
     name = "tessera",
     about = "An etcd v3-compatible datastore on openraft and RocksDB",
-    disable_version_flag = true
+    disable_version_flag = true,
+    // Go's flag package: a flag given twice takes its last value (so
+    // `scripts/start.sh --listen-client-urls ...` overrides the default).
+    args_override_self = true
 )]
 pub struct Config {
     /// Human-readable name for this member.
@@ -775,6 +778,17 @@ mod tests {
         let dup = "--initial-cluster=a=http://127.0.0.1:1,b=http://127.0.0.1:1";
         let c = parse(&["--name=a", dup]).unwrap().config;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn a_repeated_flag_takes_its_last_value_as_in_go() {
+        let c = parse(&[
+            "--listen-client-urls=http://127.0.0.1:1",
+            "--listen-client-urls=https://127.0.0.1:2",
+        ])
+        .unwrap()
+        .config;
+        assert_eq!(c.listen_client_urls, "https://127.0.0.1:2");
     }
 
     #[test]

@@ -64,8 +64,13 @@ async fn logs_ready_line_and_warns_about_ignored_flags() {
 async fn environment_variables_configure_like_flags() {
     let dir = tempfile::tempdir().unwrap();
     let port = common::free_port();
+    let peer = format!("http://127.0.0.1:{}", common::free_port());
     let mut child = Command::new(TESSERA)
         .env("ETCD_NAME", "envnode")
+        // Not etcd's default peer port: another server may hold it.
+        .env("ETCD_LISTEN_PEER_URLS", &peer)
+        .env("ETCD_INITIAL_ADVERTISE_PEER_URLS", &peer)
+        .env("ETCD_INITIAL_CLUSTER", format!("envnode={peer}"))
         .env("ETCD_DATA_DIR", dir.path().join("d"))
         .env(
             "ETCD_LISTEN_CLIENT_URLS",
