@@ -105,5 +105,9 @@ fuzz_target!(|data: &[u8]| {
     let again = Wal::open(dir.path(), options(), tag_of).expect("reopen");
     let mut expected = recovered;
     expected.push(next);
-    assert_eq!(data_records(&again.records), expected, "the appended record was lost");
+    assert_eq!(
+        data_records(&again.records),
+        expected,
+        "the appended record was lost"
+    );
 });
