@@ -16,6 +16,8 @@ if [ "$want" = test ]; then
   command -v protoc >/dev/null 2>&1 || pkgs+=(protobuf-compiler)
   # the JSON gateway tests send their requests with curl
   command -v curl >/dev/null 2>&1 || pkgs+=(curl)
+  # the TLS tests probe ports with openssl s_client; the JWT test makes keys
+  command -v openssl >/dev/null 2>&1 || pkgs+=(openssl)
 fi
 if [ ${#pkgs[@]} -gt 0 ]; then
   echo "installing: ${pkgs[*]}" >&2

@@ -346,7 +346,7 @@ impl Config {
             key_file: given(&self.key_file),
             trusted_ca_file: given(&self.trusted_ca_file),
             client_cert_auth: self.client_cert_auth,
-            flags: ("--cert-file", "--key-file", "--trusted-ca-file"),
+            flags: crate::tls::CLIENT_FLAGS,
         }
     }
 
@@ -357,11 +357,7 @@ impl Config {
             key_file: given(&self.peer_key_file),
             trusted_ca_file: given(&self.peer_trusted_ca_file),
             client_cert_auth: self.peer_client_cert_auth,
-            flags: (
-                "--peer-cert-file",
-                "--peer-key-file",
-                "--peer-trusted-ca-file",
-            ),
+            flags: crate::tls::PEER_FLAGS,
         }
     }
 

@@ -278,12 +278,7 @@ pub async fn serve(node: Arc<Node>) -> anyhow::Result<()> {
                 tokio::spawn(server.serve_with_incoming(incoming))
             }
             _ => {
-                if tls_files.has_identity() {
-                    tracing::warn!(url = %listen.url, "scheme is HTTP while key and cert files are present; ignoring key and cert files");
-                }
-                if tls_files.client_cert_auth {
-                    tracing::warn!(url = %listen.url, "scheme is HTTP while --peer-client-cert-auth is enabled; ignoring client cert auth for this URL");
-                }
+                crate::tls::warn_unused(&tls_files, &listen.url);
                 tracing::info!(%addr, "serving peer traffic insecurely");
                 let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
                 tokio::spawn(server.serve_with_incoming(incoming))

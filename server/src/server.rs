@@ -69,6 +69,28 @@ async fn unknown_path(req: axum::extract::Request) -> axum::response::Response {
     }
 }
 
+/// Serves `app` on `listener` until `stopped`, with each connection's
+/// [`ClientConn`] in the request extensions.
+fn serve_on<L>(
+    listener: L,
+    app: axum::Router,
+    stopped: impl std::future::Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<std::io::Result<()>>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+    for<'a> ClientConn: axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
+{
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<ClientConn>(),
+        )
+        .with_graceful_shutdown(stopped)
+        .await
+    })
+}
+
 /// Binds every `--listen-client-urls` address and serves until `shutdown`:
 /// `https://` URLs over TLS with the `--cert-file` identity, `http://` ones
 /// in plaintext (h2c and HTTP/1.1 on one port, as etcd).
@@ -97,38 +119,19 @@ pub async fn serve(
             let _ = stop.wait_for(|s| *s).await;
         };
         let app = app.clone();
-        match (&tls, listen.tls) {
+        let task = match (&tls, listen.tls) {
             (Some(config), true) => {
                 tracing::info!(%addr, client_cert_auth = tls_files.requires_client_cert(), "serving client traffic over TLS (gRPC and HTTP)");
                 let listener = crate::tls::TlsListener::new(listener, config.clone())?;
-                tasks.push(tokio::spawn(async move {
-                    axum::serve(
-                        listener,
-                        app.into_make_service_with_connect_info::<ClientConn>(),
-                    )
-                    .with_graceful_shutdown(stopped)
-                    .await
-                }));
+                serve_on(listener, app, stopped)
             }
             _ => {
-                if tls_files.has_identity() {
-                    tracing::warn!(url = %listen.url, "scheme is HTTP while key and cert files are present; ignoring key and cert files");
-                }
-                if tls_files.client_cert_auth {
-                    tracing::warn!(url = %listen.url, "scheme is HTTP while --client-cert-auth is enabled; ignoring client cert auth for this URL");
-                }
+                crate::tls::warn_unused(&tls_files, &listen.url);
                 tracing::info!(%addr, "serving client traffic insecurely (gRPC and HTTP)");
-                let listener = crate::tls::PlainListener(listener);
-                tasks.push(tokio::spawn(async move {
-                    axum::serve(
-                        listener,
-                        app.into_make_service_with_connect_info::<ClientConn>(),
-                    )
-                    .with_graceful_shutdown(stopped)
-                    .await
-                }));
+                serve_on(crate::tls::PlainListener(listener), app, stopped)
             }
-        }
+        };
+        tasks.push(task);
     }
     tracing::info!("ready to serve client requests");
     shutdown.await;

@@ -30,19 +30,19 @@ const ACCEPT_BACKLOG: usize = 128;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {flag} {path}: {source}")]
+    #[error("cannot read {flag} {path}: {error}")]
     Read {
         flag: &'static str,
         path: PathBuf,
-        source: rustls::pki_types::pem::Error,
+        error: rustls::pki_types::pem::Error,
     },
     #[error("{flag} {path} holds no certificate")]
     NoCertificate { flag: &'static str, path: PathBuf },
-    #[error("{flag} {path}: {source}")]
+    #[error("{flag} {path}: {error}")]
     BadCertificate {
         flag: &'static str,
         path: PathBuf,
-        source: rustls::Error,
+        error: rustls::Error,
     },
     #[error("unexpected TLS cipher suite {0:?}")]
     UnknownCipherSuite(String),
@@ -65,9 +65,34 @@ pub struct TlsFiles {
     pub trusted_ca_file: Option<PathBuf>,
     /// `--client-cert-auth` / `--peer-client-cert-auth`.
     pub client_cert_auth: bool,
-    /// The flag names, for messages: (cert, key, ca).
-    pub flags: (&'static str, &'static str, &'static str),
+    /// The flag names, for messages.
+    pub flags: TlsFlags,
 }
+
+/// The names of one side's TLS flags.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TlsFlags {
+    pub cert: &'static str,
+    pub key: &'static str,
+    pub ca: &'static str,
+    pub client_cert_auth: &'static str,
+}
+
+/// `--cert-file`, `--key-file`, `--trusted-ca-file`, `--client-cert-auth`.
+pub const CLIENT_FLAGS: TlsFlags = TlsFlags {
+    cert: "--cert-file",
+    key: "--key-file",
+    ca: "--trusted-ca-file",
+    client_cert_auth: "--client-cert-auth",
+};
+
+/// The `--peer-*` counterparts.
+pub const PEER_FLAGS: TlsFlags = TlsFlags {
+    cert: "--peer-cert-file",
+    key: "--peer-key-file",
+    ca: "--peer-trusted-ca-file",
+    client_cert_auth: "--peer-client-cert-auth",
+};
 
 impl TlsFiles {
     /// Whether a certificate and key are configured (etcd's `!TLSInfo.Empty()`).
@@ -81,43 +106,58 @@ impl TlsFiles {
     }
 
     fn identity(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
-        let (cert_flag, key_flag, _) = self.flags;
+        let TlsFlags {
+            cert: cert_flag,
+            key: key_flag,
+            ..
+        } = self.flags;
         let (Some(cert), Some(key)) = (&self.cert_file, &self.key_file) else {
             return Err(TlsError::Config(format!(
                 "{cert_flag} and {key_flag} must both be given"
             )));
         };
         let certs = read_certs(cert_flag, cert)?;
-        let key = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::Read {
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|error| TlsError::Read {
             flag: key_flag,
             path: key.clone(),
-            source,
+            error,
         })?;
         Ok((certs, key))
     }
 
     fn roots(&self) -> Result<Option<RootCertStore>, TlsError> {
-        let flag = self.flags.2;
+        let flag = self.flags.ca;
         let Some(path) = &self.trusted_ca_file else {
             return Ok(None);
         };
         let mut roots = RootCertStore::empty();
         for cert in read_certs(flag, path)? {
-            roots.add(cert).map_err(|source| TlsError::BadCertificate {
+            roots.add(cert).map_err(|error| TlsError::BadCertificate {
                 flag,
                 path: path.clone(),
-                source,
+                error,
             })?;
         }
         Ok(Some(roots))
     }
 }
 
+/// etcd's warnings for TLS settings an `http://` URL does not use.
+pub fn warn_unused(files: &TlsFiles, url: &str) {
+    if files.has_identity() {
+        tracing::warn!(%url, "scheme is HTTP while key and cert files are present; ignoring key and cert files");
+    }
+    if files.client_cert_auth {
+        let flag = files.flags.client_cert_auth;
+        tracing::warn!(%url, "scheme is HTTP while {flag} is enabled; ignoring client cert auth for this URL");
+    }
+}
+
 fn read_certs(flag: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let read_err = |source| TlsError::Read {
+    let read_err = |error| TlsError::Read {
         flag,
         path: path.to_path_buf(),
-        source,
+        error,
     };
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(read_err)?
@@ -238,24 +278,24 @@ pub fn server_config(
         let Some(roots) = files.roots()? else {
             return Err(TlsError::Config(format!(
                 "client certificate authentication needs {} to verify client certificates",
-                files.flags.2
+                files.flags.ca
             )));
         };
         let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
             .build()
-            .map_err(|e| TlsError::Config(format!("{}: {e}", files.flags.2)))?;
+            .map_err(|e| TlsError::Config(format!("{}: {e}", files.flags.ca)))?;
         builder.with_client_cert_verifier(verifier)
     } else {
         builder.with_no_client_auth()
     };
-    let (cert_flag, ..) = files.flags;
+    let cert_flag = files.flags.cert;
     let mut config =
         builder
             .with_single_cert(certs, key)
-            .map_err(|source| TlsError::BadCertificate {
+            .map_err(|error| TlsError::BadCertificate {
                 flag: cert_flag,
                 path: files.cert_file.clone().unwrap_or_default(),
-                source,
+                error,
             })?;
     // gRPC needs h2; HTTP/1.1 serves the JSON gateway, /health and /metrics.
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -268,7 +308,7 @@ pub fn server_config(
 /// now, so a bad one stops the start instead of every later connection.
 pub fn peer_client_config(files: &TlsFiles) -> Result<tonic::transport::ClientTlsConfig, TlsError> {
     use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-    let ca_flag = files.flags.2;
+    let ca_flag = files.flags.ca;
     let Some(ca) = &files.trusted_ca_file else {
         return Err(TlsError::Config(format!(
             "https peer URLs need {ca_flag} to verify the other members"
@@ -279,7 +319,7 @@ pub fn peer_client_config(files: &TlsFiles) -> Result<tonic::transport::ClientTl
         std::fs::read(path).map_err(|e| TlsError::Read {
             flag,
             path: path.to_path_buf(),
-            source: rustls::pki_types::pem::Error::Io(e),
+            error: rustls::pki_types::pem::Error::Io(e),
         })
     };
     let mut config =
@@ -287,8 +327,8 @@ pub fn peer_client_config(files: &TlsFiles) -> Result<tonic::transport::ClientTl
     if let (Some(cert), Some(key)) = (&files.cert_file, &files.key_file) {
         files.identity()?;
         config = config.identity(Identity::from_pem(
-            read(files.flags.0, cert)?,
-            read(files.flags.1, key)?,
+            read(files.flags.cert, cert)?,
+            read(files.flags.key, key)?,
         ));
     }
     Ok(config)
@@ -511,7 +551,7 @@ mod tests {
         let files = TlsFiles {
             cert_file: Some("/nonexistent/server.crt".into()),
             key_file: Some("/nonexistent/server.key".into()),
-            flags: ("--cert-file", "--key-file", "--trusted-ca-file"),
+            flags: CLIENT_FLAGS,
             ..Default::default()
         };
         let err = server_config(&files, provider(&[]).unwrap())

@@ -307,15 +307,20 @@ async fn auth_survives_restart_and_tokens_do_not() {
     let mut server = Server::start(Kind::Tessera, dir.path(), &["--bcrypt-cost=4"]).await;
     let (mut alice, _root) = limited_user(&server).await;
     alice.put("/app/a", "1", None).await.unwrap();
-    let token = {
-        let c = server.client().await;
-        c.auth_client()
-            .authenticate("alice".into(), "alicepw".into())
-            .await
-            .unwrap()
-            .token()
-            .to_string()
-    };
+    // A token from the gateway's /v3/auth/authenticate.
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-X",
+            "POST",
+            "-d",
+            r#"{"name":"alice","password":"alicepw"}"#,
+        ])
+        .arg(format!("{}/v3/auth/authenticate", server.url()))
+        .output()
+        .unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let token = body["token"].as_str().expect("a token").to_string();
     // The gateway takes the token in the Authorization header.
     let url = server.url();
     let gateway = |token: &str| {
