@@ -1,7 +1,8 @@
 //! `tessera-bench`: load generators and side-by-side comparisons with etcd.
 //!
 //! - `tessera-bench`: etcd's `benchmark` tool, same subcommands and flags
-//!   ([`workload`]), driven by [`load`] and reported by [`report`];
+//!   ([`workload`]), driven by [`load`] over lean HTTP/2 connections
+//!   ([`unary`]) and reported by [`report`];
 //! - `bench-compare`: tessera and etcd started in turn with the same flags,
 //!   the same workloads run against each, ratios written to BENCHMARKS.md;
 //! - `watch-rss`: resident memory of a server holding many idle watchers
@@ -11,4 +12,5 @@ pub mod load;
 pub mod progress;
 pub mod report;
 pub mod server;
+pub mod unary;
 pub mod workload;

@@ -9,10 +9,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use hyper_util::rt::TokioIo;
+use tessera_proto::coalesce::CoalescedIo;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::progress::Progress;
 use crate::report::{Results, Stats};
+use crate::unary::UnaryConn;
 
 /// Connections and clients, as the global flags of etcd's benchmark set them.
 #[derive(Clone, Debug)]
@@ -23,30 +26,74 @@ pub struct Target {
 }
 
 impl Target {
-    /// Opens `conns` connections, spread round-robin over the endpoints.
-    pub async fn connect(&self) -> anyhow::Result<Vec<Channel>> {
+    fn check(&self) -> anyhow::Result<()> {
         anyhow::ensure!(!self.endpoints.is_empty(), "no --endpoints given");
         anyhow::ensure!(self.conns > 0, "--conns must be at least 1");
         anyhow::ensure!(self.clients > 0, "--clients must be at least 1");
+        if let Some(ep) = self.endpoints.iter().find(|e| e.starts_with("https://")) {
+            anyhow::bail!("TLS endpoints are not supported by the load generator: {ep}");
+        }
+        Ok(())
+    }
+
+    /// The endpoint connection `i` goes to: round-robin over them.
+    fn endpoint(&self, i: usize) -> &str {
+        &self.endpoints[i % self.endpoints.len()]
+    }
+
+    /// Opens `conns` lean connections for unary calls (see [`UnaryConn`]).
+    pub async fn connect_unary(&self) -> anyhow::Result<Vec<UnaryConn>> {
+        self.check()?;
+        let mut conns = Vec::with_capacity(self.conns);
+        for i in 0..self.conns {
+            conns.push(UnaryConn::connect(self.endpoint(i)).await?);
+        }
+        Ok(conns)
+    }
+
+    /// Opens `conns` tonic channels, for the streaming workloads.
+    pub async fn connect(&self) -> anyhow::Result<Vec<Channel>> {
+        self.check()?;
         let mut channels = Vec::with_capacity(self.conns);
         for i in 0..self.conns {
-            let ep = &self.endpoints[i % self.endpoints.len()];
+            let ep = self.endpoint(i);
             let url = if ep.contains("://") {
-                ep.clone()
+                ep.to_string()
             } else {
                 format!("http://{ep}")
             };
-            let channel = Endpoint::from_shared(url.clone())
-                .with_context(|| format!("bad endpoint {ep}"))?
-                .tcp_nodelay(true)
-                .connect_timeout(Duration::from_secs(5))
-                .connect()
-                .await
-                .with_context(|| format!("cannot connect to {url}"))?;
+            let endpoint =
+                Endpoint::from_shared(url.clone()).with_context(|| format!("bad endpoint {ep}"))?;
+            let channel = tokio::time::timeout(
+                Duration::from_secs(5),
+                endpoint.connect_with_connector(tower::service_fn(coalesced_tcp)),
+            )
+            .await
+            .map_err(|_| anyhow::anyhow!("timed out"))
+            .and_then(|r| r.map_err(anyhow::Error::from))
+            .with_context(|| format!("cannot connect to {url}"))?;
             channels.push(channel);
         }
         Ok(channels)
     }
+}
+
+/// A TCP connection to `uri` whose writes are coalesced: the requests of
+/// the clients sharing a connection go out together instead of one segment
+/// (and one server wakeup) each, as a Go gRPC client batches its writes.
+async fn coalesced_tcp(
+    uri: tonic::transport::Uri,
+) -> std::io::Result<TokioIo<CoalescedIo<tokio::net::TcpStream>>> {
+    // An IPv6 host comes bracketed, as in the URI.
+    let host = uri
+        .host()
+        .unwrap_or("127.0.0.1")
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(2379);
+    let tcp = tokio::net::TcpStream::connect((host, port)).await?;
+    tcp.set_nodelay(true)?;
+    Ok(TokioIo::new(CoalescedIo::new(tcp)))
 }
 
 /// Spaces calls at most `rate` per second across all clients (0: no limit).
@@ -82,54 +129,55 @@ impl RateLimiter {
 pub type Outcome = (usize, Result<(), String>);
 pub type CallFuture = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
-/// Runs request number `i` on connection `channel`.
-pub trait Call: Send + Sync + 'static {
-    fn call(&self, channel: Channel, i: u64) -> CallFuture;
+/// Runs request number `i` on connection `conn` (a tonic [`Channel`] for
+/// the streaming workloads, a [`UnaryConn`] for the unary ones).
+pub trait Call<C>: Send + Sync + 'static {
+    fn call(&self, conn: &C, i: u64) -> CallFuture;
 }
 
-impl<F> Call for F
+impl<C, F> Call<C> for F
 where
-    F: Fn(Channel, u64) -> CallFuture + Send + Sync + 'static,
+    F: Fn(&C, u64) -> CallFuture + Send + Sync + 'static,
 {
-    fn call(&self, channel: Channel, i: u64) -> CallFuture {
-        self(channel, i)
+    fn call(&self, conn: &C, i: u64) -> CallFuture {
+        self(conn, i)
     }
 }
 
 /// Issues `total` calls from `clients` concurrent callers (caller `c` uses
 /// connection `c % conns`), timing each; returns one [`Stats`] per kind of
 /// call in `kinds` (most workloads have one, `txn-mixed` reads and writes).
-pub async fn run(
+pub async fn run<C: Clone + Send + 'static>(
     kinds: &[&str],
-    channels: &[Channel],
+    conns: &[C],
     clients: usize,
     total: u64,
     rate: u64,
-    call: impl Call,
+    call: impl Call<C>,
 ) -> Vec<Stats> {
-    drive(kinds, channels, clients, total, rate, Arc::default(), call).await
+    drive(kinds, conns, clients, total, rate, Arc::default(), call).await
 }
 
 /// Like [`run`] with no request limit: calls until `stop` is set.
-pub async fn run_until(
+pub async fn run_until<C: Clone + Send + 'static>(
     kind: &str,
-    channels: &[Channel],
+    conns: &[C],
     clients: usize,
     stop: Arc<AtomicBool>,
-    call: impl Call,
+    call: impl Call<C>,
 ) -> Stats {
-    let mut stats = drive(&[kind], channels, clients, u64::MAX, 0, stop, call).await;
+    let mut stats = drive(&[kind], conns, clients, u64::MAX, 0, stop, call).await;
     stats.remove(0)
 }
 
-async fn drive(
+async fn drive<C: Clone + Send + 'static>(
     kinds: &[&str],
-    channels: &[Channel],
+    conns: &[C],
     clients: usize,
     total: u64,
     rate: u64,
     stop: Arc<AtomicBool>,
-    call: impl Call,
+    call: impl Call<C>,
 ) -> Vec<Stats> {
     let op = kinds.join("+");
     let nkinds = kinds.len();
@@ -140,7 +188,7 @@ async fn drive(
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(clients);
     for c in 0..clients {
-        let channel = channels[c % channels.len()].clone();
+        let conn = conns[c % conns.len()].clone();
         let (call, issued, limiter, done, stop) = (
             call.clone(),
             issued.clone(),
@@ -157,7 +205,7 @@ async fn drive(
                 }
                 limiter.wait().await;
                 let t = Instant::now();
-                let (kind, outcome) = call.call(channel.clone(), i).await;
+                let (kind, outcome) = call.call(&conn, i).await;
                 results[kind.min(nkinds - 1)].record(outcome.map(|()| t.elapsed()));
                 done.fetch_add(1, Ordering::Relaxed);
             }

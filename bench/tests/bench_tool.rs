@@ -78,6 +78,23 @@ async fn every_subcommand_against(name: &str, binary: &std::path::Path) {
         ],
     );
     assert_clean(&r[0], "txn-put", 200);
+    // A server's refusal is reported in etcd's words, counted per message
+    // (the default --max-txn-ops is 128).
+    let r = bench(
+        ep,
+        &[
+            "txn-put",
+            "--total=5",
+            "--txn-ops=129",
+            "--key-space-size=1000",
+        ],
+    );
+    assert_eq!(
+        r[0]["errors"],
+        serde_json::json!({"rpc error: code = InvalidArgument desc = etcdserver: too many operations in txn request": 5}),
+        "{}",
+        r[0]
+    );
     // 300 requests at 2 reads per write: 200 reads, 100 writes.
     let r = bench(ep, &["txn-mixed", "foo", "--total=300", "--rw-ratio=2"]);
     assert_clean(&r[0], "read", 200);

@@ -23,6 +23,8 @@ use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
+use tessera_proto::coalesce::CoalescedIo;
+
 /// How long a client may take to complete its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshaken connections waiting for the server to take them.
@@ -371,7 +373,7 @@ fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
 pub struct PlainListener(pub TcpListener);
 
 impl axum::serve::Listener for PlainListener {
-    type Io = TcpStream;
+    type Io = CoalescedIo<TcpStream>;
     type Addr = ClientConn;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
@@ -380,7 +382,7 @@ impl axum::serve::Listener for PlainListener {
                 Ok((tcp, remote)) => {
                     let _ = tcp.set_nodelay(true);
                     return (
-                        tcp,
+                        CoalescedIo::new(tcp),
                         ClientConn {
                             remote,
                             common_name: None,
@@ -408,7 +410,7 @@ impl axum::serve::Listener for PlainListener {
 /// ones are logged (like etcd's "rejected connection") and dropped.
 pub struct TlsListener {
     local_addr: std::net::SocketAddr,
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, ClientConn)>,
+    ready: mpsc::Receiver<(CoalescedIo<TlsStream<TcpStream>>, ClientConn)>,
 }
 
 impl TlsListener {
@@ -423,7 +425,8 @@ impl TlsListener {
     /// The handshaken connections as a stream, for tonic's `serve_with_incoming`.
     pub fn into_stream(
         self,
-    ) -> impl futures::Stream<Item = std::io::Result<TlsStream<TcpStream>>> + Send + 'static {
+    ) -> impl futures::Stream<Item = std::io::Result<CoalescedIo<TlsStream<TcpStream>>>> + Send + 'static
+    {
         tokio_stream::wrappers::ReceiverStream::new(self.ready).map(|(conn, _)| Ok(conn))
     }
 }
@@ -431,7 +434,7 @@ impl TlsListener {
 async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
-    ready: mpsc::Sender<(TlsStream<TcpStream>, ClientConn)>,
+    ready: mpsc::Sender<(CoalescedIo<TlsStream<TcpStream>>, ClientConn)>,
 ) {
     loop {
         let (tcp, remote) = match listener.accept().await {
@@ -462,7 +465,9 @@ async fn accept_loop(
                         remote,
                         common_name,
                     };
-                    let _ = ready.send((conn, info)).await;
+                    // Coalesced above TLS: a handshake's own writes (such as
+                    // the alert refusing a client) must not wait for a flush.
+                    let _ = ready.send((CoalescedIo::new(conn), info)).await;
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(%remote, error = %e, "rejected connection: TLS handshake failed")
@@ -474,7 +479,7 @@ async fn accept_loop(
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
+    type Io = CoalescedIo<TlsStream<TcpStream>>;
     type Addr = ClientConn;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {

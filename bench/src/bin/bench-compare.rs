@@ -363,6 +363,10 @@ fn write_section(path: &Path, section: &str) -> anyhow::Result<()> {
     std::fs::write(path, new).with_context(|| format!("cannot write {}", path.display()))
 }
 
+// The load runs in this process: the same allocator as tessera-bench.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();

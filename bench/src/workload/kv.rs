@@ -1,13 +1,12 @@
 //! put, range, txn-put and txn-mixed.
 
-use tessera_proto::etcdserverpb::kv_client::KvClient;
 use tessera_proto::etcdserverpb::request_op::Request as OpRequest;
 use tessera_proto::etcdserverpb::{PutRequest, RangeRequest, RequestOp, TxnRequest};
-use tonic::transport::Channel;
 
 use super::{key, slot, value};
 use crate::load::{self, error_text, CallFuture, Target};
 use crate::report::Stats;
+use crate::unary::UnaryConn;
 
 /// Flags shared by the writing workloads.
 #[derive(Clone, Debug, clap::Args)]
@@ -59,14 +58,15 @@ pub async fn put(target: &Target, w: &WriteArgs) -> anyhow::Result<Vec<Stats>> {
         "expected positive --key-space-size, got ({})",
         w.key_space_size
     );
-    let channels = target.connect().await?;
+    let conns = target.connect_unary().await?;
     let val = value(w.val_size);
     let w2 = w.clone();
-    let call = move |ch: Channel, i: u64| -> CallFuture {
+    let call = move |conn: &UnaryConn, i: u64| -> CallFuture {
         let req = put_request(&w2, i, &val);
-        Box::pin(async move { (0, done(KvClient::new(ch).put(req).await)) })
+        let conn = conn.clone();
+        Box::pin(async move { (0, done(conn.put(&req).await)) })
     };
-    Ok(load::run(&["put"], &channels, target.clients, w.total, w.rate, call).await)
+    Ok(load::run(&["put"], &conns, target.clients, w.total, w.rate, call).await)
 }
 
 #[derive(Clone, Debug, clap::Args)]
@@ -103,12 +103,13 @@ fn range_request(r: &RangeArgs, serializable: bool) -> RangeRequest {
 
 pub async fn range(target: &Target, r: &RangeArgs) -> anyhow::Result<Vec<Stats>> {
     let req = range_request(r, serializable(&r.consistency)?);
-    let channels = target.connect().await?;
-    let call = move |ch: Channel, _i: u64| -> CallFuture {
+    let conns = target.connect_unary().await?;
+    let call = move |conn: &UnaryConn, _i: u64| -> CallFuture {
         let req = req.clone();
-        Box::pin(async move { (0, done(KvClient::new(ch).range(req).await)) })
+        let conn = conn.clone();
+        Box::pin(async move { (0, done(conn.range(&req).await)) })
     };
-    Ok(load::run(&["range"], &channels, target.clients, r.total, r.rate, call).await)
+    Ok(load::run(&["range"], &conns, target.clients, r.total, r.rate, call).await)
 }
 
 #[derive(Clone, Debug, clap::Args)]
@@ -129,10 +130,10 @@ pub async fn txn_put(target: &Target, t: &TxnPutArgs) -> anyhow::Result<Vec<Stat
         t.txn_ops,
         t.write.key_space_size
     );
-    let channels = target.connect().await?;
+    let conns = target.connect_unary().await?;
     let val = value(t.write.val_size);
     let (w, ops) = (t.write.clone(), t.txn_ops);
-    let call = move |ch: Channel, i: u64| -> CallFuture {
+    let call = move |conn: &UnaryConn, i: u64| -> CallFuture {
         let space = w.key_space_size;
         let first = slot(i * ops, space, w.sequential_keys);
         let success = (0..ops)
@@ -148,18 +149,11 @@ pub async fn txn_put(target: &Target, t: &TxnPutArgs) -> anyhow::Result<Vec<Stat
             success,
             ..Default::default()
         };
-        Box::pin(async move { (0, done(KvClient::new(ch).txn(txn).await)) })
+        let conn = conn.clone();
+        Box::pin(async move { (0, done(conn.txn(&txn).await)) })
     };
     let w = &t.write;
-    Ok(load::run(
-        &["txn-put"],
-        &channels,
-        target.clients,
-        w.total,
-        w.rate,
-        call,
-    )
-    .await)
+    Ok(load::run(&["txn-put"], &conns, target.clients, w.total, w.rate, call).await)
 }
 
 #[derive(Clone, Debug, clap::Args)]
@@ -196,10 +190,10 @@ pub async fn txn_mixed(target: &Target, t: &TxnMixedArgs) -> anyhow::Result<Vec<
         },
         serializable(&t.consistency)?,
     );
-    let channels = target.connect().await?;
+    let conns = target.connect_unary().await?;
     let val = value(t.write.val_size);
     let (w, ratio) = (t.write.clone(), t.rw_ratio);
-    let call = move |ch: Channel, i: u64| -> CallFuture {
+    let call = move |conn: &UnaryConn, i: u64| -> CallFuture {
         // Request i is a write when it crosses a multiple of (ratio + 1).
         let is_write =
             ((i as f64) / (ratio + 1.0)).floor() != (((i + 1) as f64) / (ratio + 1.0)).floor();
@@ -212,12 +206,13 @@ pub async fn txn_mixed(target: &Target, t: &TxnMixedArgs) -> anyhow::Result<Vec<
             success: vec![RequestOp { request: Some(op) }],
             ..Default::default()
         };
-        Box::pin(async move { (kind, done(KvClient::new(ch).txn(txn).await)) })
+        let conn = conn.clone();
+        Box::pin(async move { (kind, done(conn.txn(&txn).await)) })
     };
     let w = &t.write;
     Ok(load::run(
         &["read", "write"],
-        &channels,
+        &conns,
         target.clients,
         w.total,
         w.rate,

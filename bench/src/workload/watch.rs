@@ -363,11 +363,12 @@ pub async fn watch_get(target: &Target, w: &WatchGetArgs) -> anyhow::Result<Vec<
     let gets = {
         let (channels, clients, stop) = (channels.clone(), target.clients, stop.clone());
         tokio::spawn(async move {
-            let call = move |ch: Channel, _i: u64| -> CallFuture {
+            let call = move |ch: &Channel, _i: u64| -> CallFuture {
                 let req = RangeRequest {
                     key: b"abc".to_vec(),
                     ..Default::default()
                 };
+                let ch = ch.clone();
                 Box::pin(async move {
                     (
                         0,
