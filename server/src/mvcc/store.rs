@@ -132,6 +132,7 @@ impl Store {
 
     fn txn_on<'a>(&'a self, view: ReadView<'a>) -> WriteTxn<'a> {
         WriteTxn {
+            base_rev: view.rev,
             begin_rev: view.rev,
             view,
             changes: 0,
@@ -150,7 +151,7 @@ impl Store {
         extra: impl FnOnce(&mut WriteBatch) -> Result<(), StoreError>,
     ) -> Result<Vec<Event>, StoreError> {
         let new_rev = txn.read_rev();
-        let changed = txn.changes > 0;
+        let changed = new_rev > txn.base_rev;
         let mut batch = txn.batch;
         if changed {
             batch.put_cf(self.cf(CF_META)?, META_CURRENT_REV, new_rev.to_be_bytes());
@@ -556,6 +557,8 @@ fn decode_live(key: &[u8], stored: &[u8]) -> Result<Option<KeyValue>, StoreError
 /// until [`Store::commit`].
 pub struct WriteTxn<'a> {
     view: ReadView<'a>,
+    /// The store's revision when the transaction began.
+    base_rev: i64,
     begin_rev: i64,
     changes: i64,
     /// Each key's state after this transaction's writes (None = deleted).
@@ -582,6 +585,17 @@ impl<'a> WriteTxn<'a> {
 
     pub fn has_changes(&self) -> bool {
         self.changes > 0
+    }
+
+    /// Ends one request of several applied in this transaction (see
+    /// `StateMachine`'s put runs): its writes keep their revision, the next
+    /// request's get the one after, and it reads what this one wrote.
+    /// Returns the request's revision and its watch events.
+    pub fn seal_request(&mut self) -> (i64, Vec<Event>) {
+        let rev = self.read_rev();
+        self.begin_rev = rev;
+        self.changes = 0;
+        (rev, std::mem::take(&mut self.events))
     }
 
     /// The newest live version of `key` as this transaction sees it.

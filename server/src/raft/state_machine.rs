@@ -16,8 +16,9 @@ use openraft::{EntryPayload, RaftSnapshotBuilder};
 use rocksdb::WriteBatch;
 use tessera_proto::etcdserverpb::{
     alarm_request::AlarmAction, AlarmRequest, AlarmResponse, AlarmType, CompactionResponse,
-    LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeResponse, ResponseHeader,
+    LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeResponse, PutRequest, ResponseHeader,
 };
+use tessera_proto::mvccpb::Event;
 use tessera_proto::tessera::{
     raft_command::Request, raft_result::Response, RaftBatchResult, RaftCommand, RaftResult,
 };
@@ -63,6 +64,30 @@ impl Position {
             log_id,
             done: 1,
             total: 1,
+        }
+    }
+}
+
+/// Consecutive plain puts of one entry, applied in one write transaction
+/// and written to RocksDB in one batch. Each still gets its own revision
+/// ([`WriteTxn::seal_request`]) and sees the puts before it. A put at a time
+/// cost a RocksDB write each plus the revision and position records, about
+/// a tenth of a member's CPU under load. Any other request ends the run
+/// first, so it sees the run's writes on disk.
+struct PutRun<'a> {
+    txn: WriteTxn<'a>,
+    /// Each put's revision and watch events.
+    revisions: Vec<(i64, Vec<Event>)>,
+    /// Where the apply stands after the run's last put.
+    at: Option<Position>,
+}
+
+impl<'a> PutRun<'a> {
+    fn new(txn: WriteTxn<'a>) -> Self {
+        PutRun {
+            txn,
+            revisions: Vec::new(),
+            at: None,
         }
     }
 }
@@ -205,19 +230,96 @@ impl StateMachine {
             0
         };
         let mut results = vec![RaftResult::default(); resume_after.min(total)];
+        // Consecutive plain puts share one RocksDB write (see `PutRun`).
+        let mut run: Option<PutRun<'_>> = None;
         for (i, cmd) in commands.into_iter().enumerate().skip(resume_after) {
             let at = Position {
                 log_id,
                 done: i + 1,
                 total,
             };
-            results.push(self.execute(at, cmd)?);
+            let result = match &cmd.request {
+                Some(Request::Put(p)) if self.joins_put_run(p) => {
+                    let run = run.get_or_insert_with(|| PutRun::new(self.store.write_txn()));
+                    self.apply_put_in_run(run, at, cmd.auth.as_ref(), p)?
+                }
+                _ => {
+                    self.finish_put_run(run.take())?;
+                    self.execute(at, cmd)?
+                }
+            };
+            results.push(result);
             self.metrics.inc(&self.metrics.proposals_applied);
         }
+        self.finish_put_run(run.take())?;
         if total == 0 {
             self.apply_noop(Position::whole(log_id), None)?;
         }
         Ok(RaftBatchResult { results })
+    }
+
+    /// Whether put `p` may be applied in a put run. Not with auth on when it
+    /// carries a lease: its permission check reads the lease's keys from
+    /// disk, where the run's own attachments are not yet.
+    fn joins_put_run(&self, p: &PutRequest) -> bool {
+        p.lease == 0 || !self.auth.store.view().enabled()
+    }
+
+    /// Applies put `p` inside `run`, with the checks [`Self::execute`] and
+    /// [`Self::apply_request`] make for a put; nothing is written yet.
+    fn apply_put_in_run(
+        &self,
+        run: &mut PutRun<'_>,
+        at: Position,
+        auth: Option<&tessera_proto::tessera::RequestAuth>,
+        p: &PutRequest,
+    ) -> Result<RaftResult, StorageError> {
+        let who = AuthInfo::from_command(auth);
+        let view = self.auth.store.view();
+        self.metrics.inc(&self.metrics.puts);
+        let outcome = match self.authorize_put(&view, who.as_ref(), p)? {
+            Err(e) => Err(e),
+            Ok(()) if self.alarms.is_active(AlarmType::Nospace) => Err(EtcdError::NoSpace),
+            // A put fails only before it writes anything, so a refused one
+            // leaves the run as it was.
+            Ok(()) => match apply::put(&mut run.txn, p, true) {
+                Ok(resp) => Ok(Response::Put(resp)),
+                Err(ApplyError::Etcd(e)) => Err(e),
+                Err(ApplyError::Store(e)) => return Err(store_err(e)),
+            },
+        };
+        run.revisions.push(run.txn.seal_request());
+        run.at = Some(at);
+        Ok(match outcome {
+            Ok(resp) => RaftResult {
+                response: Some(resp),
+                error: 0,
+            },
+            Err(e) => RaftResult {
+                response: None,
+                error: e.code_number(),
+            },
+        })
+    }
+
+    /// Writes a put run with the position after its last request, then
+    /// publishes its events, a revision at a time.
+    fn finish_put_run(&self, run: Option<PutRun<'_>>) -> Result<(), StorageError> {
+        let Some(PutRun {
+            txn,
+            revisions,
+            at: Some(at),
+        }) = run
+        else {
+            return Ok(());
+        };
+        self.store
+            .commit(txn, |b| self.stage_applied(b, at, None))
+            .map_err(store_err)?;
+        for (revision, events) in revisions {
+            self.hub.publish(revision, events);
+        }
+        Ok(())
     }
 
     fn execute(&self, at: Position, cmd: RaftCommand) -> Result<RaftResult, StorageError> {
@@ -648,5 +750,61 @@ mod tests {
         // A later batch starts from its first request.
         let results = sm.apply([batch_entry(2, &["d", "e"])]).await.unwrap();
         assert_eq!(revision_of(&results[0].0.results[0]), Some(5));
+    }
+
+    #[tokio::test]
+    async fn puts_in_one_entry_get_a_revision_each_and_see_each_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = state_machine(dir.path());
+        let mut events = sm.hub.subscribe();
+        let delete_a = RaftCommand {
+            request: Some(Request::DeleteRange(
+                tessera_proto::etcdserverpb::DeleteRangeRequest {
+                    key: b"a".to_vec(),
+                    ..Default::default()
+                },
+            )),
+            auth: None,
+        };
+        // Puts, a delete that ends the put run, and puts again.
+        let mut commands: Vec<RaftCommand> = ["a", "a", "b"].iter().map(|k| put(k)).collect();
+        commands.push(delete_a);
+        commands.push(put("a"));
+        let entry = RaftEntry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
+            payload: EntryPayload::Normal(crate::raft::Command::encode(&RaftBatch { commands })),
+        };
+        let results = sm.apply([entry]).await.unwrap();
+        let revisions: Vec<i64> = results[0]
+            .0
+            .results
+            .iter()
+            .map(|r| match &r.response {
+                Some(Response::Put(p)) => p.header.as_ref().unwrap().revision,
+                Some(Response::DeleteRange(d)) => d.header.as_ref().unwrap().revision,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(revisions, [2, 3, 4, 5, 6]);
+        assert_eq!(sm.store.current_rev(), 6);
+        let view = sm.store.read_view();
+        // The second put of "a" saw the first: version 2, created at 2.
+        let a3 = view.get(b"a", 3).unwrap().unwrap();
+        assert_eq!((a3.version, a3.create_revision, a3.mod_revision), (2, 2, 3));
+        assert!(view.get(b"a", 5).unwrap().is_none());
+        let a6 = view.get(b"a", 6).unwrap().unwrap();
+        assert_eq!((a6.version, a6.create_revision), (1, 6));
+        drop(view);
+        // One published revision per request, in order, each with its event.
+        for (rev, kind) in [(2, 0), (3, 0), (4, 0), (5, 1), (6, 0)] {
+            let got = events.try_recv().unwrap();
+            assert_eq!(got.revision, rev);
+            assert_eq!(got.events.len(), 1);
+            assert_eq!(got.events[0].r#type, kind);
+        }
+        // The entry is applied as a whole: no partial marker is left.
+        let (applied, _) = sm.applied_state().await.unwrap();
+        assert_eq!(applied.map(|l| l.index), Some(1));
+        assert_eq!(sm.read_meta::<(LogId, u64)>(META_PARTIAL).unwrap(), None);
     }
 }

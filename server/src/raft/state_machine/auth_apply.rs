@@ -2,7 +2,7 @@
 //! permission checks made for the requester named in the command, and the
 //! auth management commands themselves.
 
-use tessera_proto::etcdserverpb::AuthenticateResponse;
+use tessera_proto::etcdserverpb::{AuthenticateResponse, PutRequest};
 use tessera_proto::tessera::{raft_command::Request, raft_result::Response, AuthDone};
 
 use super::{store_err, Position, StateMachine};
@@ -42,33 +42,8 @@ impl StateMachine {
         if !view.enabled() {
             return Ok(Ok(()));
         }
-        let lease_keys_writable = |lease: i64| -> Result<Result<(), EtcdError>, StorageError> {
-            if lease == 0 {
-                return Ok(Ok(()));
-            }
-            let keys = self
-                .store
-                .read_view()
-                .lease_keys(lease)
-                .map_err(store_err)?;
-            Ok(keys
-                .iter()
-                .try_for_each(|k| view.check(who, k, &[], PermType::Write)))
-        };
         Ok(match r {
-            Request::Put(p) => {
-                if let Err(e) = view.check(who, &p.key, &[], PermType::Write) {
-                    return Ok(Err(e));
-                }
-                if let Err(e) = lease_keys_writable(p.lease)? {
-                    return Ok(Err(e));
-                }
-                if p.prev_kv {
-                    view.check(who, &p.key, &[], PermType::Read)
-                } else {
-                    Ok(())
-                }
-            }
+            Request::Put(p) => self.authorize_put(view, who, p)?,
             Request::DeleteRange(d) => view
                 .check(who, &d.key, &d.range_end, PermType::Write)
                 .and_then(|()| {
@@ -79,10 +54,53 @@ impl StateMachine {
                     }
                 }),
             Request::Txn(t) => view.check_txn(who, t),
-            Request::LeaseRevoke(l) => lease_keys_writable(l.id)?,
+            Request::LeaseRevoke(l) => self.lease_keys_writable(view, who, l.id)?,
             other if needs_admin(other) => view.check_admin(who),
             _ => Ok(()),
         })
+    }
+
+    /// [`Self::authorize`] for a put.
+    pub(super) fn authorize_put(
+        &self,
+        view: &AuthView,
+        who: Option<&AuthInfo>,
+        p: &PutRequest,
+    ) -> Result<Result<(), EtcdError>, StorageError> {
+        if !view.enabled() {
+            return Ok(Ok(()));
+        }
+        if let Err(e) = view.check(who, &p.key, &[], PermType::Write) {
+            return Ok(Err(e));
+        }
+        if let Err(e) = self.lease_keys_writable(view, who, p.lease)? {
+            return Ok(Err(e));
+        }
+        Ok(if p.prev_kv {
+            view.check(who, &p.key, &[], PermType::Read)
+        } else {
+            Ok(())
+        })
+    }
+
+    /// Whether `who` may write every key attached to `lease` (as stored).
+    fn lease_keys_writable(
+        &self,
+        view: &AuthView,
+        who: Option<&AuthInfo>,
+        lease: i64,
+    ) -> Result<Result<(), EtcdError>, StorageError> {
+        if lease == 0 {
+            return Ok(Ok(()));
+        }
+        let keys = self
+            .store
+            .read_view()
+            .lease_keys(lease)
+            .map_err(store_err)?;
+        Ok(keys
+            .iter()
+            .try_for_each(|k| view.check(who, k, &[], PermType::Write)))
     }
 
     /// Applies an auth management command (or Authenticate) with etcd's
