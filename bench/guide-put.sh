@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# etcd's documented one-member put benchmark (etcd's performance guide:
+# --conns=100 --clients=1000 put --key-size=8 --sequential-keys
+# --total=100000 --val-size=256), run with tessera-bench against a fresh
+# etcd and a fresh tessera in turn, REPEAT times each. Prints one line per
+# run: server, req/s, p50, p99, and the server's CPU per request.
+# Usage: bench/guide-put.sh [key-space-size (default 1, as etcd's)]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/prereqs.sh test
+. scripts/cache-env.sh
+cargo build --release --workspace --bins
+bin="${CARGO_TARGET_DIR:-target}/release"
+key_space=${1:-1}
+repeat=${REPEAT:-3}
+total=${TOTAL:-100000}
+port=23790
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+ticks_per_sec=$(getconf CLK_TCK)
+
+run_once() {
+  local server=$1 binary=$2
+  rm -rf "$work/data"
+  "$binary" --data-dir "$work/data" \
+    --listen-client-urls "http://127.0.0.1:$port" --advertise-client-urls "http://127.0.0.1:$port" \
+    --listen-peer-urls "http://127.0.0.1:$((port + 10))" >"$work/server.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 50); do
+    curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
+    sleep 0.2
+  done
+  # utime + stime of the server, in clock ticks, before and after.
+  local before after
+  before=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+  "$bin/tessera-bench" --endpoints "127.0.0.1:$port" --conns 100 --clients 1000 \
+    put --total "$total" --key-size 8 --val-size 256 --sequential-keys \
+    --key-space-size "$key_space" >"$work/report.txt" 2>/dev/null
+  after=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+  kill "$pid"
+  wait "$pid" 2>/dev/null || true
+  awk -v s="$server" -v cpu="$(( (after - before) * 1000000 / ticks_per_sec / total ))" '
+    /Requests\/sec:/ { rps = $2 }
+    /50% in/ { p50 = $3 * 1000 }
+    /99% in/ { p99 = $3 * 1000 }
+    END { printf "%-8s %10.0f req/s  p50 %6.1f ms  p99 %6.1f ms  server CPU %4d us/req\n", s, rps, p50, p99, cpu }
+  ' "$work/report.txt"
+}
+
+echo "put, key space $key_space, $total requests, 1000 clients over 100 connections"
+for _ in $(seq "$repeat"); do
+  run_once etcd "$(command -v etcd)"
+  run_once tessera "$bin/tessera"
+done
