@@ -92,6 +92,20 @@ impl<'a> PutRun<'a> {
     }
 }
 
+/// A request's outcome as the client's proposal gets it back.
+fn raft_result(outcome: Result<Response, EtcdError>) -> RaftResult {
+    match outcome {
+        Ok(resp) => RaftResult {
+            response: Some(resp),
+            error: 0,
+        },
+        Err(e) => RaftResult {
+            response: None,
+            error: e.code_number(),
+        },
+    }
+}
+
 fn store_err(e: StoreError) -> StorageError {
     storage_io_error(false, e)
 }
@@ -290,16 +304,7 @@ impl StateMachine {
         };
         run.revisions.push(run.txn.seal_request());
         run.at = Some(at);
-        Ok(match outcome {
-            Ok(resp) => RaftResult {
-                response: Some(resp),
-                error: 0,
-            },
-            Err(e) => RaftResult {
-                response: None,
-                error: e.code_number(),
-            },
-        })
+        Ok(raft_result(outcome))
     }
 
     /// Writes a put run with the position after its last request, then
@@ -338,16 +343,7 @@ impl StateMachine {
                 Ok(()) => self.apply_request(at, &view, request)?,
             },
         };
-        Ok(match outcome {
-            Ok(resp) => RaftResult {
-                response: Some(resp),
-                error: 0,
-            },
-            Err(e) => RaftResult {
-                response: None,
-                error: e.code_number(),
-            },
-        })
+        Ok(raft_result(outcome))
     }
 
     /// Applies `request`, already authorized, with etcd's semantics.
