@@ -8,6 +8,7 @@
 //! - `watch-rss`: resident memory of a server holding many idle watchers
 //!   and one stalled watch stream, for tessera and etcd in the same run.
 
+pub mod connect;
 pub mod load;
 pub mod progress;
 pub mod report;

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hyper_util::rt::TokioIo;
-use tessera_proto::coalesce::CoalescedIo;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::connect::{coalesced_tcp, within_timeout};
 use crate::progress::Progress;
 use crate::report::{Results, Stats};
 use crate::unary::UnaryConn;
@@ -64,36 +64,16 @@ impl Target {
             };
             let endpoint =
                 Endpoint::from_shared(url.clone()).with_context(|| format!("bad endpoint {ep}"))?;
-            let channel = tokio::time::timeout(
-                Duration::from_secs(5),
-                endpoint.connect_with_connector(tower::service_fn(coalesced_tcp)),
-            )
-            .await
-            .map_err(|_| anyhow::anyhow!("timed out"))
-            .and_then(|r| r.map_err(anyhow::Error::from))
-            .with_context(|| format!("cannot connect to {url}"))?;
+            let connector = tower::service_fn(|uri: tonic::transport::Uri| async move {
+                let host = uri.host().unwrap_or("127.0.0.1");
+                let tcp = coalesced_tcp(host, uri.port_u16().unwrap_or(2379)).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(tcp))
+            });
+            let channel = within_timeout(&url, endpoint.connect_with_connector(connector)).await?;
             channels.push(channel);
         }
         Ok(channels)
     }
-}
-
-/// A TCP connection to `uri` whose writes are coalesced: the requests of
-/// the clients sharing a connection go out together instead of one segment
-/// (and one server wakeup) each, as a Go gRPC client batches its writes.
-async fn coalesced_tcp(
-    uri: tonic::transport::Uri,
-) -> std::io::Result<TokioIo<CoalescedIo<tokio::net::TcpStream>>> {
-    // An IPv6 host comes bracketed, as in the URI.
-    let host = uri
-        .host()
-        .unwrap_or("127.0.0.1")
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    let port = uri.port_u16().unwrap_or(2379);
-    let tcp = tokio::net::TcpStream::connect((host, port)).await?;
-    tcp.set_nodelay(true)?;
-    Ok(TokioIo::new(CoalescedIo::new(tcp)))
 }
 
 /// Spaces calls at most `rate` per second across all clients (0: no limit).

@@ -8,21 +8,20 @@
 //! shared by both, that CPU is taken from the server. Here a call opens a
 //! stream on the shared connection, sends the request and reads the reply
 //! with no task of its own; the connection's writes are coalesced
-//! ([`CoalescedIo`]), as grpc-go's writer batches its frames. The wire
+//! ([`crate::connect`]), as grpc-go's writer batches its frames. The wire
 //! format is plain gRPC, so the same client measures tessera and etcd.
-
-use std::time::Duration;
 
 use anyhow::Context;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use h2::client::SendRequest;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, Method, Request, Uri};
-use tessera_proto::coalesce::CoalescedIo;
 use tessera_proto::etcdserverpb::{
     PutRequest, PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
 };
 use tonic::{Code, Status};
+
+use crate::connect::{coalesced_tcp, within_timeout};
 
 /// gRPC's length-prefixed message header: a compression flag and a length.
 const PREFIX: usize = 5;
@@ -42,26 +41,14 @@ impl UnaryConn {
         let authority: Authority = addr
             .parse()
             .with_context(|| format!("bad endpoint {endpoint}"))?;
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']');
         let port = authority.port_u16().unwrap_or(2379);
-        let tcp = tokio::time::timeout(
-            Duration::from_secs(5),
-            tokio::net::TcpStream::connect((host, port)),
-        )
-        .await
-        .map_err(|_| anyhow::anyhow!("timed out"))
-        .and_then(|r| r.map_err(anyhow::Error::from))
-        .with_context(|| format!("cannot connect to {endpoint}"))?;
-        tcp.set_nodelay(true)?;
+        let tcp = within_timeout(endpoint, coalesced_tcp(authority.host(), port)).await?;
         let (send, connection) = h2::client::Builder::new()
             // As grpc-go's defaults: a large window, so a burst of replies
             // is never held back by flow control.
             .initial_window_size(1 << 20)
             .initial_connection_window_size(1 << 24)
-            .handshake(CoalescedIo::new(tcp))
+            .handshake(tcp)
             .await
             .with_context(|| format!("HTTP/2 handshake with {endpoint} failed"))?;
         tokio::spawn(async move {

@@ -47,10 +47,6 @@ impl<T> CoalescedIo<T> {
             deferred: false,
         }
     }
-
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
 }
 
 impl<T: tonic::transport::server::Connected> tonic::transport::server::Connected

@@ -279,8 +279,7 @@ impl StateMachine {
         p.lease == 0 || !self.auth.store.view().enabled()
     }
 
-    /// Applies put `p` inside `run`, with the checks [`Self::execute`] and
-    /// [`Self::apply_request`] make for a put; nothing is written yet.
+    /// Authorizes put `p` as [`Self::execute`] does, then applies it in `run`.
     fn apply_put_in_run(
         &self,
         run: &mut PutRun<'_>,
@@ -289,22 +288,39 @@ impl StateMachine {
         p: &PutRequest,
     ) -> Result<RaftResult, StorageError> {
         let who = AuthInfo::from_command(auth);
-        let view = self.auth.store.view();
+        let outcome = match self.authorize_put(&self.auth.store.view(), who.as_ref(), p)? {
+            Ok(()) => self.put_in_run(run, at, p)?,
+            Err(e) => {
+                run.at = Some(at);
+                Err(e)
+            }
+        };
+        Ok(raft_result(outcome))
+    }
+
+    /// Applies put `p`, already authorized, in `run`; nothing is written
+    /// until the run is finished.
+    fn put_in_run(
+        &self,
+        run: &mut PutRun<'_>,
+        at: Position,
+        p: &PutRequest,
+    ) -> Result<Result<Response, EtcdError>, StorageError> {
         self.metrics.inc(&self.metrics.puts);
-        let outcome = match self.authorize_put(&view, who.as_ref(), p)? {
-            Err(e) => Err(e),
-            Ok(()) if self.alarms.is_active(AlarmType::Nospace) => Err(EtcdError::NoSpace),
+        let outcome = if self.alarms.is_active(AlarmType::Nospace) {
+            Err(EtcdError::NoSpace)
+        } else {
             // A put fails only before it writes anything, so a refused one
             // leaves the run as it was.
-            Ok(()) => match apply::put(&mut run.txn, p, true) {
+            match apply::put(&mut run.txn, p, true) {
                 Ok(resp) => Ok(Response::Put(resp)),
                 Err(ApplyError::Etcd(e)) => Err(e),
                 Err(ApplyError::Store(e)) => return Err(store_err(e)),
-            },
+            }
         };
         run.revisions.push(run.txn.seal_request());
         run.at = Some(at);
-        Ok(raft_result(outcome))
+        Ok(outcome)
     }
 
     /// Writes a put run with the position after its last request, then
@@ -355,14 +371,12 @@ impl StateMachine {
     ) -> Result<Result<Response, EtcdError>, StorageError> {
         let nospace = || self.alarms.is_active(AlarmType::Nospace);
         Ok(match request {
+            // A put outside a run (a leased one with auth on) is a run of one.
             Request::Put(p) => {
-                self.metrics.inc(&self.metrics.puts);
-                if nospace() {
-                    self.apply_noop(at, None)?;
-                    Err(EtcdError::NoSpace)
-                } else {
-                    self.run_txn(at, |t| apply::put(t, &p, true).map(Response::Put))?
-                }
+                let mut run = PutRun::new(self.store.write_txn());
+                let outcome = self.put_in_run(&mut run, at, &p)?;
+                self.finish_put_run(Some(run))?;
+                outcome
             }
             Request::DeleteRange(d) => {
                 self.metrics.inc(&self.metrics.deletes);
