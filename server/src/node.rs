@@ -505,8 +505,9 @@ impl Node {
     }
 
     /// Replicates `batch` as one Raft entry through the leader, wherever it
-    /// is, and returns its results once this member has applied it.
-    pub async fn write_batch(&self, batch: RaftBatch) -> Result<Vec<RaftResult>, Status> {
+    /// is, and returns the entry's index and its results once this member
+    /// has applied it.
+    pub async fn write_batch(&self, batch: RaftBatch) -> Result<(u64, Vec<RaftResult>), Status> {
         // Bounded, so a batch whose callers all gave up does not wait forever
         // (its requests are retried by `replicate` while they still wait).
         let leader = tokio::time::timeout(self.election_timeout(), self.wait_for_leader())
@@ -522,15 +523,26 @@ impl Node {
         // Answer once this member has applied it too, as etcd does, so a read
         // here right after sees the write (on the leader it already has).
         self.wait_applied(index).await?;
-        Ok(results)
+        Ok((index, results))
+    }
+
+    /// A batch a follower forwarded: proposed with this member's own queued
+    /// requests in its next entry, so the cluster's requests share entries.
+    /// Refused unless this member leads (the follower then tries the new
+    /// leader).
+    pub async fn propose_forwarded(
+        &self,
+        batch: RaftBatch,
+    ) -> Result<(u64, Vec<RaftResult>), Status> {
+        if self.leader() != Some(self.member_id) {
+            return Err(EtcdError::NotLeader.into());
+        }
+        self.proposals.propose_group(batch.commands).await
     }
 
     /// Proposes `batch` as one entry on this member, which must lead; returns
     /// the entry's log index with the results.
-    pub async fn propose_on_leader(
-        &self,
-        batch: RaftBatch,
-    ) -> Result<(u64, Vec<RaftResult>), Status> {
+    async fn propose_on_leader(&self, batch: RaftBatch) -> Result<(u64, Vec<RaftResult>), Status> {
         let written = self
             .raft
             .client_write(Command::encode(&batch))

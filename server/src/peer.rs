@@ -168,7 +168,7 @@ impl Peer for PeerService {
         let data = match method.as_str() {
             method::PROPOSE => {
                 handle(&body, |batch: RaftBatch| async move {
-                    let (index, results) = node.propose_on_leader(batch).await?;
+                    let (index, results) = node.propose_forwarded(batch).await?;
                     Ok(ProposeReply {
                         index,
                         results: Some(RaftBatchResult { results }),
@@ -267,9 +267,7 @@ pub async fn serve(node: Arc<Node>) -> anyhow::Result<()> {
         let service = PeerServer::new(PeerService { node: node.clone() })
             .max_decoding_message_size(MAX_PEER_MESSAGE)
             .max_encoding_message_size(MAX_PEER_MESSAGE);
-        let server = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .add_service(service);
+        let server = tonic::transport::Server::builder().add_service(service);
         let serving = match (&tls, listen.tls) {
             (Some(config), true) => {
                 tracing::info!(%addr, peer_client_cert_auth = tls_files.requires_client_cert(), "serving peer traffic over TLS");
@@ -280,7 +278,11 @@ pub async fn serve(node: Arc<Node>) -> anyhow::Result<()> {
             _ => {
                 crate::tls::warn_unused(&tls_files, &listen.url);
                 tracing::info!(%addr, "serving peer traffic insecurely");
-                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                // `Server::tcp_nodelay` covers only listeners tonic binds
+                // itself: without it here, Nagle held a member's small
+                // AppendEntries replies until the delayed ACK (40 ms).
+                let incoming =
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
                 tokio::spawn(server.serve_with_incoming(incoming))
             }
         };
