@@ -1,12 +1,15 @@
 //! The MVCC key-value store on RocksDB: point-in-time reads, write
 //! transactions with read-your-writes, compaction and etcd's HashKV.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use prost::Message;
-use rocksdb::{ReadOptions, SnapshotWithThreadMode, WriteBatch, WriteOptions, DB};
+use rocksdb::{
+    DBRawIteratorWithThreadMode, ReadOptions, SnapshotWithThreadMode, WriteBatch, WriteOptions, DB,
+};
 use tessera_proto::mvccpb::{event::EventType, Event, KeyValue};
 
 use super::encoding::{
@@ -139,6 +142,7 @@ impl Store {
             overlay: BTreeMap::new(),
             batch: WriteBatch::default(),
             events: Vec::new(),
+            versions: RefCell::new(None),
         }
     }
 
@@ -443,16 +447,7 @@ impl<'a> ReadView<'a> {
     /// `rev`, tombstones included.
     fn get_stored(&self, key: &[u8], rev: i64) -> Result<Option<Vec<u8>>, StoreError> {
         let mut it = self.db.raw_iterator_cf_opt(self.kv_cf()?, self.read_opts());
-        let prefix = key_prefix(key);
-        it.seek(seek_key_at(key, rev));
-        let found = match (it.key(), it.value()) {
-            (Some(k), Some(v)) if k.len() == prefix.len() + 16 && k.starts_with(&prefix) => {
-                Some(v.to_vec())
-            }
-            _ => None,
-        };
-        it.status()?;
-        Ok(found)
+        stored_version(&mut it, key, rev, |v| v.to_vec())
     }
 
     /// Visits the newest live version at `rev` of every key in `range`, in key
@@ -540,6 +535,26 @@ fn tombstone(key: &[u8], revision: i64) -> KeyValue {
     }
 }
 
+/// Seeks `it` (over the `kv` column family) to the newest version of `key`
+/// at `rev`, tombstones included, and reads its stored bytes with `read`.
+fn stored_version<T>(
+    it: &mut DBRawIteratorWithThreadMode<'_, DB>,
+    key: &[u8],
+    rev: i64,
+    read: impl FnOnce(&[u8]) -> T,
+) -> Result<Option<T>, StoreError> {
+    let prefix = key_prefix(key);
+    it.seek(seek_key_at(key, rev));
+    let found = match (it.key(), it.value()) {
+        (Some(k), Some(v)) if k.len() == prefix.len() + 16 && k.starts_with(&prefix) => {
+            Some(read(v))
+        }
+        _ => None,
+    };
+    it.status()?;
+    Ok(found)
+}
+
 fn decode_live(key: &[u8], stored: &[u8]) -> Result<Option<KeyValue>, StoreError> {
     match stored.first() {
         Some(&TAG_PUT) => {
@@ -556,6 +571,14 @@ fn decode_live(key: &[u8], stored: &[u8]) -> Result<Option<KeyValue>, StoreError
 /// gets the next revision `(begin + 1, sub)`, and nothing is visible to others
 /// until [`Store::commit`].
 pub struct WriteTxn<'a> {
+    /// One iterator over `kv` for all of [`Self::latest`]'s lookups: a put
+    /// run then creates one iterator instead of one per put. It sees the
+    /// view's state for as long as the transaction lives, which is right
+    /// because nothing but this transaction's own commit writes `kv` while it
+    /// is open (the apply path is single), and its own writes are in
+    /// `overlay`.
+    /// (Declared first, so it is dropped before the view's snapshot.)
+    versions: RefCell<Option<DBRawIteratorWithThreadMode<'a, DB>>>,
     view: ReadView<'a>,
     /// The store's revision when the transaction began.
     base_rev: i64,
@@ -600,10 +623,21 @@ impl<'a> WriteTxn<'a> {
 
     /// The newest live version of `key` as this transaction sees it.
     pub fn latest(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
-        match self.overlay.get(key) {
-            Some(state) => Ok(state.clone()),
-            None => self.view.get(key, self.begin_rev),
+        if let Some(state) = self.overlay.get(key) {
+            return Ok(state.clone());
         }
+        let mut versions = self.versions.borrow_mut();
+        let it = match &mut *versions {
+            Some(it) => it,
+            unset @ None => unset.insert(
+                self.view
+                    .db
+                    .raw_iterator_cf_opt(self.view.kv_cf()?, self.view.read_opts()),
+            ),
+        };
+        stored_version(it, key, self.begin_rev, |stored| decode_live(key, stored))?
+            .transpose()
+            .map(Option::flatten)
     }
 
     /// Like [`ReadView::range`], with this transaction's writes visible when
@@ -758,6 +792,11 @@ pub(crate) mod tests {
             .map(|kv| String::from_utf8(kv.value).unwrap())
     }
 
+    /// Writes the `kv` memtable out to a new SST file.
+    fn flush_kv(s: &Store) {
+        s.db().flush_cf(s.db().cf_handle(CF_KV).unwrap()).unwrap();
+    }
+
     fn raw_versions(s: &Store) -> usize {
         s.db()
             .iterator_cf(
@@ -853,5 +892,76 @@ pub(crate) mod tests {
         s.commit(t, |_| Ok(())).unwrap();
         assert_eq!(s.current_rev(), 3);
         assert_eq!(value_at(&s, "a", 3), None);
+    }
+
+    /// Lookups of a key's versions find it in whichever SST file holds it,
+    /// and scans see every key, across files and the memtable.
+    #[test]
+    fn versions_and_scans_are_found_across_sst_files() {
+        let (_d, s) = store();
+        // Keys that are prefixes of each other, and one with a NUL byte.
+        put(&s, "a", "1");
+        put(&s, "ab", "1");
+        flush_kv(&s);
+        put(&s, "a\0b", "1");
+        put(&s, "b", "1");
+        flush_kv(&s);
+        put(&s, "ab", "2");
+        put(&s, "c", "1");
+        // "a" lives only in the first file, "ab" in it and the memtable; one
+        // transaction looks all of them up (with one iterator).
+        let mut t = s.write_txn();
+        for (key, version) in [
+            ("a", 2),
+            ("ab", 3),
+            ("a\0b", 2),
+            ("b", 2),
+            ("c", 2),
+            ("d", 1),
+        ] {
+            let kv = t.put(key.as_bytes(), b"x".to_vec(), 0).unwrap();
+            assert_eq!(kv.version, version, "version of {key:?}");
+        }
+        s.commit(t, |_| Ok(())).unwrap();
+        // (The first put is revision 2.)
+        assert_eq!(value_at(&s, "a", 2), Some("1".into()));
+        assert_eq!(value_at(&s, "ab", 2), None);
+        assert_eq!(value_at(&s, "ab", 5), Some("1".into()));
+        assert_eq!(value_at(&s, "ab", 6), Some("2".into()));
+        assert_eq!(value_at(&s, "e", s.current_rev()), None);
+        let view = s.read_view();
+        let (kvs, count) = view
+            .range(&KeyRange::new(b"\0", b"\0"), view.rev, 0, false)
+            .unwrap();
+        assert_eq!(count, 6);
+        let keys: Vec<&[u8]> = kvs.iter().map(|kv| kv.key.as_slice()).collect();
+        assert_eq!(keys, [&b"a"[..], b"a\0b", b"ab", b"b", b"c", b"d"]);
+        assert_eq!(raw_versions(&s), 12);
+    }
+
+    /// A scan at an old revision skips each key's newer versions with a seek
+    /// inside that key; it must still go on to keys in files that do not
+    /// hold that key.
+    #[test]
+    fn scans_at_old_revisions_see_keys_in_every_file() {
+        let (_d, s) = store();
+        let long = "a-key-longer-than-a-revision-suffix";
+        put(&s, "z", "1");
+        flush_kv(&s);
+        put(&s, long, "1");
+        put(&s, "b", "1");
+        flush_kv(&s);
+        put(&s, long, "2");
+        put(&s, "b", "2");
+        let view = s.read_view();
+        for start in [&b"\0"[..], long.as_bytes()] {
+            let (kvs, count) = view
+                .range(&KeyRange::new(start, b"\0"), 4, 0, false)
+                .unwrap();
+            let keys: Vec<&[u8]> = kvs.iter().map(|kv| kv.key.as_slice()).collect();
+            assert_eq!(keys, [long.as_bytes(), b"b", b"z"], "from {start:?}");
+            assert_eq!(count, 3);
+            assert!(kvs.iter().all(|kv| kv.value == b"1"));
+        }
     }
 }
