@@ -90,6 +90,9 @@ pub struct Config {
     /// Maximum client request size in bytes the server will accept.
     #[arg(long, env = "ETCD_MAX_REQUEST_BYTES", default_value_t = 1_572_864)]
     pub max_request_bytes: u32,
+    /// Maximum concurrent streams that each client can open at a time.
+    #[arg(long, env = "ETCD_MAX_CONCURRENT_STREAMS", default_value_t = u32::MAX)]
+    pub max_concurrent_streams: u32,
     /// Maximum number of operations permitted in a transaction.
     #[arg(long, env = "ETCD_MAX_TXN_OPS", default_value_t = 128)]
     pub max_txn_ops: u32,
@@ -234,7 +237,6 @@ pub const ACCEPTED_NOT_ACTED_ON: &[(&str, bool)] = &[
     ("log-outputs", false),
     ("log-rotation-config-json", false),
     ("logger", false),
-    ("max-concurrent-streams", false),
     ("max-snapshots", false),
     ("max-wals", false),
     ("metrics", false),

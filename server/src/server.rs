@@ -23,30 +23,36 @@ use crate::service::watch::WatchService;
 use crate::service::{cluster::ClusterService, kv::KvService, maintenance::MaintenanceService};
 use crate::tls::ClientConn;
 
+/// How long a stopping server lets client connections finish their streams.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// etcd's allowance for gRPC framing on top of `--max-request-bytes`.
 pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 
 pub fn router(node: Arc<Node>) -> axum::Router {
     let max_recv = node.config.max_request_bytes as usize + GRPC_OVERHEAD_BYTES;
     let recipes = Recipes::new(node.clone());
-    let grpc = Routes::new(
-        KvServer::new(KvService::new(node.clone())).max_decoding_message_size(max_recv),
-    )
-    .add_service(
-        MaintenanceServer::new(MaintenanceService::new(node.clone()))
-            .max_decoding_message_size(max_recv),
-    )
-    .add_service(
-        ClusterServer::new(ClusterService::new(node.clone())).max_decoding_message_size(max_recv),
-    )
-    .add_service(WatchServer::new(WatchService::new(node.clone())))
-    .add_service(LeaseServer::new(LeaseService::new(node.clone())))
-    .add_service(AuthServer::new(AuthService::new(node.clone())))
-    .add_service(LockServer::new(LockService::new(recipes.clone())))
-    .add_service(ElectionServer::new(ElectionService::new(recipes.clone())))
-    .prepare()
-    .into_axum_router();
-    grpc.merge(crate::http::router(node))
+    let kv = KvService::new(node.clone());
+    let grpc = Routes::new(KvServer::new(kv.clone()).max_decoding_message_size(max_recv))
+        .add_service(
+            MaintenanceServer::new(MaintenanceService::new(node.clone()))
+                .max_decoding_message_size(max_recv),
+        )
+        .add_service(
+            ClusterServer::new(ClusterService::new(node.clone()))
+                .max_decoding_message_size(max_recv),
+        )
+        .add_service(WatchServer::new(WatchService::new(node.clone())))
+        .add_service(LeaseServer::new(LeaseService::new(node.clone())))
+        .add_service(AuthServer::new(AuthService::new(node.clone())))
+        .add_service(LockServer::new(LockService::new(recipes.clone())))
+        .add_service(ElectionServer::new(ElectionService::new(recipes.clone())))
+        .prepare()
+        .into_axum_router();
+    // The KV unary calls take their own path (`kv_unary`), which hands
+    // tonic's KV service whatever it does not serve itself.
+    grpc.merge(crate::service::kv_unary::router(kv, max_recv))
+        .merge(crate::http::router(node))
         .merge(crate::gateway::router(recipes))
         .fallback(unknown_path)
 }
@@ -70,24 +76,71 @@ async fn unknown_path(req: axum::extract::Request) -> axum::response::Response {
 }
 
 /// Serves `app` on `listener` until `stopped`, with each connection's
-/// [`ClientConn`] in the request extensions.
+/// [`ClientConn`] in the request extensions (as axum's `ConnectInfo`).
+///
+/// hyper-util's connection builder is used directly, not `axum::serve`,
+/// because the HTTP/2 settings must follow etcd's flags: hyper's default of
+/// 200 concurrent streams per connection would hold back a client such as
+/// kube-apiserver, which multiplexes every watch on one connection (etcd's
+/// `--max-concurrent-streams` defaults to 2^32 - 1).
 fn serve_on<L>(
-    listener: L,
+    mut listener: L,
     app: axum::Router,
+    max_concurrent_streams: u32,
     stopped: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> tokio::task::JoinHandle<std::io::Result<()>>
 where
-    L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
-    for<'a> ClientConn: axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
+    L: axum::serve::Listener<Addr = ClientConn>,
 {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tower::ServiceExt;
+
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http2()
+        .max_concurrent_streams(max_concurrent_streams);
     tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<ClientConn>(),
-        )
-        .with_graceful_shutdown(stopped)
-        .await
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let mut stopped = std::pin::pin!(stopped);
+        loop {
+            let (io, conn) = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = &mut stopped => break,
+            };
+            let app = app.clone();
+            let service = hyper::service::service_fn(
+                move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut()
+                        .insert(axum::extract::ConnectInfo(conn.clone()));
+                    app.clone().oneshot(req.map(axum::body::Body::new))
+                },
+            );
+            let connection = builder
+                .serve_connection_with_upgrades(TokioIo::new(io), service)
+                .into_owned();
+            let connection = graceful.watch(connection);
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::trace!(error = %e, "client connection ended");
+                }
+            });
+        }
+        drop(listener);
+        // Every connection is told to finish its streams (GOAWAY), and
+        // requests in flight get their answers. Watch and keep-alive streams
+        // never finish on their own, so serving ends after a short grace
+        // period even with such streams open: etcd stops at once on SIGTERM,
+        // and a client such as kube-apiserver keeps its watches open forever.
+        if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::info!(
+                grace = ?SHUTDOWN_GRACE,
+                "closing client connections whose streams are still open"
+            );
+        }
+        Ok(())
     })
 }
 
@@ -107,6 +160,7 @@ pub async fn serve(
         None
     };
     let app = router(node.clone());
+    let max_streams = node.config.max_concurrent_streams;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
     for listen in addrs {
@@ -123,12 +177,17 @@ pub async fn serve(
             (Some(config), true) => {
                 tracing::info!(%addr, client_cert_auth = tls_files.requires_client_cert(), "serving client traffic over TLS (gRPC and HTTP)");
                 let listener = crate::tls::TlsListener::new(listener, config.clone())?;
-                serve_on(listener, app, stopped)
+                serve_on(listener, app, max_streams, stopped)
             }
             _ => {
                 crate::tls::warn_unused(&tls_files, &listen.url);
                 tracing::info!(%addr, "serving client traffic insecurely (gRPC and HTTP)");
-                serve_on(crate::tls::PlainListener(listener), app, stopped)
+                serve_on(
+                    crate::tls::PlainListener(listener),
+                    app,
+                    max_streams,
+                    stopped,
+                )
             }
         };
         tasks.push(task);

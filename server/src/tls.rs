@@ -346,22 +346,6 @@ pub struct ClientConn {
     pub common_name: Option<String>,
 }
 
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>>
-    for ClientConn
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
-        stream.remote_addr().clone()
-    }
-}
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, PlainListener>>
-    for ClientConn
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, PlainListener>) -> Self {
-        stream.remote_addr().clone()
-    }
-}
-
 /// The subject common name of a DER certificate.
 fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;

@@ -4,6 +4,7 @@ pub mod auth;
 pub mod cluster;
 pub mod election;
 pub mod kv;
+pub mod kv_unary;
 pub mod lease;
 pub mod lock;
 pub mod maintenance;

@@ -163,6 +163,12 @@ impl Server {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// SIGTERM, as a service manager stops a server: how long it took to
+    /// exit, or None when it had not exited within `within`.
+    pub fn terminate(&mut self, within: Duration) -> Option<Duration> {
+        self.child.as_mut()?.terminate(within)
+    }
+
     /// SIGKILL, no chance to flush anything.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

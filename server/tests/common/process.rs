@@ -57,6 +57,26 @@ impl Process {
         self.child.try_wait().unwrap()
     }
 
+    /// SIGTERM; returns how long the process took to exit, or None when it
+    /// was still running after `within` (it is then left to `kill`).
+    pub fn terminate(&mut self, within: Duration) -> Option<Duration> {
+        let start = Instant::now();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        while start.elapsed() < within {
+            if self.child.try_wait().ok().flatten().is_some() {
+                self.reaped = true;
+                if let Some(live) = live().as_mut() {
+                    live.remove(&self.child.id());
+                }
+                return Some(start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
     /// SIGKILL, then reap; a process that does not go away within a minute
     /// (stuck in the kernel) fails the test with its kernel state.
     pub fn kill(&mut self) {
