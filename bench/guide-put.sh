@@ -5,6 +5,8 @@
 # etcd and a fresh tessera in turn, REPEAT times each. Prints one line per
 # run: server, req/s, p50, p99, and the server's CPU per request.
 # Usage: bench/guide-put.sh [key-space-size (default 1, as etcd's)]
+# TESSERA_BINS="old/tessera new/tessera" runs each of those binaries in turn
+# after etcd (an A/B of two builds in one run) instead of the one built here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/prereqs.sh test
@@ -50,5 +52,7 @@ run_once() {
 echo "put, key space $key_space, $total requests, 1000 clients over 100 connections"
 for _ in $(seq "$repeat"); do
   run_once etcd "$(command -v etcd)"
-  run_once tessera "$bin/tessera"
+  for tessera in ${TESSERA_BINS:-$bin/tessera}; do
+    run_once "$([ -n "${TESSERA_BINS:-}" ] && echo "$tessera" || echo tessera)" "$tessera"
+  done
 done
