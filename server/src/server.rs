@@ -16,6 +16,7 @@ use tonic::service::Routes;
 use crate::node::Node;
 use crate::service::auth::AuthService;
 use crate::service::election::ElectionService;
+use crate::service::kv_unary::{KvUnary, Method};
 use crate::service::lease::LeaseService;
 use crate::service::lock::LockService;
 use crate::service::recipes::Recipes;
@@ -29,7 +30,15 @@ const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 /// etcd's allowance for gRPC framing on top of `--max-request-bytes`.
 pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 
-pub fn router(node: Arc<Node>) -> axum::Router {
+/// What the client URLs serve: the KV unary calls on their own path, then
+/// axum's routes for everything else.
+#[derive(Clone)]
+pub struct App {
+    kv: KvUnary,
+    routes: axum::Router,
+}
+
+pub fn app(node: Arc<Node>) -> App {
     let max_recv = node.config.max_request_bytes as usize + GRPC_OVERHEAD_BYTES;
     let recipes = Recipes::new(node.clone());
     let kv = KvService::new(node.clone());
@@ -51,10 +60,14 @@ pub fn router(node: Arc<Node>) -> axum::Router {
         .into_axum_router();
     // The KV unary calls take their own path (`kv_unary`), which hands
     // tonic's KV service whatever it does not serve itself.
-    grpc.merge(crate::service::kv_unary::router(kv, max_recv))
+    let routes = grpc
         .merge(crate::http::router(node))
         .merge(crate::gateway::router(recipes))
-        .fallback(unknown_path)
+        .fallback(unknown_path);
+    App {
+        kv: KvUnary::new(kv, max_recv),
+        routes,
+    }
 }
 
 /// gRPC clients calling a service that does not exist get Unimplemented;
@@ -85,13 +98,15 @@ async fn unknown_path(req: axum::extract::Request) -> axum::response::Response {
 /// `--max-concurrent-streams` defaults to 2^32 - 1).
 fn serve_on<L>(
     mut listener: L,
-    app: axum::Router,
+    app: App,
     max_concurrent_streams: u32,
     stopped: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> tokio::task::JoinHandle<std::io::Result<()>>
 where
     L: axum::serve::Listener<Addr = ClientConn>,
 {
+    use futures::future::Either;
+    use futures::FutureExt;
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use tower::ServiceExt;
 
@@ -112,7 +127,12 @@ where
                 move |mut req: axum::http::Request<hyper::body::Incoming>| {
                     req.extensions_mut()
                         .insert(axum::extract::ConnectInfo(conn.clone()));
-                    app.clone().oneshot(req.map(axum::body::Body::new))
+                    match Method::of_path(req.uri().path()) {
+                        Some(method) => Either::Left(app.kv.call(method, req).map(Ok)),
+                        None => Either::Right(
+                            app.routes.clone().oneshot(req.map(axum::body::Body::new)),
+                        ),
+                    }
                 },
             );
             let connection = builder
@@ -159,7 +179,7 @@ pub async fn serve(
     } else {
         None
     };
-    let app = router(node.clone());
+    let app = app(node.clone());
     let max_streams = node.config.max_concurrent_streams;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
