@@ -125,13 +125,20 @@ where
             let app = app.clone();
             let service = hyper::service::service_fn(
                 move |mut req: axum::http::Request<hyper::body::Incoming>| {
-                    req.extensions_mut()
-                        .insert(axum::extract::ConnectInfo(conn.clone()));
                     match Method::of_path(req.uri().path()) {
-                        Some(method) => Either::Left(app.kv.call(method, req).map(Ok)),
-                        None => Either::Right(
-                            app.routes.clone().oneshot(req.map(axum::body::Body::new)),
-                        ),
+                        // Given the connection directly: an extension costs
+                        // the request a map allocation (1.5% of a member's
+                        // CPU under a put load).
+                        Some(method) => {
+                            Either::Left(app.kv.call(method, req, conn.clone()).map(Ok))
+                        }
+                        None => {
+                            req.extensions_mut()
+                                .insert(axum::extract::ConnectInfo(conn.clone()));
+                            Either::Right(
+                                app.routes.clone().oneshot(req.map(axum::body::Body::new)),
+                            )
+                        }
                     }
                 },
             );

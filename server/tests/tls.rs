@@ -145,7 +145,50 @@ fn mtls_scenario(kind: Kind, dir: &Path, f: &Files) -> Vec<String> {
         "curl /health without client cert: {}",
         curl(&["--cacert".into(), f.ca.display().to_string()])
     ));
+
+    // With auth on, a request without a token acts as the user its
+    // certificate names (etcd's AuthInfoFromTLS), within that user's roles.
+    for args in [
+        &["user", "add", "root:rootpw"][..],
+        &["user", "add", "kube-apiserver:pw"],
+        &["role", "add", "registry"],
+        &[
+            "role",
+            "grant-permission",
+            "registry",
+            "--prefix=true",
+            "readwrite",
+            "/registry/",
+        ],
+        &["user", "grant-role", "kube-apiserver", "registry"],
+        &["auth", "enable"],
+    ] {
+        let out = etcdctl_with(&server, &with_cert, args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    }
+    for args in [
+        &["put", "/registry/pods/a", "x"][..],
+        &["get", "/registry/pods/a"],
+        &["put", "/elsewhere", "x"],
+        &["get", "/elsewhere"],
+    ] {
+        let out = etcdctl_with(&server, &with_cert, args);
+        seen.push(format!(
+            "{args:?} as the certificate's user: {}",
+            error_or_ok(&out)
+        ));
+    }
     seen
+}
+
+/// "ok: <stdout>", or etcdctl's error message (its last line: the lines
+/// before are its client's retry logs).
+fn error_or_ok(out: &Output) -> String {
+    if out.status.success() {
+        outcome(out)
+    } else {
+        stderr(out).lines().last().unwrap_or("").to_string()
+    }
 }
 
 #[test]
@@ -166,6 +209,11 @@ fn mutual_tls_clients_match_etcd() {
             "get in plaintext: refused",
             "curl /health with client cert: ok healthy=true",
             "curl /health without client cert: refused healthy=false",
+            r#"["put", "/registry/pods/a", "x"] as the certificate's user: ok: OK"#,
+            r#"["get", "/registry/pods/a"] as the certificate's user: ok: /registry/pods/a
+x"#,
+            r#"["put", "/elsewhere", "x"] as the certificate's user: Error: etcdserver: permission denied"#,
+            r#"["get", "/elsewhere"] as the certificate's user: Error: etcdserver: permission denied"#,
         ]
     );
 }

@@ -73,16 +73,24 @@ pub struct Credentials {
 impl Credentials {
     /// The credentials a gRPC request carries.
     pub fn of<T>(req: &tonic::Request<T>) -> Credentials {
-        let md = req.metadata();
-        let token = md
+        let conn = req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<crate::tls::ClientConn>>();
+        Credentials::of_http(req.metadata().as_ref(), conn.map(|c| &c.0))
+    }
+
+    /// The credentials of a request with `headers` on connection `conn`
+    /// (which the server puts in each request's extensions).
+    pub fn of_http(
+        headers: &axum::http::HeaderMap,
+        conn: Option<&crate::tls::ClientConn>,
+    ) -> Credentials {
+        let token = headers
             .get("token")
-            .or_else(|| md.get("authorization"))
+            .or_else(|| headers.get("authorization"))
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let common_name = req
-            .extensions()
-            .get::<axum::extract::ConnectInfo<crate::tls::ClientConn>>()
-            .and_then(|c| c.0.common_name.clone());
+        let common_name = conn.and_then(|c| c.common_name.clone());
         Credentials { token, common_name }
     }
 }

@@ -11,7 +11,7 @@ use tessera_proto::tessera::{raft_command::Request as Cmd, raft_result::Response
 use tonic::{Request, Response, Status};
 
 use crate::auth::store::AuthView;
-use crate::auth::{AuthInfo, PermType};
+use crate::auth::{AuthInfo, Credentials, PermType};
 use crate::errors::EtcdError;
 use crate::mvcc::apply::{self, ApplyError};
 use crate::node::{internal, Node};
@@ -63,6 +63,11 @@ pub struct KvService {
 impl KvService {
     pub fn new(node: Arc<Node>) -> Self {
         KvService { node }
+    }
+
+    /// Who a request with `creds` comes from (see [`Node::caller`]).
+    pub fn caller(&self, creds: &Credentials) -> Result<Option<AuthInfo>, Status> {
+        Ok(self.node.auth.identify(creds)?)
     }
 }
 

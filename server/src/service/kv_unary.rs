@@ -5,9 +5,9 @@
 //! router, a streaming decoder and an encoder with buffers of their own, and
 //! several boxed body layers: about a tenth of a member's CPU under a put
 //! load (see BENCHMARKS.md). Here a request whose body is one plain gRPC
-//! message is decoded from the bytes received, handed to the same [`Kv`]
-//! methods, and answered with one data frame and the `grpc-status` trailer,
-//! as tonic answers. Anything else (a compressed or malformed message, one
+//! message is decoded from the bytes received, handed to the same
+//! [`KvService`] methods as tonic's service calls, and answered with one
+//! data frame and the `grpc-status` trailer, as tonic answers. Anything else (a compressed or malformed message, one
 //! above the size limit, several) goes to tonic's service unchanged, so its
 //! errors stay exactly tonic's.
 
@@ -24,12 +24,13 @@ use futures::StreamExt;
 use http_body::Frame;
 use http_body_util::BodyExt;
 use prost::Message;
-use tessera_proto::etcdserverpb::kv_server::{Kv, KvServer};
-use tonic::metadata::MetadataMap;
+use tessera_proto::etcdserverpb::kv_server::KvServer;
 use tonic::Status;
 use tower::ServiceExt;
 
 use super::kv::KvService;
+use crate::auth::{AuthInfo, Credentials};
+use crate::tls::ClientConn;
 
 /// gRPC's message prefix: a compressed flag and a big-endian length.
 const PREFIX_LEN: usize = 5;
@@ -66,8 +67,8 @@ impl KvUnary {
         }
     }
 
-    /// Answers `req`, a call of `method`.
-    pub fn call<B>(&self, method: Method, req: Request<B>) -> Answer
+    /// Answers `req`, a call of `method` on connection `conn`.
+    pub fn call<B>(&self, method: Method, req: Request<B>, conn: ClientConn) -> Answer
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<axum::BoxError>,
@@ -75,24 +76,34 @@ impl KvUnary {
         let shared = self.shared.clone();
         match method {
             Method::Range => Box::pin(async move {
-                serve(&shared, req, |kv, r| async move { kv.range(r).await }).await
+                serve(&shared, req, conn, |kv, who, r| async move {
+                    kv.do_range(who.as_ref(), r).await
+                })
+                .await
             }),
             Method::Put => Box::pin(async move {
-                serve(&shared, req, |kv, r| async move { kv.put(r).await }).await
+                serve(&shared, req, conn, |kv, who, r| async move {
+                    kv.do_put(who.as_ref(), r).await
+                })
+                .await
             }),
             Method::DeleteRange => Box::pin(async move {
-                serve(
-                    &shared,
-                    req,
-                    |kv, r| async move { kv.delete_range(r).await },
-                )
+                serve(&shared, req, conn, |kv, who, r| async move {
+                    kv.do_delete_range(who.as_ref(), r).await
+                })
                 .await
             }),
             Method::Txn => Box::pin(async move {
-                serve(&shared, req, |kv, r| async move { kv.txn(r).await }).await
+                serve(&shared, req, conn, |kv, who, r| async move {
+                    kv.do_txn(who.as_ref(), r).await
+                })
+                .await
             }),
             Method::Compact => Box::pin(async move {
-                serve(&shared, req, |kv, r| async move { kv.compact(r).await }).await
+                serve(&shared, req, conn, |kv, who, r| async move {
+                    kv.do_compact(who.as_ref(), r).await
+                })
+                .await
             }),
         }
     }
@@ -122,25 +133,32 @@ impl Method {
     }
 }
 
-async fn serve<B, Req, Resp, F, Fut>(shared: &Shared, req: Request<B>, call: F) -> Response<Body>
+async fn serve<B, Req, Resp, F, Fut>(
+    shared: &Shared,
+    req: Request<B>,
+    conn: ClientConn,
+    call: F,
+) -> Response<Body>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<axum::BoxError>,
     Req: Message + Default,
     Resp: Message,
-    F: Fn(KvService, tonic::Request<Req>) -> Fut,
-    Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
+    F: FnOnce(KvService, Option<AuthInfo>, Req) -> Fut,
+    Fut: Future<Output = Result<Resp, Status>>,
 {
     let (parts, body) = req.into_parts();
     let body = match read_one_message(Body::new(body), shared.max_message).await {
         Ok(Received::Message(message)) => match Req::decode(message.slice(PREFIX_LEN..)) {
+            // The same calls as tonic's service makes (`Kv for KvService`),
+            // without a tonic::Request around them.
             Ok(decoded) => {
-                let request = tonic::Request::from_parts(
-                    MetadataMap::from_headers(parts.headers),
-                    parts.extensions,
-                    decoded,
-                );
-                return respond(call(shared.kv.clone(), request).await);
+                let creds = Credentials::of_http(&parts.headers, Some(&conn));
+                let answer = match shared.kv.caller(&creds) {
+                    Ok(who) => call(shared.kv.clone(), who, decoded).await,
+                    Err(status) => Err(status),
+                };
+                return respond(answer);
             }
             Err(_) => Body::from(message),
         },
@@ -148,10 +166,10 @@ where
         // The client reset the stream: nobody reads the answer.
         Err(e) => return Status::cancelled(e.to_string()).into_http(),
     };
-    let answer = shared
-        .tonic
-        .clone()
-        .oneshot(Request::from_parts(parts, body));
+    let mut req = Request::from_parts(parts, body);
+    req.extensions_mut()
+        .insert(axum::extract::ConnectInfo(conn));
+    let answer = shared.tonic.clone().oneshot(req);
     match answer.await {
         Ok(response) => response.map(Body::new),
         Err(never) => match never {},
@@ -213,12 +231,11 @@ fn is_one_plain_message(bytes: &[u8], max_message: usize) -> bool {
 
 /// The gRPC answer to a call: one message and the OK trailer, or tonic's
 /// trailers-only error response.
-fn respond<Resp: Message>(result: Result<tonic::Response<Resp>, Status>) -> Response<Body> {
-    let response = match result {
-        Ok(response) => response,
+fn respond<Resp: Message>(result: Result<Resp, Status>) -> Response<Body> {
+    let message = match result {
+        Ok(message) => message,
         Err(status) => return status.into_http(),
     };
-    let (metadata, message, _) = response.into_parts();
     let length = message.encoded_len();
     let mut framed = BytesMut::with_capacity(PREFIX_LEN + length);
     framed.put_u8(0);
@@ -230,7 +247,6 @@ fn respond<Resp: Message>(result: Result<tonic::Response<Resp>, Status>) -> Resp
         message: Some(framed.freeze()),
         trailers_sent: false,
     }));
-    *answer.headers_mut() = metadata.into_headers();
     answer.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),
