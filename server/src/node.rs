@@ -15,7 +15,7 @@ use rocksdb::DB;
 use tessera_proto::etcdserverpb::{alarm_request, AlarmRequest, AlarmType, ResponseHeader};
 use tessera_proto::tessera::{
     raft_command::Request, raft_result::Response, IndexReply, MemberAttributes, MembersRequest,
-    ProposeReply, RaftBatch, RaftCommand, RaftResult,
+    ProposeReply, RaftCommand, RaftResult,
 };
 use tonic::Status;
 
@@ -464,19 +464,18 @@ impl Node {
         let cmd = RaftCommand {
             request: Some(request),
             auth: AuthInfo::to_command(who),
-        };
-        if cmd.encoded_len() > self.config.max_request_bytes as usize {
+        }
+        .encode_to_vec();
+        if cmd.len() > self.config.max_request_bytes as usize {
             return Err(EtcdError::RequestTooLarge.into());
         }
+        let cmd = bytes::Bytes::from(cmd);
+        let deadline = tokio::time::Instant::now() + PROPOSAL_TIMEOUT;
         self.metrics.inc(&self.metrics.proposals_pending);
-        let result = tokio::time::timeout(PROPOSAL_TIMEOUT, self.replicate(cmd)).await;
+        let result = self.replicate(cmd, deadline).await;
         self.metrics
             .proposals_pending
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        let result = match result {
-            Err(_) => Err(EtcdError::Timeout.into()),
-            Ok(r) => r,
-        };
         let result = result.inspect_err(|_| self.metrics.inc(&self.metrics.proposals_failed))?;
         if result.error != 0 {
             return Err(EtcdError::from_code_number(result.error)
@@ -490,13 +489,22 @@ impl Node {
             .ok_or_else(|| Status::internal("apply produced no response"))
     }
 
-    async fn replicate(&self, cmd: RaftCommand) -> Result<RaftResult, Status> {
+    /// `cmd` is an encoded `tessera.RaftCommand`; etcd's timeout error is
+    /// returned at `deadline`.
+    async fn replicate(
+        &self,
+        cmd: bytes::Bytes,
+        deadline: tokio::time::Instant,
+    ) -> Result<RaftResult, Status> {
         loop {
-            match self.proposals.propose(cmd.clone()).await {
+            match self.proposals.propose(cmd.clone(), deadline).await {
                 // Leadership moved, or the leader could not be reached, before
                 // the proposal was accepted: nothing was proposed, so trying
                 // again (at the new leader) is safe.
                 Err(e) if is_not_leader(&e) || e.message().starts_with(LEADER_UNREACHABLE) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(EtcdError::Timeout.into());
+                    }
                     self.pause().await
                 }
                 other => return other,
@@ -504,10 +512,14 @@ impl Node {
         }
     }
 
-    /// Replicates `batch` as one Raft entry through the leader, wherever it
-    /// is, and returns the entry's index and its results once this member
-    /// has applied it.
-    pub async fn write_batch(&self, batch: RaftBatch) -> Result<(u64, Vec<RaftResult>), Status> {
+    /// Replicates `commands` (each an encoded `tessera.RaftCommand`) as one
+    /// Raft entry through the leader, wherever it is, and returns the entry's
+    /// index and its results once this member has applied it.
+    pub async fn write_batch(
+        &self,
+        commands: &[bytes::Bytes],
+    ) -> Result<(u64, Vec<RaftResult>), Status> {
+        let batch = Command::of_encoded(commands);
         // Bounded, so a batch whose callers all gave up does not wait forever
         // (its requests are retried by `replicate` while they still wait).
         let leader = tokio::time::timeout(self.election_timeout(), self.wait_for_leader())
@@ -516,7 +528,9 @@ impl Node {
         let (index, results) = if leader == self.member_id {
             self.propose_on_leader(batch).await?
         } else {
-            let reply: ProposeReply = self.forward(leader, method::PROPOSE, &batch).await?;
+            let reply: ProposeReply = self
+                .forward_encoded(leader, method::PROPOSE, batch.0.to_vec())
+                .await?;
             let results = reply.results.unwrap_or_default().results;
             (reply.index, results)
         };
@@ -532,20 +546,28 @@ impl Node {
     /// leader).
     pub async fn propose_forwarded(
         &self,
-        batch: RaftBatch,
+        batch: Command,
     ) -> Result<(u64, Vec<RaftResult>), Status> {
         if self.leader() != Some(self.member_id) {
             return Err(EtcdError::NotLeader.into());
         }
-        self.proposals.propose_group(batch.commands).await
+        let malformed = |e| Status::invalid_argument(format!("malformed forwarded batch: {e}"));
+        let commands = batch.split().map_err(malformed)?;
+        // Checked here, because a committed entry that does not decode stops
+        // every member's state machine as corrupt.
+        for c in &commands {
+            RaftCommand::decode(c.clone()).map_err(malformed)?;
+        }
+        let deadline = tokio::time::Instant::now() + PROPOSAL_TIMEOUT;
+        self.proposals.propose_group(commands, deadline).await
     }
 
     /// Proposes `batch` as one entry on this member, which must lead; returns
     /// the entry's log index with the results.
-    async fn propose_on_leader(&self, batch: RaftBatch) -> Result<(u64, Vec<RaftResult>), Status> {
+    async fn propose_on_leader(&self, batch: Command) -> Result<(u64, Vec<RaftResult>), Status> {
         let written = self
             .raft
-            .client_write(Command::encode(&batch))
+            .client_write(batch)
             .await
             .map_err(raft_write_error)?;
         Ok((written.log_id.index, written.data.0.results))
@@ -655,6 +677,16 @@ impl Node {
         method: &str,
         req: &Req,
     ) -> Result<Resp, Status> {
+        self.forward_encoded(to, method, req.encode_to_vec()).await
+    }
+
+    /// [`Node::forward`] of a request already encoded as `body`.
+    pub async fn forward_encoded<Resp: Message + Default>(
+        &self,
+        to: u64,
+        method: &str,
+        body: Vec<u8>,
+    ) -> Result<Resp, Status> {
         let addr = self
             .membership()
             .into_iter()
@@ -667,7 +699,7 @@ impl Node {
             .map_err(|e| Status::unavailable(format!("bad peer address {addr}: {e}")))?;
         let mut request = tonic::Request::new(tessera_proto::tessera::ForwardRequest {
             method: method.to_string(),
-            body: req.encode_to_vec(),
+            body,
         });
         request.set_timeout(PROPOSAL_TIMEOUT);
         let reply = client.forward(request).await.map_err(|e| {

@@ -19,7 +19,7 @@ use tessera_proto::tessera::peer_client::PeerClient;
 use tessera_proto::tessera::peer_server::{Peer, PeerServer};
 use tessera_proto::tessera::{
     Blob, ForwardRequest, IndexReply, MembersRequest, MembersResponse, PeerMember, ProposeReply,
-    RaftBatch, RaftBatchResult,
+    RaftBatchResult,
 };
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Response, Status};
@@ -167,14 +167,15 @@ impl Peer for PeerService {
         let lease = LeaseService::new(node.clone());
         let data = match method.as_str() {
             method::PROPOSE => {
-                handle(&body, |batch: RaftBatch| async move {
-                    let (index, results) = node.propose_forwarded(batch).await?;
-                    Ok(ProposeReply {
-                        index,
-                        results: Some(RaftBatchResult { results }),
-                    })
-                })
-                .await?
+                // Kept encoded: the leader splits the batch into its
+                // commands without decoding them.
+                let batch = crate::raft::Command(body.into());
+                let (index, results) = node.propose_forwarded(batch).await?;
+                ProposeReply {
+                    index,
+                    results: Some(RaftBatchResult { results }),
+                }
+                .encode_to_vec()
             }
             method::READ_INDEX => {
                 handle(&body, |_: MembersRequest| async move {

@@ -40,9 +40,52 @@ pub type StoredMembership = openraft::StoredMembership<NodeId, openraft::BasicNo
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct Command(pub Bytes);
 
+/// `tessera.RaftBatch`'s `commands` field key: field 1, length-delimited.
+const BATCH_COMMANDS_KEY: u8 = (1 << 3) | 2;
+
 impl Command {
     pub fn encode(batch: &RaftBatch) -> Self {
         Command(batch.encode_to_vec().into())
+    }
+
+    /// The batch of `commands`, each already encoded as a
+    /// `tessera.RaftCommand`: the same bytes [`Command::encode`] gives for
+    /// their decoded batch, without decoding or re-encoding any of them.
+    pub fn of_encoded(commands: &[Bytes]) -> Self {
+        let len = commands
+            .iter()
+            .map(|c| 1 + prost::encoding::encoded_len_varint(c.len() as u64) + c.len())
+            .sum();
+        let mut buf = Vec::with_capacity(len);
+        for c in commands {
+            buf.push(BATCH_COMMANDS_KEY);
+            prost::encoding::encode_varint(c.len() as u64, &mut buf);
+            buf.extend_from_slice(c);
+        }
+        Command(buf.into())
+    }
+
+    /// This batch's commands, each still encoded (slices of this buffer):
+    /// the inverse of [`Command::of_encoded`].
+    pub fn split(&self) -> Result<Vec<Bytes>, prost::DecodeError> {
+        let mut rest = self.0.clone();
+        let mut commands = Vec::new();
+        while !rest.is_empty() {
+            if rest[0] != BATCH_COMMANDS_KEY {
+                return Err(prost::DecodeError::new("unexpected field in a Raft batch"));
+            }
+            let mut after_key = &rest[1..];
+            let len = prost::encoding::decode_varint(&mut after_key)?;
+            let start = rest.len() - after_key.len();
+            let end = usize::try_from(len)
+                .ok()
+                .and_then(|l| start.checked_add(l))
+                .filter(|&end| end <= rest.len())
+                .ok_or_else(|| prost::DecodeError::new("truncated Raft batch"))?;
+            commands.push(rest.slice(start..end));
+            rest = rest.slice(end..);
+        }
+        Ok(commands)
     }
 
     pub fn decode(&self) -> Result<RaftBatch, prost::DecodeError> {
@@ -148,5 +191,38 @@ mod tests {
         let back: Command = bincode::deserialize(&bytes).unwrap();
         assert_eq!(back, cmd);
         assert_eq!(back.decode().unwrap(), batch);
+    }
+
+    #[test]
+    fn encoded_commands_make_the_same_batch() {
+        let commands: Vec<RaftCommand> = (0..300u32)
+            .map(|i| RaftCommand {
+                request: Some(Request::Put(PutRequest {
+                    key: i.to_be_bytes().to_vec(),
+                    value: vec![7; i as usize],
+                    ..Default::default()
+                })),
+                auth: None,
+            })
+            .collect();
+        let encoded: Vec<Bytes> = commands.iter().map(|c| c.encode_to_vec().into()).collect();
+        let batch = Command::of_encoded(&encoded);
+        assert_eq!(batch, Command::encode(&RaftBatch { commands }));
+        assert_eq!(batch.split().unwrap(), encoded);
+        assert_eq!(
+            Command::of_encoded(&[]).split().unwrap(),
+            Vec::<Bytes>::new()
+        );
+    }
+
+    #[test]
+    fn malformed_batches_are_refused() {
+        let batch = Command::of_encoded(&[Bytes::from_static(b"abcdef")]);
+        let truncated = Command(batch.0.slice(..batch.0.len() - 1));
+        assert!(truncated.split().is_err());
+        assert!(Command(Bytes::from_static(&[0x12, 0])).split().is_err());
+        assert!(Command(Bytes::from_static(&[BATCH_COMMANDS_KEY, 0xff]))
+            .split()
+            .is_err());
     }
 }
