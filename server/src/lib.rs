@@ -7,6 +7,7 @@ pub mod config;
 pub mod db;
 pub mod errors;
 pub mod gateway;
+pub mod h2_authority;
 pub mod http;
 pub mod lease_expiry;
 pub mod lessor;

@@ -13,6 +13,7 @@ use tessera_proto::v3electionpb::election_server::ElectionServer;
 use tessera_proto::v3lockpb::lock_server::LockServer;
 use tonic::service::Routes;
 
+use crate::h2_authority::AuthorityRepair;
 use crate::node::Node;
 use crate::service::auth::AuthService;
 use crate::service::election::ElectionService;
@@ -143,7 +144,7 @@ where
                 },
             );
             let connection = builder
-                .serve_connection_with_upgrades(TokioIo::new(io), service)
+                .serve_connection_with_upgrades(TokioIo::new(AuthorityRepair::new(io)), service)
                 .into_owned();
             let connection = graceful.watch(connection);
             tokio::spawn(async move {

@@ -190,6 +190,42 @@ async fn etcdctl_outputs_match_etcd() {
     );
 }
 
+/// etcdctl dials each member on its own for `endpoint status` and `endpoint
+/// health --cluster`, and then sends the endpoint URL as `:authority`
+/// (`http://127.0.0.1:2379`), which is not a valid authority: etcd serves it
+/// anyway, and so must tessera.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_commands_with_url_endpoints_work_as_on_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Server::start(Kind::Etcd, &dir.path().join("etcd"), &[]).await;
+    let tessera = Server::start(Kind::Tessera, &dir.path().join("tessera"), &[]).await;
+    for server in [&etcd, &tessera] {
+        let members = stdout(&server.etcdctl(&["member", "list"]));
+        let id = fields_member_id(&members);
+        for (endpoint, args) in [
+            (server.url(), &["endpoint", "status"][..]),
+            (server.endpoint(), &["endpoint", "status", "--cluster"][..]),
+            (server.endpoint(), &["endpoint", "health", "--cluster"][..]),
+        ] {
+            let out = common::etcdctl(&endpoint, args, None);
+            // etcdctl 3.4 prints health to stderr.
+            let text = stdout(&out) + &stderr(&out);
+            let url = server.url();
+            assert!(
+                text.starts_with(&format!("{url}, {id}, "))
+                    || text.starts_with(&format!("{url} is healthy")),
+                "{:?} {args:?}: {text}",
+                server.kind
+            );
+            assert!(
+                !text.contains("Failed"),
+                "{:?} {args:?}: {text}",
+                server.kind
+            );
+        }
+    }
+}
+
 fn fields_member_id(members: &str) -> &str {
     members.split(", ").next().unwrap_or_default()
 }
