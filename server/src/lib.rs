@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod mvcc;
 pub mod node;
 pub mod peer;
+pub mod process_metrics;
 pub mod proposals;
 pub mod raft;
 pub mod read_index;

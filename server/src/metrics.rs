@@ -142,6 +142,7 @@ impl Metrics {
             "# HELP etcd_server_version Which version is running. 1 for 'server_version' label with current version.\n# TYPE etcd_server_version gauge\netcd_server_version{{server_version=\"{}\"}} 1",
             crate::config::ETCD_VERSION
         );
+        crate::process_metrics::render(&mut out);
         out
     }
 }

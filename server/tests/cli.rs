@@ -206,6 +206,19 @@ async fn http_health_version_and_metrics() {
             "missing {line:?} in:\n{body}"
         );
     }
+    // The process metrics every Prometheus client exports, as etcd does.
+    for name in [
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+        "process_start_time_seconds",
+    ] {
+        let value = body
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse::<f64>().ok());
+        assert!(value.is_some_and(|v| v > 0.0), "{name} in:\n{body}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -226,6 +226,21 @@ async fn endpoint_commands_with_url_endpoints_work_as_on_etcd() {
     }
 }
 
+/// `etcdctl check datascale` measures memory through `/metrics`
+/// (`process_resident_memory_bytes`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_datascale_reads_memory_from_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let tessera = Server::start(Kind::Tessera, dir.path(), &[]).await;
+    let out = tessera.etcdctl(&["check", "datascale", "--load=s"]);
+    let text = stdout(&out) + &stderr(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("PASS: Approximate system memory used"),
+        "{text}"
+    );
+}
+
 fn fields_member_id(members: &str) -> &str {
     members.split(", ").next().unwrap_or_default()
 }
