@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use rocksdb::{ColumnFamilyDescriptor, Options, DB};
+use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, Options, DB};
 
 /// MVCC history: see [`crate::mvcc::encoding`].
 pub const CF_KV: &str = "kv";
@@ -22,12 +22,23 @@ pub const CF_AUTH: &str = "auth";
 /// This member's identity (member and cluster ids). The Raft log, vote and
 /// commit index live in the WAL (`tessera_storage::wal`), not here.
 pub const CF_RAFT_STATE: &str = "raft_state";
+/// Each live key's current version: see [`crate::mvcc::latest`]. Derived from
+/// `kv`, so not part of snapshots.
+pub const CF_LATEST: &str = "latest";
 
 /// Column families that make up the state machine (what snapshots carry).
 /// (New families go at the end: a snapshot names them by position.)
 pub const STATE_MACHINE_CFS: [&str; 5] = [CF_KV, CF_META, CF_LEASE, CF_REV, CF_AUTH];
 
-const ALL_CFS: [&str; 6] = [CF_KV, CF_META, CF_LEASE, CF_REV, CF_AUTH, CF_RAFT_STATE];
+const ALL_CFS: [&str; 7] = [
+    CF_KV,
+    CF_META,
+    CF_LEASE,
+    CF_REV,
+    CF_AUTH,
+    CF_RAFT_STATE,
+    CF_LATEST,
+];
 
 /// Opens (creating if needed) the database under `dir`.
 pub fn open(dir: &Path) -> Result<Arc<DB>, rocksdb::Error> {
@@ -45,6 +56,19 @@ pub fn open(dir: &Path) -> Result<Arc<DB>, rocksdb::Error> {
     let cfs = ALL_CFS.iter().map(|name| {
         let mut cf_opts = Options::default();
         cf_opts.set_write_buffer_size(32 << 20);
+        if *name == CF_KV || *name == CF_LATEST {
+            // Puts look up exact keys here (a key's current version, then
+            // that version's value): whole-key bloom filters let the lookup
+            // skip every file that does not hold the key.
+            let mut table = BlockBasedOptions::default();
+            table.set_bloom_filter(10.0, false);
+            cf_opts.set_block_based_table_factory(&table);
+        }
+        if *name == CF_LATEST {
+            // Small entries (about 50 bytes a key): a smaller memtable keeps
+            // the index from adding a full memtable's worth of memory.
+            cf_opts.set_write_buffer_size(8 << 20);
+        }
         ColumnFamilyDescriptor::new(*name, cf_opts)
     });
     let db = DB::open_cf_descriptors(&opts, dir, cfs)?;

@@ -38,6 +38,8 @@ pub enum SnapshotError {
     UnknownColumnFamily(u8),
     #[error("missing column family {0}")]
     MissingColumnFamily(&'static str),
+    #[error(transparent)]
+    Store(#[from] crate::mvcc::StoreError),
 }
 
 /// A dump plus the `meta` entries it contains (for reading the applied index
@@ -147,7 +149,9 @@ pub fn parse(data: &[u8]) -> Result<Vec<Record<'_>>, SnapshotError> {
 }
 
 /// Replaces the state-machine column families with the snapshot's content,
-/// leaving out `meta` keys for which `skip_meta` returns true.
+/// leaving out `meta` keys for which `skip_meta` returns true. The
+/// current-version index is emptied in the same batch: `Store::reload`
+/// rebuilds it from the restored history.
 pub fn restore(
     db: &DB,
     data: &[u8],
@@ -169,6 +173,7 @@ pub fn restore(
         it.status()?;
         handles.push(cf);
     }
+    crate::mvcc::latest::clear_into(db, &mut batch)?;
     for (cf, k, v) in records {
         if STATE_MACHINE_CFS[cf as usize] == crate::db::CF_META && skip_meta(k) {
             continue;

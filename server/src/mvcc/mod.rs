@@ -3,6 +3,7 @@
 
 pub mod apply;
 pub mod encoding;
+pub mod latest;
 pub mod lease;
 pub mod store;
 

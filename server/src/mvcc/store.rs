@@ -1,14 +1,14 @@
 //! The MVCC key-value store on RocksDB: point-in-time reads, write
 //! transactions with read-your-writes, compaction and etcd's HashKV.
 
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use prost::Message;
 use rocksdb::{
-    DBRawIteratorWithThreadMode, ReadOptions, SnapshotWithThreadMode, WriteBatch, WriteOptions, DB,
+    DBPinnableSlice, DBRawIteratorWithThreadMode, ReadOptions, SnapshotWithThreadMode, WriteBatch,
+    WriteOptions, DB,
 };
 use tessera_proto::mvccpb::{event::EventType, Event, KeyValue};
 
@@ -16,7 +16,8 @@ use super::encoding::{
     after_all_versions, key_prefix, parse_rev_key, rev_key, seek_key_at, split_version_key,
     version_key, KeyRange, Revision, TAG_PUT, TAG_TOMBSTONE,
 };
-use crate::db::{CF_KV, CF_LEASE, CF_META, CF_REV};
+use super::latest::{self, Current};
+use crate::db::{CF_KV, CF_LATEST, CF_LEASE, CF_META, CF_REV};
 
 const META_CURRENT_REV: &[u8] = b"current_rev";
 const META_COMPACT_REV: &[u8] = b"compact_rev";
@@ -34,6 +35,8 @@ pub enum StoreError {
     Corrupt(String),
     #[error("missing column family {0}")]
     MissingColumnFamily(&'static str),
+    #[error("empty key")]
+    EmptyKey,
 }
 
 impl From<prost::DecodeError> for StoreError {
@@ -65,8 +68,16 @@ impl Store {
         Ok(store)
     }
 
-    /// Re-reads the revisions from disk (after a snapshot was installed).
+    /// Re-reads the revisions from disk (after a snapshot was installed), and
+    /// rebuilds the current-version index if it is missing.
     pub fn reload(&self) -> Result<(), StoreError> {
+        if !latest::is_built(&self.db)? {
+            let started = std::time::Instant::now();
+            tracing::info!("building the current-version index from the MVCC history");
+            let keys = latest::rebuild(&self.db)?;
+            self.db.flush_wal(true)?;
+            tracing::info!(keys, elapsed = ?started.elapsed(), "current-version index built");
+        }
         let cur = self.meta_i64(META_CURRENT_REV)?.unwrap_or(INITIAL_REVISION);
         let compact = self.meta_i64(META_COMPACT_REV)?.unwrap_or(NEVER_COMPACTED);
         let _w = self.view_lock.write().unwrap_or_else(|p| p.into_inner());
@@ -142,7 +153,6 @@ impl Store {
             overlay: BTreeMap::new(),
             batch: WriteBatch::default(),
             events: Vec::new(),
-            versions: RefCell::new(None),
         }
     }
 
@@ -443,9 +453,42 @@ impl<'a> ReadView<'a> {
         }
     }
 
+    /// The current version of `key` in this view, if it is live.
+    pub(super) fn current(&self, key: &[u8]) -> Result<Option<Current>, StoreError> {
+        match self
+            .db
+            .get_pinned_cf_opt(self.cf(CF_LATEST)?, key, &self.read_opts())?
+        {
+            Some(raw) => Current::decode(&raw).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The live version of `key` written at exactly `rev`.
+    fn version(&self, key: &[u8], rev: Revision) -> Result<Option<KeyValue>, StoreError> {
+        decode_live(key, &self.current_stored(key, rev)?)
+    }
+
+    /// The stored bytes of the version `rev` of `key` that the current-version
+    /// index points at (so it must exist).
+    fn current_stored(&self, key: &[u8], rev: Revision) -> Result<DBPinnableSlice<'a>, StoreError> {
+        self.db
+            .get_pinned_cf_opt(self.kv_cf()?, version_key(key, rev), &self.read_opts())?
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!("current version {rev:?} of a key is not stored"))
+            })
+    }
+
     /// The stored bytes (tag ‖ KeyValue) of the newest version of `key` at
     /// `rev`, tombstones included.
     fn get_stored(&self, key: &[u8], rev: i64) -> Result<Option<Vec<u8>>, StoreError> {
+        // A live key whose current version is at or below `rev` needs no
+        // seek through the history: that version is the newest one at `rev`.
+        if let Some(current) = self.current(key)? {
+            if current.rev.main <= rev {
+                return Ok(Some(self.current_stored(key, current.rev)?.to_vec()));
+            }
+        }
         let mut it = self.db.raw_iterator_cf_opt(self.kv_cf()?, self.read_opts());
         stored_version(&mut it, key, rev, |v| v.to_vec())
     }
@@ -571,14 +614,6 @@ fn decode_live(key: &[u8], stored: &[u8]) -> Result<Option<KeyValue>, StoreError
 /// gets the next revision `(begin + 1, sub)`, and nothing is visible to others
 /// until [`Store::commit`].
 pub struct WriteTxn<'a> {
-    /// One iterator over `kv` for all of [`Self::latest`]'s lookups: a put
-    /// run then creates one iterator instead of one per put. It sees the
-    /// view's state for as long as the transaction lives, which is right
-    /// because nothing but this transaction's own commit writes `kv` while it
-    /// is open (the apply path is single), and its own writes are in
-    /// `overlay`.
-    /// (Declared first, so it is dropped before the view's snapshot.)
-    versions: RefCell<Option<DBRawIteratorWithThreadMode<'a, DB>>>,
     view: ReadView<'a>,
     /// The store's revision when the transaction began.
     base_rev: i64,
@@ -626,18 +661,13 @@ impl<'a> WriteTxn<'a> {
         if let Some(state) = self.overlay.get(key) {
             return Ok(state.clone());
         }
-        let mut versions = self.versions.borrow_mut();
-        let it = match &mut *versions {
-            Some(it) => it,
-            unset @ None => unset.insert(
-                self.view
-                    .db
-                    .raw_iterator_cf_opt(self.view.kv_cf()?, self.view.read_opts()),
-            ),
-        };
-        stored_version(it, key, self.begin_rev, |stored| decode_live(key, stored))?
-            .transpose()
-            .map(Option::flatten)
+        // Outside the overlay the transaction sees its view's state, which
+        // is what the index holds: nothing but this transaction's own commit
+        // writes while it is open (the apply path is single).
+        match self.view.current(key)? {
+            Some(current) => self.view.version(key, current.rev),
+            None => Ok(None),
+        }
     }
 
     /// Like [`ReadView::range`], with this transaction's writes visible when
@@ -677,16 +707,31 @@ impl<'a> WriteTxn<'a> {
 
     /// Writes a new version of `key`; returns it.
     pub fn put(&mut self, key: &[u8], value: Vec<u8>, lease: i64) -> Result<KeyValue, StoreError> {
+        if key.is_empty() {
+            // Never a user key (etcd rejects it before this): the empty key
+            // holds the current-version index's marker.
+            return Err(StoreError::EmptyKey);
+        }
         let rev = Revision {
             main: self.begin_rev + 1,
             sub: self.changes,
         };
-        let prev = self.latest(key)?;
+        // Only the previous version's metadata: its value is read when a
+        // request (see `apply::put`) or a watcher (`service::watch`) asks
+        // for it, as etcd does, not on every put.
+        let (create_revision, version, prev_lease, prev_kv) = match self.overlay.get(key) {
+            Some(Some(kv)) => (kv.create_revision, kv.version, kv.lease, Some(kv.clone())),
+            Some(None) => (rev.main, 0, 0, None),
+            None => match self.view.current(key)? {
+                Some(c) => (c.create_revision, c.version, c.lease, None),
+                None => (rev.main, 0, 0, None),
+            },
+        };
         let kv = KeyValue {
             key: Vec::new(),
-            create_revision: prev.as_ref().map_or(rev.main, |p| p.create_revision),
+            create_revision,
             mod_revision: rev.main,
-            version: prev.as_ref().map_or(0, |p| p.version) + 1,
+            version: version + 1,
             value,
             lease,
         };
@@ -696,8 +741,13 @@ impl<'a> WriteTxn<'a> {
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.batch
             .put_cf(self.view.cf(CF_KV)?, version_key(key, rev), stored);
+        self.batch.put_cf(
+            self.view.cf(CF_LATEST)?,
+            key,
+            Current::of(&kv, rev).encode(),
+        );
         self.index_revision(rev, TAG_PUT, key)?;
-        self.reattach(key, prev.as_ref().map_or(0, |p| p.lease), lease)?;
+        self.reattach(key, prev_lease, lease)?;
         let kv = KeyValue {
             key: key.to_vec(),
             ..kv
@@ -706,7 +756,9 @@ impl<'a> WriteTxn<'a> {
         self.events.push(Event {
             r#type: EventType::Put as i32,
             kv: Some(kv.clone()),
-            prev_kv: prev,
+            // What the overlay already holds, else left for the watch
+            // service to read for the watchers that want it.
+            prev_kv,
         });
         Ok(kv)
     }
@@ -724,6 +776,7 @@ impl<'a> WriteTxn<'a> {
                 version_key(&prev.key, rev),
                 [TAG_TOMBSTONE],
             );
+            self.batch.delete_cf(self.view.cf(CF_LATEST)?, &prev.key);
             self.index_revision(rev, TAG_TOMBSTONE, &prev.key)?;
             self.reattach(&prev.key, prev.lease, 0)?;
             self.overlay.insert(prev.key.clone(), None);
@@ -792,9 +845,46 @@ pub(crate) mod tests {
             .map(|kv| String::from_utf8(kv.value).unwrap())
     }
 
-    /// Writes the `kv` memtable out to a new SST file.
+    /// Writes the `kv` and `latest` memtables out to new SST files.
     fn flush_kv(s: &Store) {
-        s.db().flush_cf(s.db().cf_handle(CF_KV).unwrap()).unwrap();
+        for cf in [CF_KV, CF_LATEST] {
+            s.db().flush_cf(s.db().cf_handle(cf).unwrap()).unwrap();
+        }
+    }
+
+    /// Every entry of the current-version index, marker included.
+    fn index_entries(s: &Store) -> Vec<(Vec<u8>, Vec<u8>)> {
+        s.db()
+            .iterator_cf(
+                s.db().cf_handle(CF_LATEST).unwrap(),
+                rocksdb::IteratorMode::Start,
+            )
+            .map(|e| {
+                let (k, v) = e.unwrap();
+                (k.to_vec(), v.to_vec())
+            })
+            .collect()
+    }
+
+    /// A history with overwrites, deletes, re-creations, a lease and a
+    /// compaction, spread over several SST files.
+    fn varied_history(s: &Store) {
+        put(s, "a", "1");
+        put(s, "b", "1");
+        flush_kv(s);
+        put(s, "a", "2");
+        del(s, "b");
+        put(s, "c\0d", "1");
+        flush_kv(s);
+        put(s, "b", "again");
+        let mut t = s.write_txn();
+        t.grant_lease(7, 60).unwrap();
+        t.put(b"leased", b"v".to_vec(), 7).unwrap();
+        s.commit(t, |_| Ok(())).unwrap();
+        del(s, "c\0d");
+        let rev = s.current_rev() - 1;
+        s.compact(rev, |_| Ok(())).unwrap();
+        put(s, "a", "3");
     }
 
     fn raw_versions(s: &Store) -> usize {
@@ -909,7 +999,7 @@ pub(crate) mod tests {
         put(&s, "ab", "2");
         put(&s, "c", "1");
         // "a" lives only in the first file, "ab" in it and the memtable; one
-        // transaction looks all of them up (with one iterator).
+        // transaction looks all of them up.
         let mut t = s.write_txn();
         for (key, version) in [
             ("a", 2),
@@ -963,5 +1053,81 @@ pub(crate) mod tests {
             assert_eq!(count, 3);
             assert!(kvs.iter().all(|kv| kv.value == b"1"));
         }
+    }
+
+    /// The index points at each live key's newest version, with its create
+    /// revision, version and lease, and holds nothing for deleted keys.
+    #[test]
+    fn the_current_version_index_follows_puts_deletes_and_compaction() {
+        let (_d, s) = store();
+        varied_history(&s);
+        let view = s.read_view();
+        for key in ["a", "b", "leased"] {
+            let current = view.current(key.as_bytes()).unwrap().unwrap();
+            let kv = view.get(key.as_bytes(), view.rev).unwrap().unwrap();
+            assert_eq!(current.rev.main, kv.mod_revision, "{key}");
+            assert_eq!(
+                (current.create_revision, current.version, current.lease),
+                (kv.create_revision, kv.version, kv.lease),
+                "{key}"
+            );
+        }
+        let a = view.get(b"a", view.rev).unwrap().unwrap();
+        assert_eq!((a.version, a.value.as_slice()), (3, &b"3"[..]));
+        let b = view.get(b"b", view.rev).unwrap().unwrap();
+        assert_eq!(b.version, 1, "b was re-created after its delete");
+        assert_eq!(view.current(b"leased").unwrap().unwrap().lease, 7);
+        assert_eq!(view.current(b"c\0d").unwrap(), None);
+        assert_eq!(view.current(b"never").unwrap(), None);
+        // Reads at older revisions still see the history.
+        assert_eq!(value_at(&s, "a", 2).as_deref(), None, "compacted away");
+        assert_eq!(value_at(&s, "a", s.current_rev() - 1).as_deref(), Some("2"));
+        // Live keys, and the marker.
+        assert_eq!(index_entries(&s).len(), 4);
+    }
+
+    /// A data directory from before the index (or with its marker lost part
+    /// way through a rebuild) gets the same index as one that always had it.
+    #[test]
+    fn a_missing_index_is_rebuilt_from_the_history_on_open() {
+        let (_d, s) = store();
+        varied_history(&s);
+        let expected = index_entries(&s);
+        latest::clear(s.db()).unwrap();
+        assert!(index_entries(&s).is_empty());
+        let db = s.db().clone();
+        drop(s);
+        let s = Store::open(db).unwrap();
+        assert_eq!(index_entries(&s), expected);
+        // Puts go on from the rebuilt index.
+        let mut t = s.write_txn();
+        let kv = t.put(b"a", b"4".to_vec(), 0).unwrap();
+        assert_eq!(kv.version, 4);
+        let kv = t.put(b"c\0d", b"new".to_vec(), 0).unwrap();
+        assert_eq!(kv.version, 1);
+    }
+
+    /// Snapshots do not carry the index: restoring one empties it, and the
+    /// reload that follows builds it for the restored data.
+    #[test]
+    fn a_restored_snapshot_gets_an_index_of_its_own_data() {
+        let (_d, source) = store();
+        varied_history(&source);
+        let dump = crate::snapshot::dump(source.db()).unwrap();
+        let (_d2, target) = store();
+        put(&target, "only-in-target", "x");
+        crate::snapshot::restore(target.db(), &dump.data, |_| false).unwrap();
+        target.reload().unwrap();
+        assert_eq!(index_entries(&target), index_entries(&source));
+    }
+
+    #[test]
+    fn the_empty_key_is_refused() {
+        let (_d, s) = store();
+        let mut t = s.write_txn();
+        assert!(matches!(
+            t.put(b"", b"v".to_vec(), 0),
+            Err(StoreError::EmptyKey)
+        ));
     }
 }

@@ -132,7 +132,7 @@ impl Maintenance for MaintenanceService {
         let before = db::total_size(store.db());
         tokio::task::spawn_blocking(move || {
             let db = store.db();
-            for name in STATE_MACHINE_CFS.iter() {
+            for name in STATE_MACHINE_CFS.iter().chain(&[db::CF_LATEST]) {
                 if let Some(cf) = db.cf_handle(name) {
                     db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
                 }

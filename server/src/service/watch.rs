@@ -19,7 +19,7 @@ use tessera_proto::etcdserverpb::watch_create_request::FilterType;
 use tessera_proto::etcdserverpb::watch_request::RequestUnion;
 use tessera_proto::etcdserverpb::watch_server::Watch;
 use tessera_proto::etcdserverpb::{WatchCreateRequest, WatchRequest, WatchResponse};
-use tessera_proto::mvccpb::{event::EventType, Event};
+use tessera_proto::mvccpb::{event::EventType, Event, KeyValue};
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
@@ -468,7 +468,7 @@ async fn send_events(
             r#type: e.r#type,
             kv: e.kv.clone(),
             prev_kv: if spec.prev_kv {
-                e.prev_kv.clone()
+                e.prev_kv.clone().or_else(|| previous_version(node, e))
             } else {
                 None
             },
@@ -491,6 +491,28 @@ async fn send_events(
         }
     }
     true
+}
+
+/// The version an update replaced, for a watcher with `prev_kv`. A put does
+/// not read it (only a put's own `prev_kv` request does), so it is read here,
+/// as etcd's watch stream does; like etcd, the event goes without it when it
+/// cannot be read (compacted away since).
+fn previous_version(node: &Node, event: &Event) -> Option<KeyValue> {
+    let kv = event.kv.as_ref()?;
+    if event.r#type != EventType::Put as i32 || kv.version <= 1 {
+        return None;
+    }
+    let view = node.store.read_view();
+    if kv.mod_revision - 1 < view.compact_rev {
+        return None;
+    }
+    match view.get(&kv.key, kv.mod_revision - 1) {
+        Ok(prev) => prev,
+        Err(e) => {
+            tracing::debug!(error = %e, "previous version for a watch event not readable");
+            None
+        }
+    }
 }
 
 /// etcd's fragmenting: responses at least `limit` bytes with two or more
