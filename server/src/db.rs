@@ -75,6 +75,22 @@ pub fn open(dir: &Path) -> Result<Arc<DB>, rocksdb::Error> {
     Ok(Arc::new(db))
 }
 
+/// Adds the deletion of every entry of `cf` to `batch`, so that emptying a
+/// family commits atomically with whatever else the batch writes.
+pub fn delete_all_into(
+    db: &DB,
+    cf: &rocksdb::ColumnFamily,
+    batch: &mut rocksdb::WriteBatch,
+) -> Result<(), rocksdb::Error> {
+    let mut it = db.raw_iterator_cf(cf);
+    it.seek_to_first();
+    while let Some(k) = it.key() {
+        batch.delete_cf(cf, k);
+        it.next();
+    }
+    it.status()
+}
+
 /// Bytes the database occupies on disk: SST files plus memtables.
 pub fn total_size(db: &DB) -> u64 {
     sum_property(db, "rocksdb.total-sst-files-size")

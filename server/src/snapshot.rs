@@ -164,13 +164,7 @@ pub fn restore(
         let cf = db
             .cf_handle(name)
             .ok_or(SnapshotError::MissingColumnFamily(name))?;
-        let mut it = db.raw_iterator_cf(cf);
-        it.seek_to_first();
-        while let Some(k) = it.key() {
-            batch.delete_cf(cf, k);
-            it.next();
-        }
-        it.status()?;
+        crate::db::delete_all_into(db, cf, &mut batch)?;
         handles.push(cf);
     }
     crate::mvcc::latest::clear_into(db, &mut batch)?;

@@ -150,14 +150,7 @@ pub fn clear(db: &DB) -> Result<(), StoreError> {
 /// Adds the deletion of every entry of the index to `batch` (so a snapshot
 /// restore invalidates the index atomically with replacing the data).
 pub fn clear_into(db: &DB, batch: &mut WriteBatch) -> Result<(), StoreError> {
-    let latest = cf(db, CF_LATEST)?;
-    let mut it = db.raw_iterator_cf(latest);
-    it.seek_to_first();
-    while let Some(k) = it.key() {
-        batch.delete_cf(latest, k);
-        it.next();
-    }
-    it.status()?;
+    crate::db::delete_all_into(db, cf(db, CF_LATEST)?, batch)?;
     Ok(())
 }
 

@@ -29,6 +29,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::auth::{Credentials, PermType};
 use crate::errors::EtcdError;
 use crate::mvcc::encoding::KeyRange;
+use crate::mvcc::store::ReadView;
 use crate::node::Node;
 
 /// Responses queued per stream before watchers wait for the client.
@@ -457,6 +458,9 @@ async fn send_events(
     events: &[Event],
 ) -> bool {
     // Filter before cloning: most watchers match few of a revision's events.
+    // One read view for all the previous versions this call reads, taken only
+    // if one is needed (and dropped before the sends below wait).
+    let view = std::cell::OnceCell::new();
     let events: Vec<Event> = events
         .iter()
         .filter(|e| e.kv.as_ref().is_some_and(|kv| spec.range.contains(&kv.key)))
@@ -468,12 +472,15 @@ async fn send_events(
             r#type: e.r#type,
             kv: e.kv.clone(),
             prev_kv: if spec.prev_kv {
-                e.prev_kv.clone().or_else(|| previous_version(node, e))
+                e.prev_kv
+                    .clone()
+                    .or_else(|| previous_version(view.get_or_init(|| node.store.read_view()), e))
             } else {
                 None
             },
         })
         .collect();
+    drop(view);
     if events.is_empty() {
         return true;
     }
@@ -497,12 +504,11 @@ async fn send_events(
 /// not read it (only a put's own `prev_kv` request does), so it is read here,
 /// as etcd's watch stream does; like etcd, the event goes without it when it
 /// cannot be read (compacted away since).
-fn previous_version(node: &Node, event: &Event) -> Option<KeyValue> {
+fn previous_version(view: &ReadView<'_>, event: &Event) -> Option<KeyValue> {
     let kv = event.kv.as_ref()?;
     if event.r#type != EventType::Put as i32 || kv.version <= 1 {
         return None;
     }
-    let view = node.store.read_view();
     if kv.mod_revision - 1 < view.compact_rev {
         return None;
     }
