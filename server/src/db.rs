@@ -40,8 +40,23 @@ const ALL_CFS: [&str; 7] = [
     CF_LATEST,
 ];
 
+/// The most RocksDB's own WAL may hold before the column families it
+/// keeps alive are flushed. Every applied batch writes `meta` (revision,
+/// applied index), whose memtable almost never fills; without a bound a WAL
+/// file can only be deleted once every family with data in it has flushed,
+/// so the WAL grew to RocksDB's default bound (four times all memtables,
+/// over 1.5 GiB here): disk and restart time spent on data that is already
+/// in SST files or in the Raft log. Twice the `kv` memtable keeps the
+/// forced flushes of the small families rare.
+pub const MAX_TOTAL_WAL_BYTES: u64 = 64 << 20;
+
 /// Opens (creating if needed) the database under `dir`.
 pub fn open(dir: &Path) -> Result<Arc<DB>, rocksdb::Error> {
+    open_with_wal_bound(dir, MAX_TOTAL_WAL_BYTES)
+}
+
+/// [`open`] with a given bound on RocksDB's WAL (tests use a small one).
+fn open_with_wal_bound(dir: &Path, max_total_wal_bytes: u64) -> Result<Arc<DB>, rocksdb::Error> {
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
@@ -53,6 +68,7 @@ pub fn open(dir: &Path) -> Result<Arc<DB>, rocksdb::Error> {
     // written once per applied batch of entries (`Store::flush_wal`) rather
     // than with a write syscall per request; synced writes still flush it.
     opts.set_manual_wal_flush(true);
+    opts.set_max_total_wal_size(max_total_wal_bytes);
     let cfs = ALL_CFS.iter().map(|name| {
         let mut cf_opts = Options::default();
         cf_opts.set_write_buffer_size(32 << 20);
@@ -109,4 +125,62 @@ fn sum_property(db: &DB, name: &str) -> u64 {
         .filter_map(|cf| db.cf_handle(cf))
         .filter_map(|h| db.property_int_value_cf(h, name).ok().flatten())
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// Bytes in RocksDB's WAL files under `dir`.
+    fn wal_bytes(dir: &Path) -> u64 {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
+    /// Writes 8 MiB the way applied batches do: history in `kv`, a small
+    /// overwrite in `meta` with every batch. Returns the WAL's size, once
+    /// under three times the bound (or after 10 s) when there is one:
+    /// RocksDB checks the bound before a write, then flushes what holds the
+    /// oldest file, so the WAL can stay above it by the files in flight.
+    fn wal_after_applied_batches(max_total_wal_bytes: u64) -> u64 {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_with_wal_bound(dir.path(), max_total_wal_bytes).unwrap();
+        let (kv, meta) = (db.cf_handle(CF_KV).unwrap(), db.cf_handle(CF_META).unwrap());
+        for i in 0u32..512 {
+            let mut batch = rocksdb::WriteBatch::default();
+            batch.put_cf(kv, i.to_be_bytes(), vec![7u8; 16 << 10]);
+            batch.put_cf(meta, b"applied", i.to_be_bytes());
+            db.write(batch).unwrap();
+            db.flush_wal(false).unwrap();
+        }
+        // RocksDB checks the bound when a write comes: small writes go on
+        // while its background flushes free the old files.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let bounded = max_total_wal_bytes > 0;
+        while bounded
+            && wal_bytes(dir.path()) > 3 * max_total_wal_bytes
+            && Instant::now() < deadline
+        {
+            db.put_cf(meta, b"applied", b"more").unwrap();
+            db.flush_wal(false).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        wal_bytes(dir.path())
+    }
+
+    #[test]
+    fn the_wal_stays_bounded_though_meta_never_fills_its_memtable() {
+        let bound = 1 << 20;
+        let bounded = wal_after_applied_batches(bound);
+        assert!(bounded <= 3 * bound, "WAL holds {bounded} bytes");
+        // RocksDB's own default keeps all of it: the bound is what frees it.
+        let unbounded = wal_after_applied_batches(0);
+        assert!(unbounded >= 8 << 20, "WAL holds only {unbounded} bytes");
+    }
 }
