@@ -103,7 +103,9 @@ fn restore(cfg: &Config, file: &std::path::Path) -> anyhow::Result<()> {
     }
     let data = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let db = open_data_dir(&data_dir)?;
-    tessera_server::snapshot::restore(&db, &data, |k| {
+    let dump = tessera_server::snapshot::without_stream_trailer(&data)
+        .with_context(|| format!("cannot restore {}", file.display()))?;
+    tessera_server::snapshot::restore(&db, dump, |k| {
         k == META_APPLIED || k == META_MEMBERSHIP || k == META_PARTIAL
     })
     .with_context(|| format!("cannot restore {}", file.display()))?;

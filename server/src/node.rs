@@ -32,6 +32,7 @@ use crate::peer::{self, method, PeerClients};
 use crate::proposals::ProposalBatcher;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::PeerNetwork;
+use crate::raft::snapshot_files::SnapshotFiles;
 use crate::raft::state_machine::StateMachine;
 use crate::raft::{Command, Raft};
 use crate::read_index::ReadIndexBatcher;
@@ -59,6 +60,8 @@ pub struct Node {
     pub hub: Arc<WatchHub>,
     pub lessor: Arc<Lessor>,
     pub auth: Arc<Auth>,
+    /// The Raft snapshot's file, and room for Maintenance snapshots.
+    pub snapshots: Arc<SnapshotFiles>,
     pub member_id: u64,
     pub cluster_id: u64,
     pub peers: PeerClients,
@@ -70,6 +73,11 @@ pub struct Node {
     proposals: Arc<ProposalBatcher>,
     /// When the database size was last read, and what it was.
     quota_size: Mutex<Option<(Instant, u64)>>,
+}
+
+/// The directory of the Raft snapshot file under a data dir (as etcd's).
+pub fn snap_dir(data_dir: &Path) -> std::path::PathBuf {
+    data_dir.join("member").join("snap")
 }
 
 /// The directory holding RocksDB under a data dir (etcd keeps `member/` too).
@@ -258,6 +266,11 @@ impl Node {
         }
         .validate()
         .context("invalid raft configuration")?;
+        let snap_dir = snap_dir(&data_dir);
+        let snapshots = Arc::new(
+            SnapshotFiles::open(&snap_dir)
+                .with_context(|| format!("cannot open {}", snap_dir.display()))?,
+        );
         let sm = StateMachine::new(
             store.clone(),
             alarms.clone(),
@@ -265,6 +278,7 @@ impl Node {
             hub.clone(),
             lessor.clone(),
             auth.clone(),
+            snapshots.clone(),
         );
         let wal_options = tessera_storage::wal::WalOptions {
             io_mode: config
@@ -294,6 +308,7 @@ impl Node {
             hub,
             lessor,
             auth,
+            snapshots,
             member_id: identity.member_id,
             cluster_id: identity.cluster_id,
             peers,

@@ -1116,7 +1116,7 @@ pub(crate) mod tests {
         let dump = crate::snapshot::dump(source.db()).unwrap();
         let (_d2, target) = store();
         put(&target, "only-in-target", "x");
-        crate::snapshot::restore(target.db(), &dump.data, |_| false).unwrap();
+        crate::snapshot::restore(target.db(), &dump.data[..], |_| false).unwrap();
         target.reload().unwrap();
         assert_eq!(index_entries(&target), index_entries(&source));
     }

@@ -6,6 +6,7 @@
 
 pub mod log_store;
 pub mod network;
+pub mod snapshot_files;
 pub mod state_machine;
 pub mod types;
 

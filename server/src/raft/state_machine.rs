@@ -8,8 +8,8 @@
 //! position agree: openraft re-applies the entries after the applied index,
 //! and the partly applied one resumes after its last applied request.
 
-use std::io::Cursor;
-use std::sync::{Arc, Mutex};
+use std::io::Seek;
+use std::sync::Arc;
 
 use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
 use openraft::{EntryPayload, RaftSnapshotBuilder};
@@ -28,6 +28,7 @@ use super::types::{
 };
 mod auth_apply;
 
+use super::snapshot_files::SnapshotFiles;
 use crate::alarms::Alarms;
 use crate::auth::store::AuthView;
 use crate::auth::{Auth, AuthInfo};
@@ -37,7 +38,7 @@ use crate::lessor::{Lessor, MAX_LEASE_TTL};
 use crate::metrics::Metrics;
 use crate::mvcc::apply::{self, ApplyError};
 use crate::mvcc::{Store, StoreError, WriteTxn};
-use crate::snapshot;
+use crate::snapshot::{self, SnapshotError};
 use crate::watch_hub::WatchHub;
 
 /// `meta` key of the last applied log id.
@@ -110,12 +111,6 @@ fn store_err(e: StoreError) -> StorageError {
     storage_io_error(false, e)
 }
 
-#[derive(Clone)]
-struct StoredSnapshot {
-    meta: SnapshotMeta<u64, openraft::BasicNode>,
-    data: Vec<u8>,
-}
-
 /// Shared by the state machine and its snapshot builders.
 #[derive(Clone)]
 pub struct StateMachine {
@@ -125,7 +120,7 @@ pub struct StateMachine {
     hub: Arc<WatchHub>,
     lessor: Arc<Lessor>,
     auth: Arc<Auth>,
-    current_snapshot: Arc<Mutex<Option<StoredSnapshot>>>,
+    snapshots: Arc<SnapshotFiles>,
 }
 
 impl StateMachine {
@@ -136,6 +131,7 @@ impl StateMachine {
         hub: Arc<WatchHub>,
         lessor: Arc<Lessor>,
         auth: Arc<Auth>,
+        snapshots: Arc<SnapshotFiles>,
     ) -> Self {
         StateMachine {
             store,
@@ -144,7 +140,7 @@ impl StateMachine {
             hub,
             lessor,
             auth,
-            current_snapshot: Arc::new(Mutex::new(None)),
+            snapshots,
         }
     }
 
@@ -578,48 +574,51 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
+        let file = self
+            .snapshots
+            .create_receiving()
+            .map_err(|e| storage_io_error(false, e))?;
+        Ok(Box::new(tokio::fs::File::from_std(file)))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<u64, openraft::BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError> {
-        let data = snapshot.into_inner();
-        snapshot::restore(self.store.db(), &data, |_| false)
-            .map_err(|e| storage_io_error(false, e))?;
+        let mut file = snapshot.into_std().await;
+        let bytes = tokio::task::block_in_place(|| -> Result<u64, SnapshotError> {
+            file.rewind()?;
+            snapshot::restore(self.store.db(), &file, |_| false)?;
+            Ok(file.metadata()?.len())
+        })
+        .map_err(|e| storage_io_error(false, e))?;
         self.store.reload().map_err(store_err)?;
         self.alarms.reload(self.store.db()).map_err(store_err)?;
         self.auth.store.reload(self.store.db()).map_err(store_err)?;
         let leases = self.store.read_view().leases().map_err(store_err)?;
         self.lessor.reset(&leases, std::time::Duration::ZERO);
         tracing::info!(
-            bytes = data.len(),
+            bytes,
             id = %meta.snapshot_id,
             revision = self.store.current_rev(),
             "installed a snapshot from the leader"
         );
-        *self
-            .current_snapshot
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(StoredSnapshot {
-            meta: meta.clone(),
-            data,
-        });
-        Ok(())
+        // The received file is the snapshot this member sends on, if asked.
+        self.snapshots
+            .publish_received(&file, meta.clone())
+            .map_err(|e| storage_io_error(false, e))
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
         let current = self
-            .current_snapshot
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        Ok(current.map(|s| Snapshot {
-            meta: s.meta,
-            snapshot: Box::new(Cursor::new(s.data)),
+            .snapshots
+            .open_current()
+            .map_err(|e| storage_io_error(true, e))?;
+        Ok(current.map(|(meta, file)| Snapshot {
+            meta,
+            snapshot: Box::new(tokio::fs::File::from_std(file)),
         }))
     }
 }
@@ -627,34 +626,52 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let db = self.store.db().clone();
-        let dump = tokio::task::spawn_blocking(move || snapshot::dump(&db))
-            .await
-            .map_err(|e| storage_io_error(true, e))?
-            .map_err(|e| storage_io_error(true, e))?;
+        let snapshots = self.snapshots.clone();
+        // Written straight to a file from one RocksDB snapshot, while
+        // entries go on being applied: nothing of it is held in memory.
+        let built = tokio::task::spawn_blocking(move || -> Result<_, SnapshotError> {
+            let (path, file) = snapshots.create_temporary()?;
+            let info = snapshot::dump_to_file(&db, &file)?;
+            Ok((path, info))
+        })
+        .await
+        .map_err(|e| storage_io_error(true, e))?
+        .map_err(|e| storage_io_error(true, e))?;
+        let (path, info) = built;
         let applied: Option<LogId> =
-            decode_meta::<Option<LogId>>(&dump.meta, META_APPLIED)?.flatten();
+            decode_meta::<Option<LogId>>(&info.meta, META_APPLIED)?.flatten();
         let membership: StoredMembership =
-            decode_meta(&dump.meta, META_MEMBERSHIP)?.unwrap_or_default();
+            decode_meta(&info.meta, META_MEMBERSHIP)?.unwrap_or_default();
         let snapshot_id = match applied {
-            Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, dump.data.len()),
-            None => format!("empty-{}", dump.data.len()),
+            Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, info.bytes),
+            None => format!("empty-{}", info.bytes),
         };
         let meta = SnapshotMeta {
             last_log_id: applied,
             last_membership: membership,
             snapshot_id,
         };
-        tracing::info!(bytes = dump.data.len(), id = %meta.snapshot_id, "built state machine snapshot");
-        *self
-            .current_snapshot
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(StoredSnapshot {
-            meta: meta.clone(),
-            data: dump.data.clone(),
-        });
+        let published = self
+            .snapshots
+            .publish_built(&path, meta.clone())
+            .map_err(|e| storage_io_error(true, e))?;
+        tracing::info!(bytes = info.bytes, id = %meta.snapshot_id, published, "built state machine snapshot");
+        // openraft keeps only the metadata of the snapshot it is handed;
+        // the data is read back when a follower needs it.
+        let (meta, file) = match self
+            .snapshots
+            .open_current()
+            .map_err(|e| storage_io_error(true, e))?
+        {
+            Some(current) => current,
+            None => {
+                let gone = std::io::Error::other("the built snapshot vanished");
+                return Err(storage_io_error(true, gone));
+            }
+        };
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(dump.data)),
+            snapshot: Box::new(tokio::fs::File::from_std(file)),
         })
     }
 }
@@ -700,6 +717,7 @@ mod tests {
                 bcrypt_cost: crate::auth::MIN_BCRYPT_COST,
                 client_cert_auth: false,
             }),
+            Arc::new(SnapshotFiles::open(&dir.join("snap")).unwrap()),
         )
     }
 

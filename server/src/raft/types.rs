@@ -5,7 +5,6 @@
 //! so the serde layer openraft needs is just "these bytes".
 
 use std::fmt;
-use std::io::Cursor;
 
 use bytes::Bytes;
 use prost::Message;
@@ -21,7 +20,8 @@ openraft::declare_raft_types!(
         NodeId = u64,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        // A file under `member/snap` (see `raft::snapshot_files`).
+        SnapshotData = tokio::fs::File,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

@@ -2,6 +2,7 @@
 //! snapshots, and MoveLeader (run by the cluster service). Downgrade answers
 //! Unimplemented (tonic's default).
 
+use std::io::Seek;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -25,6 +26,8 @@ use crate::snapshot;
 
 /// Snapshot stream chunk size (etcd sends 32 KiB blobs).
 const SNAPSHOT_CHUNK: usize = 32 * 1024;
+/// Chunks read ahead of a client that is slow to take them.
+const SNAPSHOT_CHUNKS_AHEAD: usize = 8;
 
 #[derive(Clone)]
 pub struct MaintenanceService {
@@ -187,26 +190,44 @@ impl Maintenance for MaintenanceService {
     ) -> Result<Response<SnapshotStream>, Status> {
         self.require_admin(&req)?;
         let store = self.node.store.clone();
-        let header = self.node.header(0);
-        let dump = tokio::task::spawn_blocking(move || snapshot::dump(store.db()))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::internal(e.to_string()))?;
-        tracing::info!(bytes = dump.data.len(), "sending snapshot");
-        let data = snapshot::to_stream(dump.data);
-        let total = data.len();
-        let chunks: Vec<Result<SnapshotResponse, Status>> = data
-            .chunks(SNAPSHOT_CHUNK)
-            .enumerate()
-            .map(|(i, blob)| {
-                let sent = (i * SNAPSHOT_CHUNK + blob.len()) as u64;
-                Ok(SnapshotResponse {
-                    header: if i == 0 { header } else { None },
-                    remaining_bytes: total as u64 - sent,
-                    blob: blob.to_vec(),
-                })
-            })
-            .collect();
-        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+        let mut header = self.node.header(0);
+        // Dumped to a nameless file, then read back chunk by chunk as the
+        // client takes them: the state never has to fit in memory.
+        let file = self
+            .node
+            .snapshots
+            .scratch()
+            .map_err(|e| Status::internal(format!("cannot create a snapshot file: {e}")))?;
+        let (mut file, info) = tokio::task::spawn_blocking(move || {
+            let info = snapshot::dump_to_file(store.db(), &file)?;
+            let mut read = file;
+            read.rewind()?;
+            Ok::<_, snapshot::SnapshotError>((read, info))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::internal(e.to_string()))?;
+        let total = snapshot::stream_len(info.bytes);
+        tracing::info!(bytes = total, "sending snapshot");
+        let (tx, rx) = tokio::sync::mpsc::channel(SNAPSHOT_CHUNKS_AHEAD);
+        tokio::task::spawn_blocking(move || {
+            let mut sent = 0u64;
+            let streamed = snapshot::stream_file(&mut file, info.bytes, SNAPSHOT_CHUNK, |blob| {
+                sent += blob.len() as u64;
+                let chunk = SnapshotResponse {
+                    header: header.take(),
+                    remaining_bytes: total - sent,
+                    blob,
+                };
+                tx.blocking_send(Ok(chunk)).is_ok()
+            });
+            if let Err(e) = streamed {
+                tracing::warn!(error = %e, "snapshot stream failed");
+                let _ = tx.blocking_send(Err(Status::internal(e.to_string())));
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }
