@@ -105,6 +105,12 @@ pub struct Config {
     /// Number of committed transactions to trigger a snapshot.
     #[arg(long, env = "ETCD_SNAPSHOT_COUNT", default_value_t = 100_000)]
     pub snapshot_count: u64,
+    /// (Tessera) Take a snapshot, so the Raft log can be purged, when the
+    /// log held in memory grows past this many bytes: an entry under load
+    /// carries many requests, so `--snapshot-count` alone would let it grow
+    /// large. 0 turns this off.
+    #[arg(long, env = "TESSERA_MAX_RAFT_LOG_MEMORY_BYTES", default_value_t = 128 << 20)]
+    pub max_raft_log_memory_bytes: u64,
     /// Interpret 'auto-compaction-retention' as 'periodic' (duration) or 'revision'.
     #[arg(long, env = "ETCD_AUTO_COMPACTION_MODE", default_value = "periodic",
           value_parser = ["periodic", "revision"])]

@@ -40,6 +40,8 @@ use crate::watch_hub::WatchHub;
 
 /// How long a proposal may wait for commit and apply before etcd's timeout error.
 const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(7);
+/// How often the Raft log's memory is checked against its limit.
+const LOG_MEMORY_CHECK: Duration = Duration::from_millis(500);
 /// How long a database size read for the quota check stays current.
 const QUOTA_SIZE_REFRESH: Duration = Duration::from_millis(100);
 /// `raft_state` key of this member's identity (not part of snapshots).
@@ -289,6 +291,7 @@ impl Node {
         };
         let log_store = LogStore::open(&config.wal_dir(), wal_options)
             .with_context(|| format!("cannot open the WAL in {}", config.wal_dir().display()))?;
+        let log = log_store.clone();
         let raft = Raft::new(
             identity.member_id,
             Arc::new(raft_config),
@@ -356,6 +359,7 @@ impl Node {
         }
         node.clone().spawn_leader_watch();
         node.clone().spawn_publish_attributes();
+        node.clone().spawn_log_memory_bound(log);
         crate::lease_expiry::spawn(node.clone());
         Ok(node)
     }
@@ -388,6 +392,63 @@ impl Node {
                         tracing::debug!(error = %e, "cannot publish member attributes yet");
                         tokio::time::sleep(self.election_timeout()).await;
                     }
+                }
+            }
+        });
+    }
+
+    /// Keeps the Raft log held in memory under `--max-raft-log-memory-bytes`.
+    /// openraft snapshots every `--snapshot-count` entries and then keeps
+    /// 5000 entries for slow followers; an entry under load carries many
+    /// requests, so both can hold far more than etcd's log would. Above the
+    /// limit this asks for a snapshot (at most once per half the limit
+    /// appended), and purges what the newest snapshot covers except the
+    /// newest entries worth a quarter of the limit.
+    fn spawn_log_memory_bound(self: Arc<Self>, log: LogStore) {
+        let limit = self.config.max_raft_log_memory_bytes;
+        if limit == 0 {
+            return;
+        }
+        tokio::spawn(async move {
+            let Ok(memory) = log.memory() else { return };
+            let mut interval = tokio::time::interval(LOG_MEMORY_CHECK);
+            let mut appended_at_last_snapshot = 0;
+            let mut purged_upto = 0;
+            loop {
+                interval.tick().await;
+                let held = memory.held();
+                if held < limit {
+                    continue;
+                }
+                let snapshot = self.raft.metrics().borrow().snapshot.map(|l| l.index);
+                let keep_from = log.purge_point_keeping(limit / 4).ok().flatten();
+                if let (Some(snapshot), Some(keep_from)) = (snapshot, keep_from) {
+                    let upto = snapshot.min(keep_from);
+                    if upto > purged_upto {
+                        purged_upto = upto;
+                        tracing::info!(
+                            held_bytes = held,
+                            upto,
+                            "purging the raft log to its memory limit"
+                        );
+                        if self.raft.trigger().purge_log(upto).await.is_err() {
+                            return; // Raft has shut down.
+                        }
+                        continue;
+                    }
+                }
+                let appended = memory.appended();
+                if appended - appended_at_last_snapshot < limit / 2 {
+                    continue;
+                }
+                appended_at_last_snapshot = appended;
+                tracing::info!(
+                    held_bytes = held,
+                    limit,
+                    "raft log in memory above its limit: taking a snapshot to purge it"
+                );
+                if self.raft.trigger().snapshot().await.is_err() {
+                    return;
                 }
             }
         });

@@ -24,6 +24,88 @@ struct Acked {
 async fn acknowledged_puts_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(Kind::Tessera, dir.path(), &[]).await;
+    kill_restart_and_check(&mut server).await;
+}
+
+/// The same with a Raft log allowed only 256 KiB of memory: snapshots are
+/// taken and the log purged behind them while clients write; then a member
+/// killed after a purge restarts from its purged log (openraft builds a new
+/// snapshot then) with every write in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_puts_survive_sigkill_across_snapshots_and_purges() {
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--max-raft-log-memory-bytes=262144"];
+    let mut server = Server::start(Kind::Tessera, dir.path(), &flags).await;
+    kill_restart_and_check(&mut server).await;
+
+    let mut kv = server.kv().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut written = 0;
+    let purges = |log: &str| log.matches("purging the raft log").count();
+    let before = purges(&server.log());
+    while purges(&server.log()) == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no purge after {written} puts; log:\n{}",
+            server.log()
+        );
+        for _ in 0..100 {
+            let put = PutRequest {
+                key: format!("purge/{written:06}").into_bytes(),
+                value: vec![b'v'; 200],
+                ..Default::default()
+            };
+            kv.put(put).await.unwrap();
+            written += 1;
+        }
+    }
+    server.restart().await;
+    let log = without_colors(&server.log());
+    let recovered = log.lines().rfind(|l| l.contains("raft log recovered"));
+    assert!(
+        recovered.is_some_and(|l| l.contains("purged=Some")),
+        "the restart did not find a purged log:\n{log}"
+    );
+    for expected in [
+        "taking a snapshot to purge it",
+        "built state machine snapshot",
+    ] {
+        assert!(log.contains(expected), "no {expected:?} in the log:\n{log}");
+    }
+    let mut kv = server.kv().await;
+    let found = kv
+        .range(RangeRequest {
+            key: b"purge/".to_vec(),
+            range_end: b"purge0".to_vec(),
+            count_only: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        found.count, written,
+        "puts lost across the purge and restart"
+    );
+}
+
+/// `text` without the terminal color codes of the server's log.
+fn without_colors(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Rounds of: clients write, SIGKILL, restart, every acknowledged put is
+/// there with its revision, and revisions continue.
+async fn kill_restart_and_check(server: &mut Server) {
     let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
 
     for round in 0..ROUNDS {

@@ -10,10 +10,11 @@ use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
-use openraft::Vote;
+use openraft::{EntryPayload, Vote};
 use serde::{Deserialize, Serialize};
 use tessera_storage::wal::{Batch, Wal, WalError, WalOptions};
 
@@ -39,6 +40,37 @@ struct HardState {
 struct Log {
     entries: BTreeMap<u64, Entry>,
     hard: HardState,
+    memory: Arc<LogMemory>,
+}
+
+/// How much of the log is held in memory, for the snapshot trigger
+/// (`node::spawn_log_memory_snapshots`): openraft's policy counts entries,
+/// and an entry under load carries hundreds of requests.
+#[derive(Default)]
+pub struct LogMemory {
+    /// Payload bytes of the entries held now.
+    held: AtomicU64,
+    /// Payload bytes of every entry appended since the process started.
+    appended: AtomicU64,
+}
+
+impl LogMemory {
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    pub fn appended(&self) -> u64 {
+        self.appended.load(Ordering::Relaxed)
+    }
+}
+
+/// The bytes `entry` takes in memory, about: its payload and its own size.
+fn entry_bytes(entry: &Entry) -> u64 {
+    let payload = match &entry.payload {
+        EntryPayload::Normal(command) => command.0.len(),
+        _ => 0,
+    };
+    (payload + std::mem::size_of::<Entry>()) as u64
 }
 
 struct Inner {
@@ -99,6 +131,7 @@ impl LogStore {
         let mut log = Log {
             entries: BTreeMap::new(),
             hard: HardState::default(),
+            memory: Arc::default(),
         };
         for record in &opened.records {
             log.replay(record.kind, &record.payload)?;
@@ -118,6 +151,25 @@ impl LogStore {
         };
         store.refresh_checkpoint(&store.lock()?.hard)?;
         Ok(store)
+    }
+
+    /// How much of the log is in memory (shared, kept current).
+    pub fn memory(&self) -> Result<Arc<LogMemory>, StorageError> {
+        Ok(self.lock()?.memory.clone())
+    }
+
+    /// The last index to purge so that the entries after it hold at most
+    /// `bytes` (None when all of them do).
+    pub fn purge_point_keeping(&self, bytes: u64) -> Result<Option<u64>, StorageError> {
+        let log = self.lock()?;
+        let mut kept = 0;
+        for (index, entry) in log.entries.iter().rev() {
+            kept += entry_bytes(entry);
+            if kept > bytes {
+                return Ok(Some(*index));
+            }
+        }
+        Ok(None)
     }
 
     /// The backend the WAL writes through (`io_uring` or `syscall`).
@@ -152,14 +204,14 @@ impl Log {
                 let entry: Entry = decode(payload.get(8..).unwrap_or_default(), "entry")?;
                 let index = entry.log_id.index;
                 if self.hard.last_purged.is_none_or(|p| index > p.index) {
-                    self.entries.insert(index, entry);
+                    self.insert(entry);
                 }
             }
             VOTE => self.hard.vote = Some(decode(payload, "vote")?),
             COMMITTED => self.hard.committed = decode(payload, "committed")?,
             TRUNCATE => {
                 let from: u64 = decode(payload, "truncate")?;
-                self.entries.split_off(&from);
+                self.remove_from(from);
             }
             PURGE => self.purge(decode(payload, "purge")?),
             CHECKPOINT => {
@@ -174,9 +226,31 @@ impl Log {
         Ok(())
     }
 
+    fn insert(&mut self, entry: Entry) {
+        let bytes = entry_bytes(&entry);
+        self.memory.appended.fetch_add(bytes, Ordering::Relaxed);
+        self.memory.held.fetch_add(bytes, Ordering::Relaxed);
+        if let Some(replaced) = self.entries.insert(entry.log_id.index, entry) {
+            self.forget(std::iter::once(&replaced));
+        }
+    }
+
+    /// Drops every entry at or after `from`.
+    fn remove_from(&mut self, from: u64) {
+        let removed = self.entries.split_off(&from);
+        self.forget(removed.values());
+    }
+
     fn purge(&mut self, upto: LogId) {
-        self.entries = self.entries.split_off(&(upto.index + 1));
+        let kept = self.entries.split_off(&(upto.index + 1));
+        let purged = std::mem::replace(&mut self.entries, kept);
+        self.forget(purged.values());
         self.hard.last_purged = Some(upto);
+    }
+
+    fn forget<'a>(&self, entries: impl Iterator<Item = &'a Entry>) {
+        let bytes: u64 = entries.map(entry_bytes).sum();
+        self.memory.held.fetch_sub(bytes, Ordering::Relaxed);
     }
 }
 
@@ -271,7 +345,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 let index = entry.log_id.index;
                 batch.push(ENTRY, index, &entry_payload(&entry)?);
                 // Readable at once; durable when the callback fires.
-                log.entries.insert(index, entry);
+                log.insert(entry);
             }
         }
         self.inner.wal.submit(
@@ -284,7 +358,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        self.lock()?.entries.split_off(&log_id.index);
+        self.lock()?.remove_from(log_id.index);
         self.write_durably(TRUNCATE, &encode(&log_id.index)?)
     }
 
@@ -297,5 +371,45 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.write_durably(PURGE, &encode(&log_id)?)?;
         let wal = &self.inner.wal;
         tokio::task::block_in_place(|| wal.purge(log_id.index)).map_err(wal_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::CommittedLeaderId;
+
+    fn entry(index: u64, payload: usize) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(crate::raft::Command(vec![7u8; payload].into())),
+        }
+    }
+
+    #[test]
+    fn the_memory_held_follows_appends_truncations_and_purges() {
+        let mut log = Log {
+            entries: BTreeMap::new(),
+            hard: HardState::default(),
+            memory: Arc::default(),
+        };
+        let per_entry = std::mem::size_of::<Entry>() as u64;
+        for i in 1..=10 {
+            log.insert(entry(i, 1000));
+        }
+        assert_eq!(log.memory.held(), 10 * (1000 + per_entry));
+        // A new leader's entry replaces the one at its index.
+        log.insert(entry(10, 10));
+        assert_eq!(log.memory.held(), 9 * (1000 + per_entry) + 10 + per_entry);
+        log.remove_from(9);
+        assert_eq!(log.memory.held(), 8 * (1000 + per_entry));
+        log.purge(LogId::new(CommittedLeaderId::new(1, 1), 5));
+        assert_eq!(log.memory.held(), 3 * (1000 + per_entry));
+        assert_eq!(log.entries.len(), 3);
+        // Appended counts everything ever added.
+        assert_eq!(
+            log.memory.appended(),
+            10 * (1000 + per_entry) + 10 + per_entry
+        );
     }
 }
