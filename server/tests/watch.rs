@@ -240,6 +240,17 @@ async fn scenario(server: &Server) -> (BTreeMap<i64, PerWatch>, Vec<i64>) {
     resps.extend(s.drain(Duration::from_millis(500)).await);
     kv.put(put("a", "after-cancel")).await.unwrap();
     resps.extend(s.drain(Duration::from_millis(500)).await);
+    // History replayed with prev_kv: the puts and the deletes above (from
+    // revision 7 on), each with the version it replaced.
+    s.create(WatchCreateRequest {
+        key: vec![0],
+        range_end: vec![0],
+        start_revision: 7,
+        prev_kv: true,
+        ..Default::default()
+    })
+    .await;
+    resps.extend(s.drain(Duration::from_millis(500)).await);
 
     let heads = vec![progress.header.unwrap().revision];
     (summarize(&resps), heads)

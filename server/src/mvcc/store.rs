@@ -436,7 +436,10 @@ impl<'a> ReadView<'a> {
             };
             events.push(Event {
                 r#type: r#type as i32,
-                prev_kv: self.get(key, rev.main - 1)?,
+                // Read when sent, for the watchers that ask for it
+                // (`service::watch`): most replayed events are for other
+                // keys than a watcher's, or for watchers without `prev_kv`.
+                prev_kv: None,
                 kv: Some(kv),
             });
             it.next();

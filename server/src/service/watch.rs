@@ -501,12 +501,13 @@ async fn send_events(
 }
 
 /// The version an update replaced, for a watcher with `prev_kv`. A put does
-/// not read it (only a put's own `prev_kv` request does), so it is read here,
-/// as etcd's watch stream does; like etcd, the event goes without it when it
-/// cannot be read (compacted away since).
+/// not read it (only a put's own `prev_kv` request does), nor does history
+/// replay, so it is read here, as etcd's watch stream does; like etcd, the
+/// event goes without it when it cannot be read (compacted away since).
 fn previous_version(view: &ReadView<'_>, event: &Event) -> Option<KeyValue> {
     let kv = event.kv.as_ref()?;
-    if event.r#type != EventType::Put as i32 || kv.version <= 1 {
+    // A created key replaced nothing; a delete always replaced something.
+    if event.r#type == EventType::Put as i32 && kv.version <= 1 {
         return None;
     }
     if kv.mod_revision - 1 < view.compact_rev {
