@@ -1,7 +1,7 @@
 //! The MVCC key-value store on RocksDB: point-in-time reads, write
 //! transactions with read-your-writes, compaction and etcd's HashKV.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -151,6 +151,7 @@ impl Store {
             view,
             changes: 0,
             overlay: BTreeMap::new(),
+            prefetched: HashMap::new(),
             batch: WriteBatch::default(),
             events: Vec::new(),
         }
@@ -624,6 +625,9 @@ pub struct WriteTxn<'a> {
     changes: i64,
     /// Each key's state after this transaction's writes (None = deleted).
     overlay: BTreeMap<Vec<u8>, Option<KeyValue>>,
+    /// Current versions read ahead in one lookup ([`WriteTxn::prefetch_current`]),
+    /// as of this transaction's view; the overlay takes precedence.
+    prefetched: HashMap<Vec<u8>, Option<Current>>,
     batch: WriteBatch,
     /// Watch events of this transaction's writes, with their previous values.
     events: Vec<Event>,
@@ -708,6 +712,35 @@ impl<'a> WriteTxn<'a> {
         Ok((merged.into_values().take(take).collect(), count))
     }
 
+    /// Reads the current versions of `keys` in one batched lookup, for the
+    /// puts that follow: one `MultiGet` looks through the memtables and
+    /// files once for all of them, where a `Get` per put repeats that for
+    /// each. Keys this transaction already wrote are skipped (the overlay
+    /// answers for them).
+    pub fn prefetch_current(&mut self, keys: &[Vec<u8>]) -> Result<(), StoreError> {
+        let mut keys: Vec<&[u8]> = keys
+            .iter()
+            .map(Vec::as_slice)
+            .filter(|k| !k.is_empty() && !self.overlay.contains_key(*k))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        if keys.len() < 2 {
+            return Ok(()); // One Get is as good.
+        }
+        let found = self.view.db.batched_multi_get_cf_opt(
+            self.view.cf(CF_LATEST)?,
+            &keys,
+            true,
+            &self.view.read_opts(),
+        );
+        for (key, raw) in keys.into_iter().zip(found) {
+            let current = raw?.map(|raw| Current::decode(&raw)).transpose()?;
+            self.prefetched.insert(key.to_vec(), current);
+        }
+        Ok(())
+    }
+
     /// Writes a new version of `key`; returns it.
     pub fn put(&mut self, key: &[u8], value: Vec<u8>, lease: i64) -> Result<KeyValue, StoreError> {
         if key.is_empty() {
@@ -725,10 +758,16 @@ impl<'a> WriteTxn<'a> {
         let (create_revision, version, prev_lease, prev_kv) = match self.overlay.get(key) {
             Some(Some(kv)) => (kv.create_revision, kv.version, kv.lease, Some(kv.clone())),
             Some(None) => (rev.main, 0, 0, None),
-            None => match self.view.current(key)? {
-                Some(c) => (c.create_revision, c.version, c.lease, None),
-                None => (rev.main, 0, 0, None),
-            },
+            None => {
+                let current = match self.prefetched.get(key) {
+                    Some(c) => *c,
+                    None => self.view.current(key)?,
+                };
+                match current {
+                    Some(c) => (c.create_revision, c.version, c.lease, None),
+                    None => (rev.main, 0, 0, None),
+                }
+            }
         };
         let kv = KeyValue {
             key: Vec::new(),

@@ -8,6 +8,7 @@
 //! position agree: openraft re-applies the entries after the applied index,
 //! and the partly applied one resumes after its last applied request.
 
+use std::collections::HashMap;
 use std::io::Seek;
 use std::sync::Arc;
 
@@ -240,6 +241,7 @@ impl StateMachine {
             0
         };
         let mut results = vec![RaftResult::default(); resume_after.min(total)];
+        let mut run_keys = self.put_run_keys(&commands, resume_after);
         // Consecutive plain puts share one RocksDB write (see `PutRun`).
         let mut run: Option<PutRun<'_>> = None;
         for (i, cmd) in commands.into_iter().enumerate().skip(resume_after) {
@@ -250,7 +252,16 @@ impl StateMachine {
             };
             let result = match &cmd.request {
                 Some(Request::Put(p)) if self.joins_put_run(p) => {
-                    let run = run.get_or_insert_with(|| PutRun::new(self.store.write_txn()));
+                    let run = match run.take() {
+                        Some(going) => run.insert(going),
+                        None => {
+                            let mut txn = self.store.write_txn();
+                            if let Some(keys) = run_keys.remove(&i) {
+                                txn.prefetch_current(&keys).map_err(store_err)?;
+                            }
+                            run.insert(PutRun::new(txn))
+                        }
+                    };
                     self.apply_put_in_run(run, at, cmd.auth.as_ref(), p)?
                 }
                 _ => {
@@ -266,6 +277,25 @@ impl StateMachine {
             self.apply_noop(Position::whole(log_id), None)?;
         }
         Ok(RaftBatchResult { results })
+    }
+
+    /// The keys of each put run in `commands` (from `from` on), by the index
+    /// of the run's first put, so that a run can read their current
+    /// versions in one lookup. (A run that starts elsewhere, because a
+    /// request in between changed who may join, just reads them one by one.)
+    fn put_run_keys(&self, commands: &[RaftCommand], from: usize) -> HashMap<usize, Vec<Vec<u8>>> {
+        let mut runs: HashMap<usize, Vec<Vec<u8>>> = HashMap::new();
+        let mut start = None;
+        for (i, cmd) in commands.iter().enumerate().skip(from) {
+            match &cmd.request {
+                Some(Request::Put(p)) if self.joins_put_run(p) => {
+                    let first = *start.get_or_insert(i);
+                    runs.entry(first).or_default().push(p.key.clone());
+                }
+                _ => start = None,
+            }
+        }
+        runs
     }
 
     /// Whether put `p` may be applied in a put run. Not with auth on when it
@@ -778,6 +808,28 @@ mod tests {
         // A later batch starts from its first request.
         let results = sm.apply([batch_entry(2, &["d", "e"])]).await.unwrap();
         assert_eq!(revision_of(&results[0].0.results[0]), Some(5));
+    }
+
+    /// A put run reads its keys' current versions in one lookup ahead of
+    /// the puts: those versions must be the ones each put builds on.
+    #[tokio::test]
+    async fn a_put_run_builds_on_the_versions_it_read_ahead() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = state_machine(dir.path());
+        sm.apply([batch_entry(1, &["a", "b", "c"])]).await.unwrap();
+        sm.apply([batch_entry(2, &["b", "a", "b", "new"])])
+            .await
+            .unwrap();
+        let view = sm.store.read_view();
+        let get = |k: &str| {
+            let kv = view.get(k.as_bytes(), view.rev).unwrap().unwrap();
+            (kv.create_revision, kv.version, kv.mod_revision)
+        };
+        // Entry 1 wrote a, b, c at revisions 2, 3, 4; entry 2 writes 5..=8.
+        assert_eq!(get("a"), (2, 2, 6));
+        assert_eq!(get("b"), (3, 3, 7));
+        assert_eq!(get("c"), (4, 1, 4));
+        assert_eq!(get("new"), (8, 1, 8));
     }
 
     #[tokio::test]
