@@ -54,12 +54,6 @@ pub struct DumpInfo {
     pub meta: HashMap<Vec<u8>, Vec<u8>>,
 }
 
-/// A dump held in memory.
-pub struct Dump {
-    pub data: Vec<u8>,
-    pub meta: HashMap<Vec<u8>, Vec<u8>>,
-}
-
 /// A writer that checksums and counts what passes through it.
 struct Checksummed<W> {
     inner: W,
@@ -119,30 +113,23 @@ pub fn dump_into<W: Write>(db: &DB, out: W) -> Result<DumpInfo, SnapshotError> {
     Ok(DumpInfo { bytes: w.len, meta })
 }
 
-/// A dump in memory (tests, and callers with small states).
-pub fn dump(db: &DB) -> Result<Dump, SnapshotError> {
+/// A dump in memory, for tests.
+#[cfg(test)]
+pub fn dump(db: &DB) -> Result<Vec<u8>, SnapshotError> {
     let mut data = Vec::new();
-    let info = dump_into(db, &mut data)?;
-    Ok(Dump {
-        data,
-        meta: info.meta,
-    })
+    dump_into(db, &mut data)?;
+    Ok(data)
 }
 
-/// A dump into `file`, synced before it returns.
+/// A dump into `file`, buffered; written to it (not synced) on return.
 pub fn dump_to_file(db: &DB, file: &std::fs::File) -> Result<DumpInfo, SnapshotError> {
-    let mut out = BufWriter::with_capacity(FILE_BUFFER, file);
-    let info = dump_into(db, &mut out)?;
-    out.flush()?;
-    drop(out);
-    file.sync_all()?;
-    Ok(info)
+    dump_into(db, BufWriter::with_capacity(FILE_BUFFER, file))
 }
 
 /// Length of etcd's snapshot-stream trailer.
-pub const SHA256_LEN: usize = 32;
+const SHA256_LEN: usize = 32;
 /// etcd pads its database file to whole 512-byte sectors.
-pub const SECTOR: usize = 512;
+const SECTOR: usize = 512;
 
 /// The length of the Maintenance `Snapshot` stream of a `dump_len`-byte
 /// dump: padded to whole sectors, then the SHA-256 of what precedes it.
@@ -341,15 +328,15 @@ mod tests {
         let big = vec![9u8; 3 * FILE_BUFFER];
         let (_d, db) = db_with(&[(b"a", b"1"), (b"b", b"2"), (b"big", &big)]);
         let dump = dump(&db).unwrap();
-        assert_eq!(records(&dump.data).unwrap(), 3);
+        assert_eq!(records(&dump).unwrap(), 3);
 
-        let mut bad = dump.data.clone();
+        let mut bad = dump.clone();
         bad[MAGIC.len() + 10] ^= 0x40; // the value of "a"
         assert!(matches!(records(&bad), Err(SnapshotError::Checksum { .. })));
-        let cut = &dump.data[..dump.data.len() - 3];
+        let cut = &dump[..dump.len() - 3];
         assert!(matches!(records(cut), Err(SnapshotError::Truncated)));
         assert!(matches!(records(b"TESS"), Err(SnapshotError::BadMagic)));
-        let mut extra = dump.data.clone();
+        let mut extra = dump.clone();
         extra.push(1);
         assert!(matches!(records(&extra), Err(SnapshotError::TrailingData)));
 
@@ -361,7 +348,7 @@ mod tests {
             db2.get_cf(kv2, b"stale").unwrap().as_deref(),
             Some(&b"x"[..])
         );
-        restore(&db2, &dump.data[..], |_| false).unwrap();
+        restore(&db2, &dump[..], |_| false).unwrap();
         assert_eq!(db2.get_cf(kv2, b"a").unwrap().as_deref(), Some(&b"1"[..]));
         assert_eq!(db2.get_cf(kv2, b"big").unwrap().as_deref(), Some(&big[..]));
         assert_eq!(db2.get_cf(kv2, b"stale").unwrap(), None);

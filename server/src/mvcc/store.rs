@@ -671,9 +671,18 @@ impl<'a> WriteTxn<'a> {
         // Outside the overlay the transaction sees its view's state, which
         // is what the index holds: nothing but this transaction's own commit
         // writes while it is open (the apply path is single).
-        match self.view.current(key)? {
+        match self.current_in_view(key)? {
             Some(current) => self.view.version(key, current.rev),
             None => Ok(None),
+        }
+    }
+
+    /// The index's entry for `key` as of this transaction's view (not its
+    /// own writes): read ahead by [`Self::prefetch_current`], or looked up.
+    fn current_in_view(&self, key: &[u8]) -> Result<Option<Current>, StoreError> {
+        match self.prefetched.get(key) {
+            Some(current) => Ok(*current),
+            None => self.view.current(key),
         }
     }
 
@@ -717,12 +726,8 @@ impl<'a> WriteTxn<'a> {
     /// files once for all of them, where a `Get` per put repeats that for
     /// each. Keys this transaction already wrote are skipped (the overlay
     /// answers for them).
-    pub fn prefetch_current(&mut self, keys: &[Vec<u8>]) -> Result<(), StoreError> {
-        let mut keys: Vec<&[u8]> = keys
-            .iter()
-            .map(Vec::as_slice)
-            .filter(|k| !k.is_empty() && !self.overlay.contains_key(*k))
-            .collect();
+    pub fn prefetch_current(&mut self, mut keys: Vec<Vec<u8>>) -> Result<(), StoreError> {
+        keys.retain(|k| !k.is_empty() && !self.overlay.contains_key(k));
         keys.sort_unstable();
         keys.dedup();
         if keys.len() < 2 {
@@ -736,7 +741,7 @@ impl<'a> WriteTxn<'a> {
         );
         for (key, raw) in keys.into_iter().zip(found) {
             let current = raw?.map(|raw| Current::decode(&raw)).transpose()?;
-            self.prefetched.insert(key.to_vec(), current);
+            self.prefetched.insert(key, current);
         }
         Ok(())
     }
@@ -758,16 +763,10 @@ impl<'a> WriteTxn<'a> {
         let (create_revision, version, prev_lease, prev_kv) = match self.overlay.get(key) {
             Some(Some(kv)) => (kv.create_revision, kv.version, kv.lease, Some(kv.clone())),
             Some(None) => (rev.main, 0, 0, None),
-            None => {
-                let current = match self.prefetched.get(key) {
-                    Some(c) => *c,
-                    None => self.view.current(key)?,
-                };
-                match current {
-                    Some(c) => (c.create_revision, c.version, c.lease, None),
-                    None => (rev.main, 0, 0, None),
-                }
-            }
+            None => match self.current_in_view(key)? {
+                Some(c) => (c.create_revision, c.version, c.lease, None),
+                None => (rev.main, 0, 0, None),
+            },
         };
         let kv = KeyValue {
             key: Vec::new(),
@@ -1158,7 +1157,7 @@ pub(crate) mod tests {
         let dump = crate::snapshot::dump(source.db()).unwrap();
         let (_d2, target) = store();
         put(&target, "only-in-target", "x");
-        crate::snapshot::restore(target.db(), &dump.data[..], |_| false).unwrap();
+        crate::snapshot::restore(target.db(), &dump[..], |_| false).unwrap();
         target.reload().unwrap();
         assert_eq!(index_entries(&target), index_entries(&source));
     }

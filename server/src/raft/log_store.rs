@@ -44,7 +44,7 @@ struct Log {
 }
 
 /// How much of the log is held in memory, for the snapshot trigger
-/// (`node::spawn_log_memory_snapshots`): openraft's policy counts entries,
+/// (`Node::spawn_log_memory_bound`): openraft's policy counts entries,
 /// and an entry under load carries hundreds of requests.
 #[derive(Default)]
 pub struct LogMemory {

@@ -257,7 +257,7 @@ impl StateMachine {
                         None => {
                             let mut txn = self.store.write_txn();
                             if let Some(keys) = run_keys.remove(&i) {
-                                txn.prefetch_current(&keys).map_err(store_err)?;
+                                txn.prefetch_current(keys).map_err(store_err)?;
                             }
                             run.insert(PutRun::new(txn))
                         }
@@ -285,6 +285,9 @@ impl StateMachine {
     /// request in between changed who may join, just reads them one by one.)
     fn put_run_keys(&self, commands: &[RaftCommand], from: usize) -> HashMap<usize, Vec<Vec<u8>>> {
         let mut runs: HashMap<usize, Vec<Vec<u8>>> = HashMap::new();
+        if commands.len() < from + 2 {
+            return runs; // No run of two puts to read ahead for.
+        }
         let mut start = None;
         for (i, cmd) in commands.iter().enumerate().skip(from) {
             match &cmd.request {
@@ -662,6 +665,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let built = tokio::task::spawn_blocking(move || -> Result<_, SnapshotError> {
             let (path, file) = snapshots.create_temporary()?;
             let info = snapshot::dump_to_file(&db, &file)?;
+            // Synced before it is renamed into place as the current one.
+            file.sync_all()?;
             Ok((path, info))
         })
         .await

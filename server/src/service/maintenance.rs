@@ -199,10 +199,10 @@ impl Maintenance for MaintenanceService {
             .scratch()
             .map_err(|e| Status::internal(format!("cannot create a snapshot file: {e}")))?;
         let (mut file, info) = tokio::task::spawn_blocking(move || {
+            let mut file = file;
             let info = snapshot::dump_to_file(store.db(), &file)?;
-            let mut read = file;
-            read.rewind()?;
-            Ok::<_, snapshot::SnapshotError>((read, info))
+            file.rewind()?;
+            Ok::<_, snapshot::SnapshotError>((file, info))
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?
