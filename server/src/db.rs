@@ -68,6 +68,11 @@ fn open_with_wal_bound(dir: &Path, max_total_wal_bytes: u64) -> Result<Arc<DB>, 
     // written once per applied batch of entries (`Store::flush_wal`) rather
     // than with a write syscall per request; synced writes still flush it.
     opts.set_manual_wal_flush(true);
+    if tessera_storage::failpoint::is_on("state-machine-writes-unsynced-lost") {
+        // Keep the whole unsynced WAL in the process (see `Store::flush_wal`),
+        // not just what RocksDB's write buffer happens to hold.
+        opts.set_writable_file_max_buffer_size(256 << 20);
+    }
     opts.set_max_total_wal_size(max_total_wal_bytes);
     let cfs = ALL_CFS.iter().map(|name| {
         let mut cf_opts = Options::default();

@@ -38,6 +38,8 @@ pub enum EtcdError {
     NotLeader,
     #[error("etcdserver: request timed out")]
     Timeout,
+    #[error("etcdserver: request timed out, possibly due to previous leader failure")]
+    TimeoutDueToLeaderFail,
     #[error("etcdserver: server stopped")]
     Stopped,
     #[error("etcdserver: corrupt cluster")]
@@ -100,6 +102,11 @@ pub enum EtcdError {
     PermissionNotGiven,
     #[error("auth: token signing attempted with verify-only key")]
     VerifyOnly,
+    /// Tessera's own: a committed command that could not be decoded when
+    /// applied, and was skipped on every member (a bug, never an etcd
+    /// answer; validation refuses what would cause it).
+    #[error("tessera: the request could not be decoded when it was applied and was skipped")]
+    Undecodable,
 }
 
 impl EtcdError {
@@ -114,7 +121,9 @@ impl EtcdError {
             LeaseNotFound | MemberNotFound => Code::NotFound,
             NotLeader | LeaseExists | MemberExists | PeerUrlExists | MemberNotLearner
             | LearnerNotReady | BadLeaderTransferee => Code::FailedPrecondition,
-            NoLeader | Timeout | Stopped | LeadershipTransferTimeout => Code::Unavailable,
+            NoLeader | Timeout | TimeoutDueToLeaderFail | Stopped | LeadershipTransferTimeout => {
+                Code::Unavailable
+            }
             Corrupt => Code::DataLoss,
             UserEmpty | RoleEmpty | AuthFailed | InvalidAuthMgmt | AuthOldRevision => {
                 Code::InvalidArgument
@@ -126,6 +135,7 @@ impl EtcdError {
             InvalidAuthToken => Code::Unauthenticated,
             NoPasswordUser | VerifyOnly => Code::Unknown,
             PermissionNotGiven => Code::InvalidArgument,
+            Undecodable => Code::Internal,
         }
     }
 
@@ -199,13 +209,15 @@ impl EtcdError {
             NoPasswordUser => 43,
             PermissionNotGiven => 44,
             VerifyOnly => 45,
+            Undecodable => 46,
+            TimeoutDueToLeaderFail => 47,
         }
     }
 
     /// Inverse of [`EtcdError::code_number`]; unknown numbers are `None`.
     pub fn from_code_number(n: u32) -> Option<Self> {
         use EtcdError::*;
-        const ALL: [EtcdError; 45] = [
+        const ALL: [EtcdError; 47] = [
             EmptyKey,
             KeyNotFound,
             ValueProvided,
@@ -251,6 +263,8 @@ impl EtcdError {
             NoPasswordUser,
             PermissionNotGiven,
             VerifyOnly,
+            Undecodable,
+            TimeoutDueToLeaderFail,
         ];
         ALL.into_iter().find(|e| e.code_number() == n)
     }
@@ -275,7 +289,7 @@ mod tests {
                 assert!(seen.insert(n));
             }
         }
-        assert_eq!(seen.len(), 45);
+        assert_eq!(seen.len(), 47);
         assert_eq!(EtcdError::from_code_number(0), None);
     }
 

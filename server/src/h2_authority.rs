@@ -35,14 +35,18 @@ const FLAG_END_HEADERS: u8 = 0x4;
 const FLAG_PADDED: u8 = 0x8;
 const FLAG_PRIORITY: u8 = 0x20;
 /// The largest frame a server accepts until its SETTINGS say otherwise,
-/// which hyper's do not: re-encoded blocks are split to fit.
+/// which hyper's do not: re-encoded blocks are split to fit, and a client
+/// frame announcing more ends the connection before any of it is buffered
+/// (h2 would refuse it with FRAME_SIZE_ERROR anyway). Without this bound a
+/// client could make each connection hold a 16 MiB frame here, before any
+/// request is checked.
 const MAX_FRAME_LEN: usize = 16_384;
 /// The dynamic table size `h2` advertises to clients (the HTTP/2 default).
 const HEADER_TABLE_SIZE: usize = 4096;
 /// A header block (HEADERS with its CONTINUATIONs) larger than this ends
 /// the connection while it is examined; etcd requests carry a few hundred
-/// bytes of headers.
-const MAX_HEADER_BLOCK: usize = 1 << 20;
+/// bytes of headers, and hyper accepts 16 KiB of them once decoded.
+const MAX_HEADER_BLOCK: usize = 64 << 10;
 const READ_CHUNK: usize = 16 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -117,6 +121,7 @@ impl<T> AuthorityRepair<T> {
     /// Examines the frame (or header block) at the start of `input`; false
     /// when more bytes are needed first.
     fn examine_frame(&mut self) -> io::Result<bool> {
+        check_frame_len(&self.input, 0)?;
         let Some(first) = frame_at(&self.input, 0) else {
             return Ok(false);
         };
@@ -176,6 +181,20 @@ struct FrameHeader {
     end: usize,
 }
 
+/// Refuses a frame at `at` in `buf` whose header announces a length above
+/// [`MAX_FRAME_LEN`], as soon as its header is there.
+fn check_frame_len(buf: &[u8], at: usize) -> io::Result<()> {
+    if let Some(h) = buf.get(at..at + 3) {
+        let len = usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
+        if len > MAX_FRAME_LEN {
+            return Err(invalid(format!(
+                "frame of {len} bytes, above the maximum frame size {MAX_FRAME_LEN}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The frame starting at `at` in `buf`, if all of it is there.
 fn frame_at(buf: &[u8], at: usize) -> Option<FrameHeader> {
     let h = buf.get(at..at + FRAME_HEADER_LEN)?;
@@ -230,6 +249,7 @@ fn header_block(buf: &[u8]) -> io::Result<Option<HeaderBlock>> {
         if end > MAX_HEADER_BLOCK {
             return Err(invalid("request header block too large".into()));
         }
+        check_frame_len(buf, end)?;
         let Some(next) = frame_at(buf, end) else {
             if buf.len() > MAX_HEADER_BLOCK {
                 return Err(invalid("request header block too large".into()));
@@ -542,6 +562,35 @@ mod tests {
             (first.kind, first.end - first.payload),
             (FRAME_HEADERS, MAX_FRAME_LEN)
         );
+    }
+
+    /// A client that announces a frame larger than the maximum frame size
+    /// is refused at its header, whatever it sends after: nothing of the
+    /// frame is held (hyper itself never sees it).
+    #[tokio::test]
+    async fn frames_above_the_maximum_frame_size_end_the_connection() {
+        for first_headers in [true, false] {
+            let mut bytes = PREFACE.to_vec();
+            if !first_headers {
+                // A malformed authority first, so frames go on being examined.
+                let mut encoder = loona_hpack::Encoder::new();
+                let block = encoder.encode(request(b"http://127.0.0.1:2379").into_iter());
+                write_header_frames(&mut bytes, 1, 0, &block);
+            }
+            // A SETTINGS frame announcing 16 MiB - 1, of which 64 KiB arrive.
+            bytes.extend_from_slice(&[0xff, 0xff, 0xff, 0x4, 0, 0, 0, 0, 0]);
+            bytes.extend(std::iter::repeat_n(0u8, 64 << 10));
+            let mut repaired = AuthorityRepair::new(&bytes[..]);
+            let mut out = Vec::new();
+            let err = repaired.read_to_end(&mut out).await.unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+            assert!(err.to_string().contains("maximum frame size"), "{err}");
+            assert!(
+                repaired.input.len() < 2 * READ_CHUNK,
+                "buffered {}",
+                repaired.input.len()
+            );
+        }
     }
 
     #[tokio::test]

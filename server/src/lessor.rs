@@ -6,6 +6,12 @@
 //! through Raft once one passes. A member that becomes leader (including on
 //! restart) gives every lease its full TTL again plus an election timeout,
 //! which is etcd's behaviour without lease checkpointing.
+//!
+//! Deadlines mean something only while the lessor is *primary*: from its
+//! promotion (which resets them all) until leadership is lost. A follower's
+//! deadlines are never renewed, so nothing is due for revoke and no renewal
+//! is answered until the lessor has been promoted (etcd's lessor checks
+//! its primary state the same way).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -35,12 +41,21 @@ pub enum Renewal {
     Expired,
     /// No such lease.
     NotFound,
+    /// This lessor is not primary (yet): ask again after its promotion.
+    NotPrimary,
 }
 
 pub struct Lessor {
     /// etcd's minimum TTL: 1.5 election timeouts, rounded up to seconds.
     pub min_ttl: i64,
-    deadlines: Mutex<HashMap<i64, Deadline>>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    deadlines: HashMap<i64, Deadline>,
+    /// Promoted and not demoted since: the deadlines are this leader's.
+    primary: bool,
 }
 
 /// Seconds from `duration` rounded up, as etcd computes its minimum TTL.
@@ -62,12 +77,12 @@ impl Lessor {
         let min = Duration::from_millis(3 * ticks / 2 * heartbeat_ms);
         Lessor {
             min_ttl: ceil_secs(min).max(1),
-            deadlines: Mutex::new(HashMap::new()),
+            state: Mutex::default(),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Deadline>> {
-        self.deadlines.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The TTL a grant asking for `requested` seconds gets.
@@ -76,10 +91,11 @@ impl Lessor {
     }
 
     /// Starts tracking every lease in `records` with a fresh deadline
-    /// `extend` past its TTL (on start, snapshot install, or promotion).
+    /// `extend` past its TTL (on start, or snapshot install).
     pub fn reset(&self, records: &[LeaseRecord], extend: Duration) {
         let now = Instant::now();
-        let mut map = self.lock();
+        let mut state = self.lock();
+        let map = &mut state.deadlines;
         map.clear();
         for r in records {
             map.insert(
@@ -93,17 +109,30 @@ impl Lessor {
         }
     }
 
-    /// Gives every tracked lease a full TTL again plus `extend`.
+    /// Makes this lessor primary (its member leads): every tracked lease
+    /// gets a full TTL again plus `extend`, in the same step that lets
+    /// deadlines expire, so none expires on a deadline from before.
     pub fn promote(&self, extend: Duration) {
         let now = Instant::now();
-        for d in self.lock().values_mut() {
+        let mut state = self.lock();
+        for d in state.deadlines.values_mut() {
             d.expiry = deadline_after(d.ttl, now, extend);
             d.revoke_proposed = None;
         }
+        state.primary = true;
+    }
+
+    /// Leadership is lost: deadlines stop counting until the next promotion.
+    pub fn demote(&self) {
+        self.lock().primary = false;
+    }
+
+    pub fn is_primary(&self) -> bool {
+        self.lock().primary
     }
 
     pub fn granted(&self, id: i64, ttl: i64) {
-        self.lock().insert(
+        self.lock().deadlines.insert(
             id,
             Deadline {
                 ttl,
@@ -114,12 +143,16 @@ impl Lessor {
     }
 
     pub fn revoked(&self, id: i64) {
-        self.lock().remove(&id);
+        self.lock().deadlines.remove(&id);
     }
 
     pub fn renew(&self, id: i64) -> Renewal {
         let now = Instant::now();
-        match self.lock().get_mut(&id) {
+        let mut state = self.lock();
+        if !state.primary {
+            return Renewal::NotPrimary;
+        }
+        match state.deadlines.get_mut(&id) {
             None => Renewal::NotFound,
             Some(d) if d.expiry <= now => Renewal::Expired,
             Some(d) => {
@@ -130,32 +163,39 @@ impl Lessor {
     }
 
     pub fn is_tracked(&self, id: i64) -> bool {
-        self.lock().contains_key(&id)
+        self.lock().deadlines.contains_key(&id)
     }
 
     /// Time left before lease `id` expires (negative once past), if tracked.
     pub fn remaining(&self, id: i64) -> Option<f64> {
         let now = Instant::now();
-        self.lock().get(&id).map(|d| seconds_until(d.expiry, now))
+        self.lock()
+            .deadlines
+            .get(&id)
+            .map(|d| seconds_until(d.expiry, now))
     }
 
     /// The ids of `ids` ordered by deadline, soonest first (etcd lists
     /// leases that way); ids not tracked go last.
     pub fn order_by_expiry(&self, ids: &mut [i64]) {
-        let map = self.lock();
+        let state = self.lock();
         ids.sort_by_key(|id| {
-            let expiry = map.get(id).map(|d| d.expiry);
+            let expiry = state.deadlines.get(id).map(|d| d.expiry);
             (expiry.is_none(), expiry, *id)
         });
     }
 
     /// Leases past their deadline whose revoke should be proposed now, at
     /// most `limit` of them; each is marked so it is not proposed again
-    /// before [`REVOKE_RETRY`].
+    /// before [`REVOKE_RETRY`]. None unless this lessor is primary.
     pub fn due_for_revoke(&self, limit: usize) -> Vec<i64> {
         let now = Instant::now();
         let mut due = Vec::new();
-        for (id, d) in self.lock().iter_mut() {
+        let mut state = self.lock();
+        if !state.primary {
+            return due;
+        }
+        for (id, d) in state.deadlines.iter_mut() {
             if due.len() >= limit {
                 break;
             }
@@ -197,6 +237,7 @@ mod tests {
     #[test]
     fn deadlines_renew_expire_and_are_proposed_once() {
         let l = Lessor::new(1000, 100);
+        l.promote(Duration::ZERO);
         l.granted(1, 0);
         l.granted(2, 100);
         assert_eq!(l.renew(1), Renewal::Expired);
@@ -214,5 +255,29 @@ mod tests {
         l.reset(&[LeaseRecord { id: 5, ttl: 0 }], Duration::from_secs(60));
         assert!(!l.is_tracked(2));
         assert_eq!(l.renew(5), Renewal::Renewed(0), "extended after a reset");
+    }
+
+    /// A member's deadlines from before it led (set when it started, never
+    /// renewed while it followed) must not expire anything: only a promoted
+    /// lessor revokes or renews, and promotion starts every clock afresh.
+    #[test]
+    fn only_a_promoted_lessor_expires_or_renews() {
+        let l = Lessor::new(1000, 100);
+        l.reset(&[LeaseRecord { id: 1, ttl: 0 }], Duration::ZERO);
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(
+            l.due_for_revoke(10).is_empty(),
+            "a follower revokes nothing"
+        );
+        assert_eq!(l.renew(1), Renewal::NotPrimary);
+        l.promote(Duration::from_secs(60));
+        assert!(
+            l.due_for_revoke(10).is_empty(),
+            "promotion restarts the clock"
+        );
+        assert_eq!(l.renew(1), Renewal::Renewed(0));
+        l.demote();
+        assert_eq!(l.renew(1), Renewal::NotPrimary);
+        assert!(!l.is_primary());
     }
 }

@@ -32,6 +32,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(&cfg.log_level);
+    tessera_storage::failpoint::announce();
     for flag in &parsed.ignored_flags {
         tracing::warn!(flag = %format!("--{flag}"), "flag accepted for etcd compatibility but not acted on by Tessera yet");
     }

@@ -13,6 +13,8 @@ pub struct Metrics {
     pub proposals_failed: AtomicU64,
     pub proposals_pending: AtomicU64,
     pub leader_changes: AtomicU64,
+    /// Committed commands skipped because they did not decode (a bug).
+    pub undecodable_commands: AtomicU64,
 }
 
 /// Point-in-time values owned elsewhere, gathered when `/metrics` is scraped.
@@ -82,6 +84,12 @@ impl Metrics {
             "counter",
             "The total number of failed proposals seen.",
             get(&self.proposals_failed),
+        );
+        metric(
+            "tessera_server_undecodable_commands_total",
+            "counter",
+            "Committed commands skipped on apply because they could not be decoded (a bug; the same on every member).",
+            get(&self.undecodable_commands),
         );
         metric(
             "etcd_mvcc_db_total_size_in_bytes",

@@ -30,7 +30,7 @@ use crate::metrics::{Gauges, Metrics};
 use crate::mvcc::{Store, StoreError};
 use crate::peer::{self, method, PeerClients};
 use crate::proposals::ProposalBatcher;
-use crate::raft::log_store::LogStore;
+use crate::raft::log_store::{LogStore, ProposalWatch};
 use crate::raft::network::PeerNetwork;
 use crate::raft::snapshot_files::SnapshotFiles;
 use crate::raft::state_machine::StateMachine;
@@ -73,6 +73,10 @@ pub struct Node {
     read_indexes: Arc<ReadIndexBatcher>,
     /// Shares Raft entries among concurrent proposals.
     proposals: Arc<ProposalBatcher>,
+    /// Source of the ids of the batches this member proposes as leader.
+    proposal_ids: AtomicU64,
+    /// Whether a proposal's entry reached this member's log.
+    appended: Arc<ProposalWatch>,
     /// When the database size was last read, and what it was.
     quota_size: Mutex<Option<(Instant, u64)>>,
 }
@@ -135,6 +139,43 @@ fn write_identity(db: &DB, identity: &Identity) -> anyhow::Result<()> {
     let mut batch = rocksdb::WriteBatch::default();
     batch.put_cf(cf, IDENTITY_KEY, bincode::serialize(identity)?);
     db.write_opt(batch, &opts)?;
+    Ok(())
+}
+
+/// `raft_state` key set once this member's WAL exists.
+const WAL_CREATED_KEY: &[u8] = b"wal_created";
+
+/// Refuses to start a member whose WAL has gone while its data stayed: a
+/// fresh empty log would forget its vote (it could vote twice in a term)
+/// and the entries it acknowledged.
+fn check_wal_present(db: &DB, wal_dir: &Path) -> anyhow::Result<()> {
+    let cf = db
+        .cf_handle(CF_RAFT_STATE)
+        .context("missing raft_state column family")?;
+    let had_wal = db.get_cf(cf, WAL_CREATED_KEY)?.is_some();
+    if had_wal && !tessera_storage::wal::Wal::exists(wal_dir)? {
+        anyhow::bail!(
+            "the WAL directory {} is missing or empty, but this member's data directory has \
+             state that needs it; restore the member from a snapshot, or remove it from the \
+             cluster and add it again with an empty data directory",
+            wal_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Records that this member's WAL exists (see [`check_wal_present`]).
+fn mark_wal_created(db: &DB) -> anyhow::Result<()> {
+    let cf = db
+        .cf_handle(CF_RAFT_STATE)
+        .context("missing raft_state column family")?;
+    if db.get_cf(cf, WAL_CREATED_KEY)?.is_none() {
+        let mut opts = rocksdb::WriteOptions::default();
+        opts.set_sync(true);
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put_cf(cf, WAL_CREATED_KEY, [1]);
+        db.write_opt(batch, &opts)?;
+    }
     Ok(())
 }
 
@@ -289,8 +330,12 @@ impl Node {
                 .map_err(|e: String| anyhow::anyhow!("--wal-io: {e}"))?,
             ..Default::default()
         };
-        let log_store = LogStore::open(&config.wal_dir(), wal_options)
+        check_wal_present(&db, &config.wal_dir())?;
+        let sync_store = store.clone();
+        let sync_state_machine = Box::new(move || sync_store.sync().map_err(std::io::Error::other));
+        let log_store = LogStore::open(&config.wal_dir(), wal_options, sync_state_machine)
             .with_context(|| format!("cannot open the WAL in {}", config.wal_dir().display()))?;
+        mark_wal_created(&db)?;
         let log = log_store.clone();
         let raft = Raft::new(
             identity.member_id,
@@ -318,6 +363,8 @@ impl Node {
             request_ids: AtomicU64::new(request_id_base()),
             read_indexes: Arc::default(),
             proposals: ProposalBatcher::new(node.clone()),
+            proposal_ids: AtomicU64::new(rand::random()),
+            appended: log.proposals(),
             quota_size: Mutex::new(None),
         });
 
@@ -353,9 +400,6 @@ impl Node {
                 .current_leader(identity.member_id, "wait for this member to lead")
                 .await
                 .context("this member did not become leader")?;
-        }
-        if node.is_leader() {
-            node.lessor.promote(node.election_timeout());
         }
         node.clone().spawn_leader_watch();
         node.clone().spawn_publish_attributes();
@@ -454,20 +498,41 @@ impl Node {
         });
     }
 
+    /// Follows leadership: counts and logs leader changes, promotes the
+    /// lessor when this member starts to lead (in any new term, even one
+    /// whose intermediate states the metrics coalesced) and demotes it when
+    /// it stops. Starts from the state at the time of the call, so a
+    /// leadership won before it is acted on too.
     fn spawn_leader_watch(self: Arc<Self>) {
         let mut rx = self.raft.metrics();
         tokio::spawn(async move {
-            let mut last = rx.borrow().current_leader;
-            while rx.changed().await.is_ok() {
-                let leader = rx.borrow().current_leader;
-                if leader != last {
-                    self.metrics.inc(&self.metrics.leader_changes);
-                    tracing::info!(?leader, "leader changed");
+            let mut last: Option<(Option<u64>, u64)> = None;
+            loop {
+                let now = {
+                    let m = rx.borrow_and_update();
+                    (m.current_leader, m.current_term)
+                };
+                if Some(now) != last {
+                    let (leader, _) = now;
+                    if leader.is_some() && last.is_none_or(|(before, _)| before != leader) {
+                        self.metrics.inc(&self.metrics.leader_changes);
+                        tracing::info!(?leader, "leader changed");
+                    }
                     if leader == Some(self.member_id) {
+                        if let Some(delay) =
+                            tessera_storage::failpoint::delay("lessor-promote-delay-ms")
+                        {
+                            tokio::time::sleep(delay).await;
+                        }
                         // A new leader starts every lease's clock afresh.
                         self.lessor.promote(self.election_timeout());
+                    } else {
+                        self.lessor.demote();
                     }
-                    last = leader;
+                    last = Some(now);
+                }
+                if rx.changed().await.is_err() {
+                    return;
                 }
             }
         });
@@ -595,15 +660,15 @@ impl Node {
         &self,
         commands: &[bytes::Bytes],
     ) -> Result<(u64, Vec<RaftResult>), Status> {
-        let batch = Command::of_encoded(commands);
         // Bounded, so a batch whose callers all gave up does not wait forever
         // (its requests are retried by `replicate` while they still wait).
         let leader = tokio::time::timeout(self.election_timeout(), self.wait_for_leader())
             .await
             .map_err(|_| Status::from(EtcdError::NotLeader))?;
         let (index, results) = if leader == self.member_id {
-            self.propose_on_leader(batch).await?
+            self.propose_on_leader(commands).await?
         } else {
+            let batch = Command::of_encoded(commands, 0);
             let reply: ProposeReply = self
                 .forward_encoded(leader, method::PROPOSE, batch.0.to_vec())
                 .await?;
@@ -627,26 +692,79 @@ impl Node {
         if self.leader() != Some(self.member_id) {
             return Err(EtcdError::NotLeader.into());
         }
-        let malformed = |e| Status::invalid_argument(format!("malformed forwarded batch: {e}"));
-        let commands = batch.split().map_err(malformed)?;
-        // Checked here, because a committed entry that does not decode stops
-        // every member's state machine as corrupt.
-        for c in &commands {
-            RaftCommand::decode(c.clone()).map_err(malformed)?;
+        // A batch whose framing is broken cannot be told apart into its
+        // requests: all of it is refused.
+        let commands = batch
+            .split()
+            .map_err(|e| Status::invalid_argument(format!("malformed forwarded batch: {e}")))?;
+        // Each request is checked as the proposing member should have (a
+        // follower of another version may not have): one that would not
+        // decode when applied fails alone, the others are proposed.
+        let mut refused: Vec<Option<RaftResult>> = Vec::with_capacity(commands.len());
+        let mut accepted = Vec::with_capacity(commands.len());
+        for c in commands {
+            match check_forwarded(&c) {
+                Ok(()) => {
+                    refused.push(None);
+                    accepted.push(c);
+                }
+                Err(e) => refused.push(Some(RaftResult {
+                    response: None,
+                    error: e.code_number(),
+                })),
+            }
+        }
+        if accepted.is_empty() {
+            return Ok((0, refused.into_iter().flatten().collect()));
         }
         let deadline = tokio::time::Instant::now() + PROPOSAL_TIMEOUT;
-        self.proposals.propose_group(commands, deadline).await
+        let (index, results) = self.proposals.propose_group(accepted, deadline).await?;
+        let mut results = results.into_iter();
+        let merged = refused
+            .into_iter()
+            .map(|r| r.or_else(|| results.next()))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| Status::internal("apply returned too few results"))?;
+        Ok((index, merged))
     }
 
-    /// Proposes `batch` as one entry on this member, which must lead; returns
-    /// the entry's log index with the results.
-    async fn propose_on_leader(&self, batch: Command) -> Result<(u64, Vec<RaftResult>), Status> {
-        let written = self
+    /// Proposes `commands` as one entry on this member, which must lead;
+    /// returns the entry's log index with the results.
+    ///
+    /// When openraft answers that this member does not lead, the caller
+    /// retries at the leader; that is safe only if the entry never reached
+    /// this member's log. If it did, a newer leader truncated it, and a
+    /// member that holds it may still commit it: the outcome is unknown, and
+    /// the answer is etcd's for a proposal lost in a leader change, which
+    /// is not retried.
+    async fn propose_on_leader(
+        &self,
+        commands: &[bytes::Bytes],
+    ) -> Result<(u64, Vec<RaftResult>), Status> {
+        let id = self.proposal_ids.fetch_add(1, Ordering::Relaxed).max(1);
+        let watched = self.appended.watch(id);
+        let mut written = self
             .raft
-            .client_write(batch)
-            .await
-            .map_err(raft_write_error)?;
-        Ok((written.log_id.index, written.data.0.results))
+            .client_write(Command::of_encoded(commands, id))
+            .await;
+        if written.is_ok() && tessera_storage::failpoint::is_on("proposal-lost-after-append") {
+            // What openraft answers for an entry a newer leader truncated.
+            written = Err(RaftError::APIError(ClientWriteError::ForwardToLeader(
+                openraft::error::ForwardToLeader {
+                    leader_id: Some(self.member_id),
+                    leader_node: None,
+                },
+            )));
+        }
+        match written {
+            Ok(written) => Ok((written.log_id.index, written.data.0.results)),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))
+                if watched.was_appended() =>
+            {
+                Err(EtcdError::TimeoutDueToLeaderFail.into())
+            }
+            Err(e) => Err(raft_write_error(e)),
+        }
     }
 
     /// Waits until this member has applied everything committed before the
@@ -887,6 +1005,19 @@ pub struct MemberInfo {
     pub id: u64,
     pub peer_urls: Vec<String>,
     pub is_learner: bool,
+}
+
+/// Whether a forwarded command may be proposed: it must decode as the
+/// state machine will decode it, and pass the checks that keep anything
+/// that would not out of the log (see [`crate::validate::MAX_TXN_DEPTH`]).
+fn check_forwarded(command: &bytes::Bytes) -> Result<(), EtcdError> {
+    let decoded = RaftCommand::decode(command.clone()).map_err(|_| EtcdError::Undecodable)?;
+    match &decoded.request {
+        Some(Request::Txn(t)) if crate::validate::txn_depth(t) > crate::validate::MAX_TXN_DEPTH => {
+            Err(EtcdError::TooManyOps)
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Prefix of the error for a leader this member could not connect to.

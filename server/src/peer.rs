@@ -168,7 +168,7 @@ impl Peer for PeerService {
         let data = match method.as_str() {
             method::PROPOSE => {
                 // Kept encoded: the leader splits the batch into its
-                // commands without decoding them.
+                // commands, checks each, and proposes them as they came.
                 let batch = crate::raft::Command(body.into());
                 let (index, results) = node.propose_forwarded(batch).await?;
                 ProposeReply {

@@ -255,6 +255,22 @@ pub fn restore(
     data: impl Read,
     skip_meta: impl Fn(&[u8]) -> bool,
 ) -> Result<(), SnapshotError> {
+    let batch = restore_batch(db, data, skip_meta)?;
+    let mut opts = WriteOptions::default();
+    opts.set_sync(true);
+    db.write_opt(batch, &opts)?;
+    Ok(())
+}
+
+/// What [`restore`] writes, as one batch: the removal of every entry of
+/// the state-machine families, the snapshot's entries (except the `meta`
+/// keys `skip_meta` names), and the current-version index built from them.
+/// Nothing is returned unless the whole snapshot checked out.
+pub fn restore_batch(
+    db: &DB,
+    data: impl Read,
+    skip_meta: impl Fn(&[u8]) -> bool,
+) -> Result<WriteBatch, SnapshotError> {
     let mut batch = WriteBatch::default();
     let mut handles = Vec::new();
     for name in STATE_MACHINE_CFS {
@@ -265,16 +281,22 @@ pub fn restore(
         handles.push(cf);
     }
     crate::mvcc::latest::clear_into(db, &mut batch)?;
+    let latest = db
+        .cf_handle(crate::db::CF_LATEST)
+        .ok_or(SnapshotError::MissingColumnFamily(crate::db::CF_LATEST))?;
+    let mut index = crate::mvcc::latest::Indexer::default();
     for_each_record(data, |cf, k, v| {
-        if !(STATE_MACHINE_CFS[cf as usize] == crate::db::CF_META && skip_meta(k)) {
+        let name = STATE_MACHINE_CFS[cf as usize];
+        if !(name == crate::db::CF_META && skip_meta(k)) {
             batch.put_cf(handles[cf as usize], k, v);
+        }
+        if name == crate::db::CF_KV {
+            index.add(latest, k, v, &mut batch)?;
         }
         Ok(())
     })?;
-    let mut opts = WriteOptions::default();
-    opts.set_sync(true);
-    db.write_opt(batch, &opts)?;
-    Ok(())
+    index.finish(latest, &mut batch);
+    Ok(batch)
 }
 
 /// Sends `dump` (a file of `dump_len` bytes, read from its start) as the
@@ -316,7 +338,7 @@ mod tests {
     fn db_with(entries: &[(&[u8], &[u8])]) -> (tempfile::TempDir, std::sync::Arc<DB>) {
         let dir = tempfile::tempdir().unwrap();
         let db = crate::db::open(dir.path()).unwrap();
-        let kv = db.cf_handle(crate::db::CF_KV).unwrap();
+        let kv = db.cf_handle(crate::db::CF_META).unwrap();
         for (k, v) in entries {
             db.put_cf(kv, k, v).unwrap();
         }
@@ -342,7 +364,7 @@ mod tests {
 
         // A corrupt dump changes nothing; a good one replaces everything.
         let (_d2, db2) = db_with(&[(b"stale", b"x")]);
-        let kv2 = db2.cf_handle(crate::db::CF_KV).unwrap();
+        let kv2 = db2.cf_handle(crate::db::CF_META).unwrap();
         assert!(restore(&db2, &bad[..], |_| false).is_err());
         assert_eq!(
             db2.get_cf(kv2, b"stale").unwrap().as_deref(),

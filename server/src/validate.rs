@@ -1,6 +1,7 @@
 //! Request checks etcd makes before proposing anything (its `v3rpc/key.go`):
 //! empty keys, ignore_value/ignore_lease misuse, txn size, and the rule that a
-//! txn may not write the same key twice.
+//! txn may not write the same key twice; plus Tessera's own bound on how deep
+//! txns nest (see [`MAX_TXN_DEPTH`]).
 
 use std::collections::HashSet;
 
@@ -37,9 +38,41 @@ pub fn check_delete(r: &DeleteRangeRequest) -> Result<(), EtcdError> {
     Ok(())
 }
 
-/// The whole txn check: shape and size first, then the duplicate-write rule
-/// on each branch.
+/// How many txns deep a request may nest (a txn without a txn inside is 1).
+///
+/// etcd has no such limit, but it never decodes a request again once
+/// accepted. Tessera decodes each committed command when it applies it,
+/// inside the Raft batch and command that wrap it, and a leader's results
+/// travel back to followers as a nested message too; protobuf decoders stop
+/// at 100 nested messages, and every txn level is two (the txn and its
+/// operation). 32 levels stay far below that on every path (a reply to a
+/// follower is the deepest: two messages per level plus 4) and far above
+/// any client's use.
+pub const MAX_TXN_DEPTH: usize = 32;
+
+/// How many txns deep `t` nests, counting itself.
+pub fn txn_depth(t: &TxnRequest) -> usize {
+    1 + t
+        .success
+        .iter()
+        .chain(&t.failure)
+        .filter_map(|op| match &op.request {
+            Some(request_op::Request::RequestTxn(inner)) => Some(txn_depth(inner)),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// The whole txn check: nesting, shape and size first, then the
+/// duplicate-write rule on each branch. A txn nested deeper than
+/// [`MAX_TXN_DEPTH`] gets etcd's error for a txn with too many operations.
 pub fn check_txn(r: &TxnRequest, max_txn_ops: usize) -> Result<(), EtcdError> {
+    // The failpoint lets a test put a command that cannot be decoded into
+    // the log, to show that applying it does not stop the cluster.
+    if txn_depth(r) > MAX_TXN_DEPTH && !tessera_storage::failpoint::is_on("txn-depth-unchecked") {
+        return Err(EtcdError::TooManyOps);
+    }
     check_txn_shape(r, max_txn_ops as i64)?;
     check_intervals(&r.success)?;
     check_intervals(&r.failure)?;
@@ -155,6 +188,7 @@ fn check_intervals(reqs: &[RequestOp]) -> Result<(HashSet<Vec<u8>>, Vec<Interval
 mod tests {
     use super::*;
     use tessera_proto::etcdserverpb::request_op::Request;
+    use tessera_proto::etcdserverpb::{ResponseOp, TxnResponse};
 
     fn put(k: &str) -> RequestOp {
         RequestOp {
@@ -193,6 +227,114 @@ mod tests {
         assert_eq!(check_txn(&txn(vec![put("a"), put("b")]), 128), Ok(()));
         // "\0" as range end is an empty interval to etcd's checker
         assert_eq!(check_txn(&txn(vec![del("a", "\0"), put("b")]), 128), Ok(()));
+    }
+
+    /// A txn `depth` levels deep, each level's success branch holding a
+    /// range and the next level.
+    fn nested(depth: usize) -> TxnRequest {
+        let range = RequestOp {
+            request: Some(Request::RequestRange(RangeRequest {
+                key: b"k".to_vec(),
+                ..Default::default()
+            })),
+        };
+        let mut t = txn(vec![range.clone()]);
+        for _ in 1..depth {
+            t = txn(vec![
+                range.clone(),
+                RequestOp {
+                    request: Some(Request::RequestTxn(t)),
+                },
+            ]);
+        }
+        t
+    }
+
+    #[test]
+    fn txns_may_nest_up_to_the_limit() {
+        assert_eq!(txn_depth(&nested(1)), 1);
+        assert_eq!(txn_depth(&nested(7)), 7);
+        assert_eq!(check_txn(&nested(MAX_TXN_DEPTH), 128), Ok(()));
+        assert_eq!(
+            check_txn(&nested(MAX_TXN_DEPTH + 1), 128),
+            Err(EtcdError::TooManyOps)
+        );
+    }
+
+    /// The reply a txn of `t`'s shape gets, as deep as it can be: every
+    /// range answered with a key-value, every level with its header.
+    fn deepest_reply(t: &TxnRequest) -> TxnResponse {
+        use tessera_proto::etcdserverpb::{response_op, RangeResponse, ResponseHeader};
+        let responses = t
+            .success
+            .iter()
+            .map(|op| ResponseOp {
+                response: Some(match &op.request {
+                    Some(Request::RequestTxn(inner)) => {
+                        response_op::Response::ResponseTxn(deepest_reply(inner))
+                    }
+                    _ => response_op::Response::ResponseRange(RangeResponse {
+                        header: Some(ResponseHeader::default()),
+                        kvs: vec![tessera_proto::mvccpb::KeyValue {
+                            key: b"k".to_vec(),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }),
+                }),
+            })
+            .collect();
+        TxnResponse {
+            header: Some(tessera_proto::etcdserverpb::ResponseHeader::default()),
+            succeeded: true,
+            responses,
+        }
+    }
+
+    /// What validation lets through must decode wherever Tessera decodes
+    /// it again: as a command inside a Raft batch when it is applied, and
+    /// its result inside the reply a leader sends a follower.
+    #[test]
+    fn the_deepest_txn_allowed_decodes_in_a_raft_batch_and_in_a_reply() {
+        use prost::Message;
+        use tessera_proto::tessera::{
+            raft_command, raft_result, ProposeReply, RaftBatch, RaftBatchResult, RaftCommand,
+            RaftResult,
+        };
+        let t = nested(MAX_TXN_DEPTH);
+        let batch = RaftBatch {
+            commands: vec![RaftCommand {
+                request: Some(raft_command::Request::Txn(t.clone())),
+                auth: None,
+            }],
+            proposal: 0,
+        };
+        let decoded = RaftBatch::decode(batch.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(decoded, batch);
+        let reply = ProposeReply {
+            index: 1,
+            results: Some(RaftBatchResult {
+                results: vec![RaftResult {
+                    response: Some(raft_result::Response::Txn(deepest_reply(&t))),
+                    error: 0,
+                }],
+            }),
+        };
+        assert_eq!(
+            ProposeReply::decode(reply.encode_to_vec().as_slice()).unwrap(),
+            reply
+        );
+        // The margin is real: a few levels more and decoding fails.
+        let too_deep = RaftBatch {
+            commands: vec![RaftCommand {
+                request: Some(raft_command::Request::Txn(nested(
+                    3 * MAX_TXN_DEPTH / 2 + 2,
+                ))),
+                auth: None,
+            }],
+            proposal: 0,
+        };
+        assert!(RaftBatch::decode(too_deep.encode_to_vec().as_slice()).is_err());
     }
 
     #[test]

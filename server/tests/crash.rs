@@ -89,6 +89,74 @@ async fn acknowledged_puts_survive_sigkill_across_snapshots_and_purges() {
     );
 }
 
+/// A power loss after the Raft log was purged behind a snapshot. The
+/// failpoint keeps the state machine's unsynced writes inside the process,
+/// so SIGKILL loses them as a power loss loses what the OS had not written
+/// back. Before a purge the state machine must be synced: otherwise it comes
+/// back behind the purged log, unable to catch up, with acknowledged writes
+/// gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_puts_survive_a_power_loss_after_snapshots_and_purges() {
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--max-raft-log-memory-bytes=262144"];
+    let env = [("TESSERA_FAILPOINTS", "state-machine-writes-unsynced-lost")];
+    let mut server = Server::start_with_env(Kind::Tessera, dir.path(), &flags, &env).await;
+    let mut kv = server.kv().await;
+    let mut acked = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let purges = |log: &str| log.matches("purging the raft log").count();
+    // Until two purges happened, and a little more after them.
+    let mut extra = 300;
+    while extra > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no purge after {} puts; log:\n{}",
+            acked.len(),
+            server.log()
+        );
+        for _ in 0..100 {
+            let i = acked.len();
+            let put = PutRequest {
+                key: format!("power/{i:06}").into_bytes(),
+                value: vec![b'p'; 200],
+                ..Default::default()
+            };
+            let revision = kv
+                .put(put)
+                .await
+                .unwrap()
+                .into_inner()
+                .header
+                .unwrap()
+                .revision;
+            acked.push(revision);
+        }
+        if purges(&server.log()) >= 2 {
+            extra -= 100;
+        }
+    }
+    server.kill();
+    server.restart().await;
+    let mut kv = server.kv().await;
+    for (i, revision) in acked.iter().enumerate() {
+        let got = kv
+            .range(RangeRequest {
+                key: format!("power/{i:06}").into_bytes(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let found = got.kvs.first().map(|kv| kv.mod_revision);
+        assert_eq!(
+            found,
+            Some(*revision),
+            "acknowledged put {i} of {}",
+            acked.len()
+        );
+    }
+}
+
 /// `text` without the terminal color codes of the server's log.
 fn without_colors(text: &str) -> String {
     let mut out = String::with_capacity(text.len());

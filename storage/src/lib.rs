@@ -4,4 +4,5 @@
 //! checksummed block files, the Reed-Solomon codec and the `tessera-store`
 //! node daemon will live here too.
 
+pub mod failpoint;
 pub mod wal;

@@ -157,16 +157,16 @@ pub fn delete_range(
     txn: &mut WriteTxn<'_>,
     d: &DeleteRangeRequest,
 ) -> Result<DeleteRangeResponse, ApplyError> {
-    let deleted = txn.delete_range(&KeyRange::new(&d.key, &d.range_end))?;
-    let revision = if !deleted.is_empty() || txn.has_changes() {
+    let deleted = txn.delete_range(&KeyRange::new(&d.key, &d.range_end), d.prev_kv)?;
+    let revision = if deleted.count > 0 || txn.has_changes() {
         txn.begin_rev() + 1
     } else {
         txn.begin_rev()
     };
     Ok(DeleteRangeResponse {
         header: header(revision),
-        deleted: deleted.len() as i64,
-        prev_kvs: if d.prev_kv { deleted } else { Vec::new() },
+        deleted: deleted.count as i64,
+        prev_kvs: deleted.prev_kvs,
     })
 }
 

@@ -122,9 +122,7 @@ pub fn rebuild(db: &DB) -> Result<usize, StoreError> {
         let (prefix, user, rev) =
             split_version_key(k).ok_or_else(|| StoreError::Corrupt("kv key".into()))?;
         let next = after_all_versions(prefix);
-        if v.first() == Some(&TAG_PUT) {
-            let kv = KeyValue::decode(&v[1..])?;
-            batch.put_cf(latest, user, Current::of(&kv, rev).encode());
+        if index_newest(latest, &user, rev, v, &mut batch)? {
             indexed += 1;
             if indexed.is_multiple_of(REBUILD_BATCH) {
                 db.write(std::mem::take(&mut batch))?;
@@ -134,9 +132,64 @@ pub fn rebuild(db: &DB) -> Result<usize, StoreError> {
         it.seek(next);
     }
     it.status()?;
-    batch.put_cf(latest, BUILT_MARKER, MARKER_VALUE);
+    mark_built(latest, &mut batch);
     db.write(batch)?;
     Ok(indexed)
+}
+
+/// Indexes `user`'s newest version (at `rev`, stored as `value` in `kv`)
+/// into `batch`, unless it is a tombstone; whether it did.
+fn index_newest(
+    latest: &rocksdb::ColumnFamily,
+    user: &[u8],
+    rev: Revision,
+    value: &[u8],
+    batch: &mut WriteBatch,
+) -> Result<bool, StoreError> {
+    if value.first() != Some(&TAG_PUT) {
+        return Ok(false);
+    }
+    let kv = KeyValue::decode(&value[1..])?;
+    batch.put_cf(latest, user, Current::of(&kv, rev).encode());
+    Ok(true)
+}
+
+fn mark_built(latest: &rocksdb::ColumnFamily, batch: &mut WriteBatch) {
+    batch.put_cf(latest, BUILT_MARKER, MARKER_VALUE);
+}
+
+/// Builds the index alongside `kv` records arriving in key order (a
+/// snapshot being restored), so the restored data and its index go to
+/// disk in the same batch, and readers never see one without the other.
+#[derive(Default)]
+pub struct Indexer {
+    /// The version-key prefix (escaped user key) of the last record seen.
+    last_prefix: Vec<u8>,
+}
+
+impl Indexer {
+    /// Takes the `kv` record `key` → `value`, indexing it into `batch` when
+    /// it is the first, so newest, of its user key.
+    pub fn add(
+        &mut self,
+        latest: &rocksdb::ColumnFamily,
+        key: &[u8],
+        value: &[u8],
+        batch: &mut WriteBatch,
+    ) -> Result<(), StoreError> {
+        let (prefix, user, rev) =
+            split_version_key(key).ok_or_else(|| StoreError::Corrupt("kv key".into()))?;
+        if prefix != self.last_prefix.as_slice() {
+            self.last_prefix = prefix.to_vec();
+            index_newest(latest, &user, rev, value, batch)?;
+        }
+        Ok(())
+    }
+
+    /// Marks the index complete, in the same batch.
+    pub fn finish(self, latest: &rocksdb::ColumnFamily, batch: &mut WriteBatch) {
+        mark_built(latest, batch);
+    }
 }
 
 /// Removes every entry of the index, marker included, in one batch.

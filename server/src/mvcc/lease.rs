@@ -131,7 +131,7 @@ impl WriteTxn<'_> {
         let keys = self.view().lease_keys(id)?;
         let mut deleted = 0;
         for key in &keys {
-            deleted += self.delete_range(&KeyRange::new(key, b""))?.len();
+            deleted += self.delete_range(&KeyRange::new(key, b""), false)?.count;
         }
         let cf = self.view().cf(CF_LEASE)?;
         let batch = self.batch_mut();

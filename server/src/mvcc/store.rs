@@ -68,9 +68,9 @@ impl Store {
         Ok(store)
     }
 
-    /// Re-reads the revisions from disk (after a snapshot was installed), and
-    /// rebuilds the current-version index if it is missing.
-    pub fn reload(&self) -> Result<(), StoreError> {
+    /// Reads the revisions from disk, rebuilding the current-version index
+    /// first if it is missing (a data directory from before it).
+    fn reload(&self) -> Result<(), StoreError> {
         if !latest::is_built(&self.db)? {
             let started = std::time::Instant::now();
             tracing::info!("building the current-version index from the MVCC history");
@@ -78,11 +78,38 @@ impl Store {
             self.db.flush_wal(true)?;
             tracing::info!(keys, elapsed = ?started.elapsed(), "current-version index built");
         }
+        let _w = self.view_lock.write().unwrap_or_else(|p| p.into_inner());
+        self.load_revisions()
+    }
+
+    /// Publishes the revisions on disk; the caller holds the view lock.
+    fn load_revisions(&self) -> Result<(), StoreError> {
         let cur = self.meta_i64(META_CURRENT_REV)?.unwrap_or(INITIAL_REVISION);
         let compact = self.meta_i64(META_COMPACT_REV)?.unwrap_or(NEVER_COMPACTED);
-        let _w = self.view_lock.write().unwrap_or_else(|p| p.into_inner());
         self.current_rev.store(cur, Ordering::SeqCst);
         self.compact_rev.store(compact, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Replaces the whole state with `batch` (a snapshot being installed,
+    /// index included, see `snapshot::restore_batch`). Readers see the
+    /// switch as one step: no read view is taken between the write and the
+    /// new revisions, and views taken before keep reading the old state from
+    /// their RocksDB snapshots. Synced: the log before the snapshot may be
+    /// purged right after.
+    pub fn install(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        let _w = self.view_lock.write().unwrap_or_else(|p| p.into_inner());
+        self.db.write_opt(batch, &opts)?;
+        self.load_revisions()
+    }
+
+    /// Makes everything written so far durable (RocksDB's WAL synced): done
+    /// before the Raft log is purged behind the applied index, since after
+    /// a power loss the state machine must not restart behind the log.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.db.flush_wal(true)?;
         Ok(())
     }
 
@@ -197,8 +224,16 @@ impl Store {
     }
 
     /// Hands RocksDB's buffered WAL to the OS (see `db::open`): after this,
-    /// everything written so far survives a crash of the process.
+    /// everything written so far survives a crash of the process, but not
+    /// a power loss (see [`Store::sync`]).
+    ///
+    /// Failpoint `state-machine-writes-unsynced-lost`: the hand-off is
+    /// skipped, so what was not synced stays in the process and a SIGKILL
+    /// loses it, as a power loss loses what the OS had not written back.
     pub fn flush_wal(&self) -> Result<(), StoreError> {
+        if tessera_storage::failpoint::is_on("state-machine-writes-unsynced-lost") {
+            return Ok(());
+        }
         self.db.flush_wal(false)?;
         Ok(())
     }
@@ -573,6 +608,77 @@ impl<'a> ReadView<'a> {
     }
 }
 
+/// What a [`WriteTxn::delete_range`] deleted.
+#[derive(Debug, Default)]
+pub struct Deleted {
+    pub count: usize,
+    /// The previous key-values, when asked for.
+    pub prev_kvs: Vec<KeyValue>,
+}
+
+/// What a deleted key was before: written earlier in the same transaction,
+/// or as the current-version index has it.
+enum Prev {
+    Written(KeyValue),
+    Indexed(Current),
+}
+
+/// The live keys of a range as a view's current-version index has them, in
+/// key order, read one at a time (a range of any size costs one entry).
+struct LiveKeys<'a> {
+    it: Option<DBRawIteratorWithThreadMode<'a, DB>>,
+    /// A single key's entry, looked up instead of iterated.
+    single: Option<(Vec<u8>, Current)>,
+    range: KeyRange,
+}
+
+impl<'a> LiveKeys<'a> {
+    fn new(view: &ReadView<'a>, range: &KeyRange) -> Result<Self, StoreError> {
+        let (it, single) = match range {
+            KeyRange::Single(k) => (None, view.current(k)?.map(|c| (k.clone(), c))),
+            KeyRange::Between(k, e) if e.as_slice() <= k.as_slice() => (None, None),
+            KeyRange::FromKey(k) | KeyRange::Between(k, _) => {
+                let mut opts = view.read_opts();
+                if let KeyRange::Between(_, e) = range {
+                    opts.set_iterate_upper_bound(e.clone());
+                }
+                let mut it = view.db().raw_iterator_cf_opt(view.cf(CF_LATEST)?, opts);
+                it.seek(k);
+                (Some(it), None)
+            }
+        };
+        Ok(LiveKeys {
+            it,
+            single,
+            range: range.clone(),
+        })
+    }
+
+    /// The next live key and its index entry, without moving past it.
+    fn peek(&mut self) -> Result<Option<(Vec<u8>, Current)>, StoreError> {
+        let Some(it) = &self.it else {
+            return Ok(self.single.clone());
+        };
+        match (it.key(), it.value()) {
+            // The index's marker is the empty key, never in a user range.
+            (Some(k), Some(v)) if !k.is_empty() && self.range.contains(k) => {
+                Ok(Some((k.to_vec(), Current::decode(v)?)))
+            }
+            _ => {
+                it.status()?;
+                Ok(None)
+            }
+        }
+    }
+
+    fn advance(&mut self) {
+        match &mut self.it {
+            Some(it) => it.next(),
+            None => self.single = None,
+        }
+    }
+}
+
 /// The key-value etcd reports in a delete event.
 fn tombstone(key: &[u8], revision: i64) -> KeyValue {
     KeyValue {
@@ -804,30 +910,100 @@ impl<'a> WriteTxn<'a> {
         Ok(kv)
     }
 
-    /// Deletes every live key in `range`; returns the deleted key-values.
-    pub fn delete_range(&mut self, range: &KeyRange) -> Result<Vec<KeyValue>, StoreError> {
-        let (live, _) = self.range(range, self.read_rev(), 0, false)?;
-        for prev in &live {
-            let rev = Revision {
-                main: self.begin_rev + 1,
-                sub: self.changes,
+    /// Deletes every live key in `range`, in key order, each with its own
+    /// sub-revision. Values are read only when `with_values` asks for the
+    /// previous key-values (a request's `prev_kv`): otherwise the keys come
+    /// from the current-version index and this transaction's own writes, so
+    /// deleting a large range costs its keys, not its data. Delete events
+    /// carry the previous version only when this transaction wrote it (the
+    /// watch service reads it for the watchers that ask, as for puts).
+    pub fn delete_range(
+        &mut self,
+        range: &KeyRange,
+        with_values: bool,
+    ) -> Result<Deleted, StoreError> {
+        let mut deleted = Deleted::default();
+        // This transaction's own writes in the range, in key order.
+        let own: Vec<(Vec<u8>, Option<KeyValue>)> = match range {
+            KeyRange::Single(k) => self
+                .overlay
+                .get(k)
+                .map(|state| (k.clone(), state.clone()))
+                .into_iter()
+                .collect(),
+            _ => self
+                .overlay
+                .iter()
+                .filter(|(k, _)| range.contains(k))
+                .map(|(k, state)| (k.clone(), state.clone()))
+                .collect(),
+        };
+        let mut own = own.into_iter().peekable();
+        let mut indexed = LiveKeys::new(&self.view, range)?;
+        loop {
+            let from_index = indexed.peek()?;
+            let take_own = match (own.peek(), &from_index) {
+                (None, None) => break,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (Some((ok, _)), Some((ik, _))) => ok.as_slice() <= ik.as_slice(),
             };
-            self.batch.put_cf(
-                self.view.cf(CF_KV)?,
-                version_key(&prev.key, rev),
-                [TAG_TOMBSTONE],
-            );
-            self.batch.delete_cf(self.view.cf(CF_LATEST)?, &prev.key);
-            self.index_revision(rev, TAG_TOMBSTONE, &prev.key)?;
-            self.reattach(&prev.key, prev.lease, 0)?;
-            self.overlay.insert(prev.key.clone(), None);
-            self.events.push(Event {
-                r#type: EventType::Delete as i32,
-                kv: Some(tombstone(&prev.key, rev.main)),
-                prev_kv: Some(prev.clone()),
-            });
+            if take_own {
+                let Some((key, state)) = own.next() else {
+                    break;
+                };
+                if from_index.as_ref().is_some_and(|(ik, _)| *ik == key) {
+                    indexed.advance(); // The transaction's write replaces it.
+                }
+                if let Some(prev) = state {
+                    self.delete_one(&key, Prev::Written(prev), with_values, &mut deleted)?;
+                }
+            } else if let Some((key, current)) = from_index {
+                indexed.advance();
+                self.delete_one(&key, Prev::Indexed(current), with_values, &mut deleted)?;
+            }
         }
-        Ok(live)
+        Ok(deleted)
+    }
+
+    /// Writes the tombstone of live key `key`, whose current version is `prev`.
+    fn delete_one(
+        &mut self,
+        key: &[u8],
+        prev: Prev,
+        with_values: bool,
+        deleted: &mut Deleted,
+    ) -> Result<(), StoreError> {
+        let rev = Revision {
+            main: self.begin_rev + 1,
+            sub: self.changes,
+        };
+        self.batch
+            .put_cf(self.view.cf(CF_KV)?, version_key(key, rev), [TAG_TOMBSTONE]);
+        self.batch.delete_cf(self.view.cf(CF_LATEST)?, key);
+        self.index_revision(rev, TAG_TOMBSTONE, key)?;
+        let (lease, written) = match &prev {
+            Prev::Written(kv) => (kv.lease, Some(kv.clone())),
+            Prev::Indexed(current) => (current.lease, None),
+        };
+        self.reattach(key, lease, 0)?;
+        if with_values {
+            let prev_kv = match prev {
+                Prev::Written(kv) => Some(kv),
+                Prev::Indexed(current) => self.view.version(key, current.rev)?,
+            };
+            deleted.prev_kvs.extend(prev_kv);
+        }
+        self.overlay.insert(key.to_vec(), None);
+        self.events.push(Event {
+            r#type: EventType::Delete as i32,
+            kv: Some(tombstone(key, rev.main)),
+            // Read for watchers that want it unless written here, where a
+            // read at the revision before would find an older version.
+            prev_kv: written,
+        });
+        deleted.count += 1;
+        Ok(())
     }
 
     /// Records `rev` in the revision index and counts the change.
@@ -872,9 +1048,9 @@ pub(crate) mod tests {
     fn del(s: &Store, k: &str) -> usize {
         let mut t = s.write_txn();
         let n = t
-            .delete_range(&KeyRange::new(k.as_bytes(), b""))
+            .delete_range(&KeyRange::new(k.as_bytes(), b""), false)
             .unwrap()
-            .len();
+            .count;
         s.commit(t, |_| Ok(())).unwrap();
         n
     }
@@ -1011,7 +1187,7 @@ pub(crate) mod tests {
         let (kvs, count) = t.range(&all, t.read_rev(), 0, false).unwrap();
         assert_eq!(count, 2);
         assert_eq!(kvs[1].mod_revision, 3);
-        t.delete_range(&KeyRange::new(b"a", b"")).unwrap();
+        t.delete_range(&KeyRange::new(b"a", b""), false).unwrap();
         let (kvs, _) = t.range(&all, t.read_rev(), 0, false).unwrap();
         assert_eq!(
             kvs.iter().map(|kv| kv.key.clone()).collect::<Vec<_>>(),
@@ -1148,8 +1324,8 @@ pub(crate) mod tests {
         assert_eq!(kv.version, 1);
     }
 
-    /// Snapshots do not carry the index: restoring one empties it, and the
-    /// reload that follows builds it for the restored data.
+    /// Snapshots do not carry the index: restoring one replaces it, in the
+    /// same batch, with one built from the restored data.
     #[test]
     fn a_restored_snapshot_gets_an_index_of_its_own_data() {
         let (_d, source) = store();
@@ -1158,8 +1334,110 @@ pub(crate) mod tests {
         let (_d2, target) = store();
         put(&target, "only-in-target", "x");
         crate::snapshot::restore(target.db(), &dump[..], |_| false).unwrap();
-        target.reload().unwrap();
         assert_eq!(index_entries(&target), index_entries(&source));
+    }
+
+    /// Installing a snapshot is one step for readers: every read view sees
+    /// either the old state at the old revision or the new state at the new
+    /// one, never the new data at the old revision (whatever the size of
+    /// the snapshot, whose index used to be rebuilt in between).
+    #[test]
+    fn readers_see_a_snapshot_install_as_one_step() {
+        let (_d, source) = store();
+        put(&source, "a", "new");
+        let mut t = source.write_txn();
+        for i in 0..100_000u32 {
+            t.put(format!("k{i:06}").as_bytes(), vec![b'v'; 16], 0)
+                .unwrap();
+        }
+        source.commit(t, |_| Ok(())).unwrap();
+        let new_rev = source.current_rev();
+        let dump = crate::snapshot::dump(source.db()).unwrap();
+
+        let (_d2, target) = store();
+        put(&target, "a", "old");
+        let old_rev = target.current_rev();
+        assert_eq!(old_rev, 2, "\"a\" is at revision 2 in both stores");
+        let target = Arc::new(target);
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (target, done) = (target.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut views = 0;
+                while !done.load(Ordering::SeqCst) {
+                    let view = target.read_view();
+                    let a = view.get(b"a", view.rev).unwrap().map(|kv| kv.value);
+                    let expected: &[u8] = if view.rev == old_rev { b"old" } else { b"new" };
+                    assert_eq!(a.as_deref(), Some(expected), "at revision {}", view.rev);
+                    views += 1;
+                }
+                views
+            })
+        };
+        let batch = crate::snapshot::restore_batch(target.db(), &dump[..], |_| false).unwrap();
+        target.install(batch).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        done.store(true, Ordering::SeqCst);
+        assert!(reader.join().unwrap() > 0);
+        assert_eq!(target.current_rev(), new_rev);
+    }
+
+    /// A delete of a range reads no values unless the previous key-values
+    /// are asked for: its events carry none (the watch service reads them
+    /// for the watchers that want them), so deleting a large range costs
+    /// its keys, not its data. A key written earlier in the same
+    /// transaction keeps the version it had there as its event's previous
+    /// one (a read at the revision before would find an older version).
+    #[test]
+    fn deleting_a_range_reads_values_only_when_asked_for() {
+        let (_d, s) = store();
+        let mut t = s.write_txn();
+        for i in 0..50u32 {
+            t.put(format!("big/{i:02}").as_bytes(), vec![7; 4096], 0)
+                .unwrap();
+        }
+        t.put(b"other", b"x".to_vec(), 0).unwrap();
+        s.commit(t, |_| Ok(())).unwrap();
+        let range = KeyRange::new(b"big/", b"big0");
+
+        let mut t = s.write_txn();
+        let deleted = t.delete_range(&range, false).unwrap();
+        assert_eq!((deleted.count, deleted.prev_kvs.len()), (50, 0));
+        assert!(t.events.iter().all(|e| e.prev_kv.is_none()));
+        let keys: Vec<Vec<u8>> = t.events.iter().map(|e| e.kv.clone().unwrap().key).collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted, "deleted in key order");
+        drop(t);
+
+        // Asked for, the previous values come back (and still not in events).
+        let mut t = s.write_txn();
+        t.put(b"big/new", b"fresh".to_vec(), 0).unwrap();
+        t.delete_range(&KeyRange::new(b"big/00", b""), false)
+            .unwrap();
+        let deleted = t.delete_range(&range, true).unwrap();
+        assert_eq!(deleted.count, 50, "49 left from before, and big/new");
+        assert!(deleted.prev_kvs[..49]
+            .iter()
+            .all(|kv| kv.value == vec![7; 4096]));
+        assert_eq!(deleted.prev_kvs[49].value, b"fresh");
+        let new_event = t
+            .events
+            .iter()
+            .rfind(|e| e.kv.as_ref().unwrap().key == b"big/new");
+        assert_eq!(
+            new_event
+                .unwrap()
+                .prev_kv
+                .as_ref()
+                .map(|kv| kv.value.clone()),
+            Some(b"fresh".to_vec()),
+            "written in this transaction: its event carries it"
+        );
+        s.commit(t, |_| Ok(())).unwrap();
+        let view = s.read_view();
+        assert_eq!(view.range(&range, view.rev, 0, true).unwrap().1, 0);
+        assert!(view.get(b"other", view.rev).unwrap().is_some());
     }
 
     #[test]

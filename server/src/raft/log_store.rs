@@ -6,7 +6,7 @@
 //! durable. Like etcd's raft storage, the unpurged log is also kept in
 //! memory, so reads never touch the disk.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
@@ -73,9 +73,68 @@ fn entry_bytes(entry: &Entry) -> u64 {
     (payload + std::mem::size_of::<Entry>()) as u64
 }
 
+/// Makes the state machine's applied state durable (see [`LogStore::open`]).
+pub type SyncStateMachine = Box<dyn Fn() -> std::io::Result<()> + Send + Sync>;
+
+/// The proposals a leader waits on, and whether each one's entry has been
+/// appended to this member's log.
+///
+/// openraft answers `ForwardToLeader` both when it refuses a write because
+/// this member does not lead (nothing was proposed: trying again at the
+/// leader is safe) and when a newer leader truncated the entry it had
+/// appended (another member may still hold it and commit it: trying again
+/// could apply the request twice). Only this tells the two apart.
+#[derive(Default)]
+pub struct ProposalWatch {
+    watched: Mutex<HashMap<u64, bool>>,
+}
+
+impl ProposalWatch {
+    /// Starts watching for proposal `id`'s entry until the guard is dropped.
+    pub fn watch(self: &Arc<Self>, id: u64) -> WatchedProposal {
+        self.lock().insert(id, false);
+        WatchedProposal {
+            watch: self.clone(),
+            id,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, bool>> {
+        self.watched.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn appended(&self, id: u64) {
+        if let Some(seen) = self.lock().get_mut(&id) {
+            *seen = true;
+        }
+    }
+}
+
+/// One watched proposal (see [`ProposalWatch`]).
+pub struct WatchedProposal {
+    watch: Arc<ProposalWatch>,
+    id: u64,
+}
+
+impl WatchedProposal {
+    /// Whether the proposal's entry was appended to this member's log.
+    pub fn was_appended(&self) -> bool {
+        self.watch.lock().get(&self.id).copied().unwrap_or(false)
+    }
+}
+
+impl Drop for WatchedProposal {
+    fn drop(&mut self) {
+        self.watch.lock().remove(&self.id);
+    }
+}
+
 struct Inner {
     wal: Wal,
     log: Mutex<Log>,
+    /// Run before entries are purged: see [`LogStore::open`].
+    sync_state_machine: SyncStateMachine,
+    proposals: Arc<ProposalWatch>,
 }
 
 #[derive(Clone)]
@@ -118,8 +177,17 @@ fn entry_tag(kind: u8, payload: &[u8]) -> u64 {
 }
 
 impl LogStore {
-    /// Opens (recovering) the log in `dir`.
-    pub fn open(dir: &Path, options: WalOptions) -> anyhow::Result<LogStore> {
+    /// Opens (recovering) the log in `dir`. `sync_state_machine` makes the
+    /// state machine's writes durable; it runs before every purge, because
+    /// openraft purges entries it has applied, and a state machine that
+    /// writes without syncing (RocksDB's WAL is synced lazily) could
+    /// otherwise come back from a power loss behind the purged log, with
+    /// the entries it needs to catch up gone.
+    pub fn open(
+        dir: &Path,
+        options: WalOptions,
+        sync_state_machine: SyncStateMachine,
+    ) -> anyhow::Result<LogStore> {
         let opened = Wal::open(dir, options, entry_tag)?;
         if let Some(cut) = &opened.truncation {
             tracing::warn!(
@@ -147,10 +215,17 @@ impl LogStore {
             inner: Arc::new(Inner {
                 wal: opened.wal,
                 log: Mutex::new(log),
+                sync_state_machine,
+                proposals: Arc::default(),
             }),
         };
         store.refresh_checkpoint(&store.lock()?.hard)?;
         Ok(store)
+    }
+
+    /// Which proposals this member's leader has appended (shared).
+    pub fn proposals(&self) -> Arc<ProposalWatch> {
+        self.inner.proposals.clone()
     }
 
     /// How much of the log is in memory (shared, kept current).
@@ -344,6 +419,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             for entry in entries {
                 let index = entry.log_id.index;
                 batch.push(ENTRY, index, &entry_payload(&entry)?);
+                if let EntryPayload::Normal(command) = &entry.payload {
+                    if let Some(id) = command.proposal() {
+                        self.inner.proposals.appended(id);
+                    }
+                }
                 // Readable at once; durable when the callback fires.
                 log.insert(entry);
             }
@@ -363,6 +443,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // Everything up to `log_id` is applied; it must be durable in the
+        // state machine before the log forgets it.
+        let sync = &self.inner.sync_state_machine;
+        tokio::task::block_in_place(sync).map_err(|e| storage_io_error(false, e))?;
         {
             let mut log = self.lock()?;
             log.purge(log_id);

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
 use openraft::{EntryPayload, RaftSnapshotBuilder};
+use prost::Message;
 use rocksdb::WriteBatch;
 use tessera_proto::etcdserverpb::{
     alarm_request::AlarmAction, AlarmRequest, AlarmResponse, AlarmType, CompactionResponse,
@@ -25,7 +26,8 @@ use tessera_proto::tessera::{
 };
 
 use super::types::{
-    storage_io_error, CommandResult, Entry, LogId, StorageError, StoredMembership, TypeConfig,
+    storage_io_error, Command, CommandResult, Entry, LogId, StorageError, StoredMembership,
+    TypeConfig,
 };
 mod auth_apply;
 
@@ -221,13 +223,59 @@ impl StateMachine {
         }
     }
 
-    /// Applies the requests of entry `log_id` in order, resuming after the
-    /// ones a crash interrupted it after (their results are gone, and so are
-    /// the clients that waited for them).
+    /// Applies a normal entry: its batch of commands, each decoded on its
+    /// own. Validation keeps what cannot be decoded out of the log, so a
+    /// command that does not decode here is a bug; it must not stop the
+    /// state machine (openraft would stop for good, on every member, and
+    /// again at every restart, since the entry is committed). It is skipped
+    /// instead, with an error result, and so is an entry that is not a
+    /// batch at all: the outcome depends only on the entry's bytes, so it
+    /// is the same on every member.
+    fn execute_entry(
+        &self,
+        log_id: LogId,
+        entry: &Command,
+    ) -> Result<RaftBatchResult, StorageError> {
+        let encoded = match entry.split() {
+            Ok(encoded) => encoded,
+            Err(e) => {
+                self.metrics.inc(&self.metrics.undecodable_commands);
+                tracing::error!(
+                    index = log_id.index,
+                    error = %e,
+                    "BUG: a committed Raft entry is not a batch of commands; skipped"
+                );
+                self.apply_noop(Position::whole(log_id), None)?;
+                return Ok(RaftBatchResult::default());
+            }
+        };
+        let commands = encoded
+            .into_iter()
+            .enumerate()
+            .map(|(i, bytes)| {
+                RaftCommand::decode(bytes)
+                    .inspect_err(|e| {
+                        self.metrics.inc(&self.metrics.undecodable_commands);
+                        tracing::error!(
+                            index = log_id.index,
+                            command = i,
+                            error = %e,
+                            "BUG: a committed command does not decode; skipped"
+                        );
+                    })
+                    .ok()
+            })
+            .collect();
+        self.execute_batch(log_id, commands)
+    }
+
+    /// Applies the requests of entry `log_id` in order (`None` for one that
+    /// did not decode), resuming after the ones a crash interrupted it after
+    /// (their results are gone, and so are the clients that waited for them).
     fn execute_batch(
         &self,
         log_id: LogId,
-        commands: Vec<RaftCommand>,
+        commands: Vec<Option<RaftCommand>>,
     ) -> Result<RaftBatchResult, StorageError> {
         let total = commands.len();
         // Only batches of several requests ever leave a partial marker, so
@@ -249,6 +297,12 @@ impl StateMachine {
                 log_id,
                 done: i + 1,
                 total,
+            };
+            let Some(cmd) = cmd else {
+                self.finish_put_run(run.take())?;
+                self.apply_noop(at, None)?;
+                results.push(raft_result(Err(EtcdError::Undecodable)));
+                continue;
             };
             let result = match &cmd.request {
                 Some(Request::Put(p)) if self.joins_put_run(p) => {
@@ -283,14 +337,18 @@ impl StateMachine {
     /// of the run's first put, so that a run can read their current
     /// versions in one lookup. (A run that starts elsewhere, because a
     /// request in between changed who may join, just reads them one by one.)
-    fn put_run_keys(&self, commands: &[RaftCommand], from: usize) -> HashMap<usize, Vec<Vec<u8>>> {
+    fn put_run_keys(
+        &self,
+        commands: &[Option<RaftCommand>],
+        from: usize,
+    ) -> HashMap<usize, Vec<Vec<u8>>> {
         let mut runs: HashMap<usize, Vec<Vec<u8>>> = HashMap::new();
         if commands.len() < from + 2 {
             return runs; // No run of two puts to read ahead for.
         }
         let mut start = None;
         for (i, cmd) in commands.iter().enumerate().skip(from) {
-            match &cmd.request {
+            match cmd.as_ref().and_then(|c| c.request.as_ref()) {
                 Some(Request::Put(p)) if self.joins_put_run(p) => {
                     let first = *start.get_or_insert(i);
                     runs.entry(first).or_default().push(p.key.clone());
@@ -589,11 +647,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     self.apply_noop(Position::whole(log_id), Some(&membership))?;
                     RaftBatchResult::default()
                 }
-                EntryPayload::Normal(cmd) => {
-                    // A committed entry that does not decode is corruption.
-                    let batch = cmd.decode().map_err(|e| storage_io_error(true, e))?;
-                    self.execute_batch(log_id, batch.commands)?
-                }
+                EntryPayload::Normal(cmd) => self.execute_entry(log_id, &cmd)?,
             };
             results.push(CommandResult(result));
         }
@@ -623,11 +677,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut file = snapshot.into_std().await;
         let bytes = tokio::task::block_in_place(|| -> Result<u64, SnapshotError> {
             file.rewind()?;
-            snapshot::restore(self.store.db(), &file, |_| false)?;
+            let batch = snapshot::restore_batch(self.store.db(), &file, |_| false)?;
+            // One step for readers, and durable before openraft purges the
+            // log the snapshot replaces.
+            self.store.install(batch)?;
             Ok(file.metadata()?.len())
         })
         .map_err(|e| storage_io_error(false, e))?;
-        self.store.reload().map_err(store_err)?;
         self.alarms.reload(self.store.db()).map_err(store_err)?;
         self.auth.store.reload(self.store.db()).map_err(store_err)?;
         let leases = self.store.read_view().leases().map_err(store_err)?;
@@ -772,6 +828,7 @@ mod tests {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
             payload: EntryPayload::Normal(crate::raft::Command::encode(&RaftBatch {
                 commands: keys.iter().map(|k| put(k)).collect(),
+                proposal: 0,
             })),
         }
     }
@@ -837,6 +894,85 @@ mod tests {
         assert_eq!(get("new"), (8, 1, 8));
     }
 
+    /// A txn `depth` levels deep, a range on every level.
+    fn nested_txn(depth: usize) -> tessera_proto::etcdserverpb::TxnRequest {
+        use tessera_proto::etcdserverpb::{request_op, RangeRequest, RequestOp, TxnRequest};
+        let range = RequestOp {
+            request: Some(request_op::Request::RequestRange(RangeRequest {
+                key: b"k".to_vec(),
+                ..Default::default()
+            })),
+        };
+        let mut t = TxnRequest {
+            success: vec![range.clone()],
+            ..Default::default()
+        };
+        for _ in 1..depth {
+            t = TxnRequest {
+                success: vec![
+                    range.clone(),
+                    RequestOp {
+                        request: Some(request_op::Request::RequestTxn(t)),
+                    },
+                ],
+                ..Default::default()
+            };
+        }
+        t
+    }
+
+    /// A committed command that does not decode (here a txn nested past
+    /// protobuf's limit, which validation refuses) is skipped with an error
+    /// result, the others of its entry are applied, and so is a later entry:
+    /// the state machine never stops on it. So is an entry that is not a
+    /// batch at all.
+    #[tokio::test]
+    async fn commands_that_do_not_decode_are_skipped_and_the_rest_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = state_machine(dir.path());
+        let too_deep = RaftCommand {
+            request: Some(Request::Txn(nested_txn(60))),
+            auth: None,
+        };
+        assert!(RaftCommand::decode(too_deep.encode_to_vec().as_slice()).is_err());
+        let encoded: Vec<bytes::Bytes> = [put("a"), too_deep, put("b")]
+            .iter()
+            .map(|c| c.encode_to_vec().into())
+            .collect();
+        let entry = RaftEntry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
+            payload: EntryPayload::Normal(crate::raft::Command::of_encoded(&encoded, 0)),
+        };
+        let results = sm.apply([entry]).await.unwrap();
+        let errors: Vec<u32> = results[0].0.results.iter().map(|r| r.error).collect();
+        assert_eq!(errors, [0, EtcdError::Undecodable.code_number(), 0]);
+        let view = sm.store.read_view();
+        assert!(view.get(b"a", view.rev).unwrap().is_some());
+        assert!(view.get(b"b", view.rev).unwrap().is_some());
+        drop(view);
+
+        let not_a_batch = RaftEntry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 2),
+            payload: EntryPayload::Normal(crate::raft::Command(bytes::Bytes::from_static(&[
+                0x12, 0,
+            ]))),
+        };
+        let results = sm
+            .apply([not_a_batch, batch_entry(3, &["c"])])
+            .await
+            .unwrap();
+        assert!(results[0].0.results.is_empty());
+        assert_eq!(results[1].0.results[0].error, 0);
+        let (applied, _) = sm.applied_state().await.unwrap();
+        assert_eq!(applied.map(|l| l.index), Some(3));
+        assert_eq!(
+            sm.metrics
+                .undecodable_commands
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+    }
+
     #[tokio::test]
     async fn puts_in_one_entry_get_a_revision_each_and_see_each_other() {
         let dir = tempfile::tempdir().unwrap();
@@ -857,7 +993,10 @@ mod tests {
         commands.push(put("a"));
         let entry = RaftEntry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
-            payload: EntryPayload::Normal(crate::raft::Command::encode(&RaftBatch { commands })),
+            payload: EntryPayload::Normal(crate::raft::Command::encode(&RaftBatch {
+                commands,
+                proposal: 0,
+            })),
         };
         let results = sm.apply([entry]).await.unwrap();
         let revisions: Vec<i64> = results[0]

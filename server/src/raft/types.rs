@@ -42,6 +42,8 @@ pub struct Command(pub Bytes);
 
 /// `tessera.RaftBatch`'s `commands` field key: field 1, length-delimited.
 const BATCH_COMMANDS_KEY: u8 = (1 << 3) | 2;
+/// `tessera.RaftBatch`'s `proposal` field key: field 2, varint.
+const BATCH_PROPOSAL_KEY: u8 = 2 << 3;
 
 impl Command {
     pub fn encode(batch: &RaftBatch) -> Self {
@@ -49,14 +51,22 @@ impl Command {
     }
 
     /// The batch of `commands`, each already encoded as a
-    /// `tessera.RaftCommand`: the same bytes [`Command::encode`] gives for
-    /// their decoded batch, without decoding or re-encoding any of them.
-    pub fn of_encoded(commands: &[Bytes]) -> Self {
+    /// `tessera.RaftCommand`, without decoding or re-encoding any of them;
+    /// `proposal` (0 for none) goes first, so [`Command::proposal`] finds it
+    /// without reading further. The same message [`Command::encode`] gives
+    /// for their decoded batch.
+    pub fn of_encoded(commands: &[Bytes], proposal: u64) -> Self {
         let len = commands
             .iter()
             .map(|c| 1 + prost::encoding::encoded_len_varint(c.len() as u64) + c.len())
-            .sum();
+            .sum::<usize>()
+            + 1
+            + prost::encoding::encoded_len_varint(proposal);
         let mut buf = Vec::with_capacity(len);
+        if proposal != 0 {
+            buf.push(BATCH_PROPOSAL_KEY);
+            prost::encoding::encode_varint(proposal, &mut buf);
+        }
         for c in commands {
             buf.push(BATCH_COMMANDS_KEY);
             prost::encoding::encode_varint(c.len() as u64, &mut buf);
@@ -65,12 +75,28 @@ impl Command {
         Command(buf.into())
     }
 
+    /// The batch's proposal id, if its proposer set one.
+    pub fn proposal(&self) -> Option<u64> {
+        match self.0.split_first() {
+            Some((&BATCH_PROPOSAL_KEY, mut rest)) => prost::encoding::decode_varint(&mut rest)
+                .ok()
+                .filter(|&id| id != 0),
+            _ => None,
+        }
+    }
+
     /// This batch's commands, each still encoded (slices of this buffer):
     /// the inverse of [`Command::of_encoded`].
     pub fn split(&self) -> Result<Vec<Bytes>, prost::DecodeError> {
         let mut rest = self.0.clone();
         let mut commands = Vec::new();
         while !rest.is_empty() {
+            if rest[0] == BATCH_PROPOSAL_KEY {
+                let mut after_key = &rest[1..];
+                prost::encoding::decode_varint(&mut after_key)?;
+                rest = rest.slice(rest.len() - after_key.len()..);
+                continue;
+            }
             if rest[0] != BATCH_COMMANDS_KEY {
                 return Err(prost::DecodeError::new("unexpected field in a Raft batch"));
             }
@@ -185,6 +211,7 @@ mod tests {
         };
         let batch = RaftBatch {
             commands: vec![put(b"k"), put(b"l")],
+            proposal: 9,
         };
         let cmd = Command::encode(&batch);
         let bytes = bincode::serialize(&cmd).unwrap();
@@ -206,18 +233,37 @@ mod tests {
             })
             .collect();
         let encoded: Vec<Bytes> = commands.iter().map(|c| c.encode_to_vec().into()).collect();
-        let batch = Command::of_encoded(&encoded);
-        assert_eq!(batch, Command::encode(&RaftBatch { commands }));
+        let batch = Command::of_encoded(&encoded, 0);
+        assert_eq!(
+            batch,
+            Command::encode(&RaftBatch {
+                commands: commands.clone(),
+                proposal: 0
+            })
+        );
+        assert_eq!(batch.split().unwrap(), encoded);
+        assert_eq!(batch.proposal(), None);
+        assert_eq!(
+            Command::of_encoded(&[], 0).split().unwrap(),
+            Vec::<Bytes>::new()
+        );
+        // With a proposal id: found first, skipped by split, and the same
+        // message for a decoder.
+        let batch = Command::of_encoded(&encoded, u64::MAX - 5);
+        assert_eq!(batch.proposal(), Some(u64::MAX - 5));
         assert_eq!(batch.split().unwrap(), encoded);
         assert_eq!(
-            Command::of_encoded(&[]).split().unwrap(),
-            Vec::<Bytes>::new()
+            batch.decode().unwrap(),
+            RaftBatch {
+                commands,
+                proposal: u64::MAX - 5
+            }
         );
     }
 
     #[test]
     fn malformed_batches_are_refused() {
-        let batch = Command::of_encoded(&[Bytes::from_static(b"abcdef")]);
+        let batch = Command::of_encoded(&[Bytes::from_static(b"abcdef")], 0);
         let truncated = Command(batch.0.slice(..batch.0.len() - 1));
         assert!(truncated.split().is_err());
         assert!(Command(Bytes::from_static(&[0x12, 0])).split().is_err());

@@ -121,6 +121,12 @@ impl LeaseService {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 Renewal::Expired => return Err(EtcdError::Timeout.into()),
+                // Just elected: the lessor is promoted in a moment (etcd's
+                // LeaseRenew waits for it too).
+                Renewal::NotPrimary if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Renewal::NotPrimary => return Err(EtcdError::NotLeader.into()),
             }
         }
     }

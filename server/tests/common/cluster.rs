@@ -21,6 +21,8 @@ pub struct Member {
     pub peer_scheme: &'static str,
     /// Everything after the binary name.
     args: Vec<String>,
+    /// Environment variables set for the process (failpoints, say).
+    pub env: Vec<(String, String)>,
     child: Option<Process>,
 }
 
@@ -35,6 +37,7 @@ impl Member {
             log_path: dir.join(format!("{name}.log")),
             peer_scheme: "http",
             args: Vec::new(),
+            env: Vec::new(),
             child: None,
         }
     }
@@ -72,7 +75,7 @@ impl Member {
     pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "{} already running", self.name);
         let mut cmd = Command::new(TESSERA);
-        cmd.args(&self.args);
+        cmd.args(&self.args).envs(self.env.iter().cloned());
         self.child = Some(Process::spawn(&self.name, cmd, &self.log_path));
     }
 
@@ -152,12 +155,22 @@ impl Cluster {
     /// Starts `n` members named m1..mn in `dir`, each with `extra` flags, and
     /// waits until all serve and one leads.
     pub async fn start(n: usize, dir: &Path, extra: &[&str]) -> Cluster {
-        Self::start_with_peer_scheme(n, dir, extra, "http").await
+        Self::start_with_peer_scheme(n, dir, extra, "http", &[]).await
+    }
+
+    /// Like `start`, with environment variables `env` set for every member.
+    pub async fn start_with_env(
+        n: usize,
+        dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Cluster {
+        Self::start_with_peer_scheme(n, dir, extra, "http", env).await
     }
 
     /// Like `start`, with `https://` peer URLs (`extra` holds the peer TLS flags).
     pub async fn start_peer_tls(n: usize, dir: &Path, extra: &[&str]) -> Cluster {
-        Self::start_with_peer_scheme(n, dir, extra, "https").await
+        Self::start_with_peer_scheme(n, dir, extra, "https", &[]).await
     }
 
     async fn start_with_peer_scheme(
@@ -165,11 +178,16 @@ impl Cluster {
         dir: &Path,
         extra: &[&str],
         peer_scheme: &'static str,
+        env: &[(&str, &str)],
     ) -> Cluster {
         let mut members: Vec<Member> = (1..=n)
             .map(|i| {
                 let mut m = Member::new(&format!("m{i}"), dir);
                 m.peer_scheme = peer_scheme;
+                m.env = env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
                 m
             })
             .collect();

@@ -37,6 +37,8 @@ pub struct Server {
     /// `http` or `https` for the client URL.
     pub scheme: &'static str,
     extra: Vec<String>,
+    /// Environment variables set for the process (failpoints, say).
+    pub env: Vec<(String, String)>,
     child: Option<Process>,
 }
 
@@ -75,13 +77,23 @@ impl Server {
 
     /// Starts a server of `kind` in `dir` (data in `dir/data`, log in `dir/<kind>.log`).
     pub async fn start(kind: Kind, dir: &Path, extra: &[&str]) -> Server {
-        Self::start_with_scheme(kind, dir, extra, "http").await
+        Self::start_with_scheme(kind, dir, extra, "http", &[]).await
+    }
+
+    /// Like `start`, with environment variables `env` set for the process.
+    pub async fn start_with_env(
+        kind: Kind,
+        dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
+        Self::start_with_scheme(kind, dir, extra, "http", env).await
     }
 
     /// Like `start`, with an `https://` client URL (`extra` holds the TLS
     /// flags). Ready once the server logs that it serves.
     pub async fn start_tls(kind: Kind, dir: &Path, extra: &[&str]) -> Server {
-        Self::start_with_scheme(kind, dir, extra, "https").await
+        Self::start_with_scheme(kind, dir, extra, "https", &[]).await
     }
 
     async fn start_with_scheme(
@@ -89,6 +101,7 @@ impl Server {
         dir: &Path,
         extra: &[&str],
         scheme: &'static str,
+        env: &[(&str, &str)],
     ) -> Server {
         std::fs::create_dir_all(dir).unwrap();
         let mut s = Server {
@@ -99,13 +112,18 @@ impl Server {
             log_path: dir.join(format!("{kind:?}.log").to_lowercase()),
             scheme,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
         };
         s.spawn().await;
         s
     }
 
-    fn command(&self) -> Command {
+    /// The command that starts this server (its flags and environment).
+    pub fn command(&self) -> Command {
         let client = self.url();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let mut cmd = Command::new(match self.kind {
@@ -119,7 +137,8 @@ impl Server {
             .arg(format!("--listen-peer-urls={peer}"))
             .arg(format!("--initial-advertise-peer-urls={peer}"))
             .arg(format!("--initial-cluster=node1={peer}"))
-            .args(&self.extra);
+            .args(&self.extra)
+            .envs(self.env.iter().cloned());
         cmd
     }
 

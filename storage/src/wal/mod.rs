@@ -38,6 +38,17 @@ pub enum WalError {
     Failed(String),
     #[error("the WAL is closed")]
     Closed,
+    #[error(
+        "WAL segment {} is corrupt at offset {offset}: {reason}; only the tail of the last \
+         segment can be torn by a crash, so this log has lost data: restore this member from \
+         a snapshot, or remove it from the cluster and add it again with an empty data directory",
+        segment.display()
+    )]
+    Corrupt {
+        segment: PathBuf,
+        offset: u64,
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -106,7 +117,7 @@ pub struct Opened {
     pub wal: Wal,
     /// Every record that survived recovery, in append order.
     pub records: Vec<Record>,
-    /// Set when recovery cut off a torn or corrupt tail.
+    /// Set when recovery cut off a torn tail.
     pub truncation: Option<Truncation>,
 }
 
@@ -181,6 +192,15 @@ impl Wal {
             records: recovered.records,
             truncation: recovered.truncation,
         })
+    }
+
+    /// Whether `dir` holds a log (at least one segment).
+    pub fn exists(dir: &Path) -> Result<bool, WalError> {
+        match segment::list(dir) {
+            Ok(segments) => Ok(!segments.is_empty()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// `io_uring` or `syscall`.

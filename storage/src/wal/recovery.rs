@@ -1,20 +1,31 @@
 //! Reading the log back after a restart or crash.
 //!
-//! Segments are read in order and records decoded until the first one that
-//! is torn or corrupt. The log is cut there: the rest of that segment is
-//! zero-filled and every later segment is deleted, so what remains is always
-//! a prefix of what was written, and a later append is never followed by
-//! stale bytes that happen to decode.
+//! Only the tail of the last segment can be torn: a group commit is one
+//! write and one `fdatasync`, it is acknowledged only after the sync, and a
+//! sync makes everything written before it durable. So recovery accepts
+//! damage in exactly one place. In the last segment, a record that does not
+//! check out is a torn write when some of its sectors were never written
+//! (they still hold the preallocated zeros; etcd's WAL uses the same test):
+//! the log is cut there, the rest of the segment zero-filled, and nothing
+//! acknowledged is lost. Anywhere else (an older segment, a damaged record
+//! whose sectors were all written, a segment missing from the sequence, a
+//! header that does not link) it is corruption, and recovery stops with
+//! [`WalError::Corrupt`] instead of silently dropping the newest records,
+//! votes among them: a member that forgot its vote could vote twice.
 //!
 //! Each segment starts with a header naming itself and where the previous
-//! segment's records ended. A segment whose header does not match (missing,
-//! renamed, or following a segment that lost its tail) ends the log.
+//! segment's records ended, so an older segment's exact extent is known and
+//! checked record by record.
 
-use std::io;
 use std::path::Path;
 
-use super::record::{decode, Decoded, Record, SegmentHeader, SEGMENT_HEADER};
+use super::record::{decode, Decoded, Record, SegmentHeader, HEADER_LEN, SEGMENT_HEADER};
 use super::segment;
+use super::WalError;
+
+/// Sectors are written whole or not at all; a torn write leaves unwritten
+/// sectors of a record all zero.
+const SECTOR: usize = 512;
 
 /// A segment that survived recovery.
 #[derive(Debug, Clone)]
@@ -27,11 +38,12 @@ pub struct SegmentState {
     pub capacity: u64,
 }
 
-/// Where recovery cut the log.
+/// Where recovery cut a torn tail.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Truncation {
     pub seq: u64,
     pub offset: u64,
+    /// Segments removed whole (a last segment whose header was torn).
     pub dropped_segments: usize,
 }
 
@@ -41,63 +53,82 @@ pub struct Recovered {
     pub truncation: Option<Truncation>,
 }
 
-/// One segment as read.
-struct Scan {
-    state: SegmentState,
-    records: Vec<Record>,
-    /// Whether the header links it to the segment before.
-    linked: bool,
-    stop: Stop,
+fn corrupt(dir: &Path, seq: u64, offset: u64, reason: impl Into<String>) -> WalError {
+    WalError::Corrupt {
+        segment: segment::path(dir, seq),
+        offset,
+        reason: reason.into(),
+    }
 }
 
-/// Why reading a segment stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stop {
-    /// An end marker followed by zeros only.
-    Clean,
-    /// An end marker followed by stray bytes.
-    JunkAfterEnd,
-    /// A torn or corrupt record (or a bad header).
-    Torn,
+/// Whether the damaged record at `at` in `data` has a sector that was never
+/// written: some piece of it between sector boundaries, within `[at, end)`,
+/// is all zeros.
+fn has_unwritten_sector(data: &[u8], at: usize, end: usize) -> bool {
+    let end = end.min(data.len());
+    let mut start = at;
+    while start < end {
+        let piece_end = ((start / SECTOR + 1) * SECTOR).min(end);
+        if data[start..piece_end].iter().all(|&b| b == 0) {
+            return true;
+        }
+        start = piece_end;
+    }
+    false
 }
 
-fn scan(
-    dir: &Path,
-    seq: u64,
-    prev_end: Option<u64>,
-    segment_size: u64,
-    tag_of: &dyn Fn(u8, &[u8]) -> u64,
-) -> io::Result<Scan> {
-    let data = std::fs::read(segment::path(dir, seq))?;
-    let mut state = SegmentState {
-        seq,
-        max_tag: 0,
-        end: 0,
-        capacity: (data.len() as u64).max(segment_size),
-    };
-    let mut records = Vec::new();
-    let linked = match decode(&data) {
+/// Whether the record at `at` that did not decode was torn by a crash
+/// rather than corrupted: its header or its body has an unwritten sector.
+/// A length that runs past the end of the file was never written (segments
+/// are always sized for their records), so it is corruption unless the
+/// header itself is torn.
+fn is_torn(data: &[u8], at: usize) -> bool {
+    let header_end = at + HEADER_LEN;
+    if has_unwritten_sector(data, at, header_end) || data.len() < header_end {
+        return true;
+    }
+    let len = u32::from_le_bytes([data[at + 4], data[at + 5], data[at + 6], data[at + 7]]);
+    let end = header_end.saturating_add(len as usize);
+    end <= data.len() && has_unwritten_sector(data, at, end)
+}
+
+/// The header at the start of a segment's bytes, if it is one.
+fn header_of(data: &[u8]) -> Option<(SegmentHeader, usize)> {
+    match decode(data) {
         Decoded::Record {
             kind: SEGMENT_HEADER,
             payload,
             len,
-        } => {
-            state.end = len as u64;
-            SegmentHeader::parse(payload)
-                .is_some_and(|h| h.seq == seq && prev_end.is_none_or(|end| end == h.prev_end))
-        }
-        _ => false,
-    };
-    if !linked {
-        return Ok(Scan {
-            state,
-            records,
-            linked,
-            stop: Stop::Torn,
-        });
+        } => SegmentHeader::parse(payload).map(|h| (h, len)),
+        _ => None,
     }
-    let mut offset = state.end as usize;
-    let stop = loop {
+}
+
+/// Reads the records of segment `seq` from `from` up to `until` (an older
+/// segment, whose end the next header names), or up to its end (the last
+/// one). Returns the segment's state, its records, and where a torn tail
+/// was found.
+fn scan(
+    dir: &Path,
+    seq: u64,
+    data: &[u8],
+    from: usize,
+    until: Option<u64>,
+    segment_size: u64,
+    tag_of: &dyn Fn(u8, &[u8]) -> u64,
+) -> Result<(SegmentState, Vec<Record>, Option<u64>), WalError> {
+    let mut state = SegmentState {
+        seq,
+        max_tag: 0,
+        end: from as u64,
+        capacity: (data.len() as u64).max(segment_size),
+    };
+    let mut records = Vec::new();
+    let mut offset = from;
+    let torn_at = loop {
+        if until.is_some_and(|end| offset as u64 >= end) {
+            break None;
+        }
         match decode(&data[offset..]) {
             Decoded::Record { kind, payload, len } => {
                 state.max_tag = state.max_tag.max(tag_of(kind, payload));
@@ -107,86 +138,140 @@ fn scan(
                 });
                 offset += len;
             }
-            Decoded::End if data[offset..].iter().all(|&b| b == 0) => break Stop::Clean,
-            Decoded::End => break Stop::JunkAfterEnd,
-            Decoded::Torn => break Stop::Torn,
+            damaged => {
+                if let Some(end) = until {
+                    return Err(corrupt(
+                        dir,
+                        seq,
+                        offset as u64,
+                        format!(
+                            "a damaged record before the segment's end at {end}, which the next \
+                             segment records"
+                        ),
+                    ));
+                }
+                let clean_end = damaged == Decoded::End && data[offset..].iter().all(|&b| b == 0);
+                if clean_end {
+                    break None;
+                }
+                // An end marker (zeros) followed by data means the start of
+                // a write was not persisted but later sectors were: torn.
+                if damaged == Decoded::End || is_torn(data, offset) {
+                    break Some(offset as u64);
+                }
+                return Err(corrupt(
+                    dir,
+                    seq,
+                    offset as u64,
+                    "a record fails its checksum, and every sector of it was written",
+                ));
+            }
         }
     };
+    if let Some(end) = until {
+        if offset as u64 != end {
+            return Err(corrupt(
+                dir,
+                seq,
+                offset as u64,
+                format!("the records run past the segment's end at {end}"),
+            ));
+        }
+    }
     state.end = offset as u64;
-    Ok(Scan {
-        state,
-        records,
-        linked,
-        stop,
-    })
+    Ok((state, records, torn_at))
 }
 
 pub fn recover(
     dir: &Path,
     segment_size: u64,
     tag_of: &dyn Fn(u8, &[u8]) -> u64,
-) -> io::Result<Recovered> {
-    let seqs = segment::list(dir)?;
-    let mut scans: Vec<Scan> = Vec::new();
-    let mut truncation = None;
-    for (i, &seq) in seqs.iter().enumerate() {
-        let prev_end = scans.last().map(|s| s.state.end);
-        let s = scan(dir, seq, prev_end, segment_size, tag_of)?;
-        // Junk after the end of a full, closed segment is harmless (nothing
-        // is written there again), but a torn record is where the log ends.
-        let torn = s.linked && s.stop == Stop::Torn;
-        if !s.linked || torn {
-            let (cut_seq, cut_at, first_dropped) = if s.linked {
-                (seq, s.state.end, i + 1)
-            } else {
-                let prev = scans.last().map(|p| (p.state.seq, p.state.end));
-                let (pseq, pend) = prev.unwrap_or((seq, 0));
-                (pseq, pend, i)
-            };
-            let dropped = &seqs[first_dropped..];
-            if s.linked {
-                scans.push(s);
+) -> Result<Recovered, WalError> {
+    let mut seqs = segment::list(dir)?;
+    for pair in seqs.windows(2) {
+        if pair[1] != pair[0] + 1 {
+            return Err(corrupt(dir, pair[0] + 1, 0, "the segment is missing"));
+        }
+    }
+    let mut files = Vec::with_capacity(seqs.len());
+    for &seq in &seqs {
+        files.push(std::fs::read(segment::path(dir, seq))?);
+    }
+    let mut headers = Vec::with_capacity(seqs.len());
+    for (i, (&seq, data)) in seqs.iter().zip(&files).enumerate() {
+        match header_of(data) {
+            Some((h, len)) if h.seq == seq => headers.push((h, len)),
+            Some((h, _)) => {
+                return Err(corrupt(
+                    dir,
+                    seq,
+                    0,
+                    format!("its header names segment {}", h.seq),
+                ))
             }
-            for &gone in dropped {
-                segment::remove(dir, gone)?;
+            None if i + 1 == seqs.len() && is_torn(data, 0) => {
+                // A crash while rolling: the new segment's header was never
+                // written, so nothing in it was acknowledged.
+                break;
             }
+            None => return Err(corrupt(dir, seq, 0, "its header is damaged")),
+        }
+    }
+    let mut dropped_segments = 0;
+    if headers.len() < seqs.len() {
+        if let Some(torn) = seqs.pop() {
+            segment::remove(dir, torn)?;
             segment::sync_dir(dir)?;
+            files.pop();
+            dropped_segments = 1;
+        }
+    }
+
+    let mut records = Vec::new();
+    let mut segments: Vec<SegmentState> = Vec::new();
+    let mut torn = None;
+    for (i, (&seq, data)) in seqs.iter().zip(&files).enumerate() {
+        let (_, header_len) = headers[i];
+        let until = headers.get(i + 1).map(|(next, _)| next.prev_end);
+        let (state, found, torn_at) =
+            scan(dir, seq, data, header_len, until, segment_size, tag_of)?;
+        if let Some(offset) = torn_at {
             tracing::warn!(
-                segment = cut_seq,
-                offset = cut_at,
-                dropped_segments = dropped.len(),
-                "WAL: torn or corrupt record; the log ends there"
+                segment = seq,
+                offset,
+                "WAL: the last write was torn by a crash (never acknowledged); the log ends there"
             );
-            truncation = Some(Truncation {
-                seq: cut_seq,
-                offset: cut_at,
-                dropped_segments: dropped.len(),
-            });
+            torn = Some((seq, offset));
+        }
+        // A crash while rolling can leave a last segment with nothing after
+        // its header (not even the checkpoint): go on in the one before.
+        if i > 0 && i + 1 == seqs.len() && found.is_empty() {
+            segment::remove(dir, seq)?;
+            segment::sync_dir(dir)?;
+            dropped_segments += 1;
+            torn = None;
             break;
         }
-        scans.push(s);
+        records.extend(found);
+        segments.push(state);
     }
-    // A crash while rolling can leave a last segment with nothing after its
-    // header (not even the checkpoint): drop it and go on in the one before.
-    while scans.len() > 1 && scans.last().is_some_and(|s| s.records.is_empty()) {
-        if let Some(empty) = scans.pop() {
-            segment::remove(dir, empty.state.seq)?;
-            segment::sync_dir(dir)?;
-        }
-    }
+    let truncation = match (torn, segments.last()) {
+        (Some((seq, offset)), _) => Some(Truncation {
+            seq,
+            offset,
+            dropped_segments,
+        }),
+        (None, Some(last)) if dropped_segments > 0 => Some(Truncation {
+            seq: last.seq,
+            offset: last.end,
+            dropped_segments,
+        }),
+        _ => None,
+    };
     // Writing resumes at the end of the last segment: nothing may follow it.
-    if let Some(last) = scans.last_mut() {
-        if last.stop != Stop::Clean {
-            let file = segment::open(dir, last.state.seq)?;
-            segment::cut(&file, last.state.end, last.state.capacity)?;
-            last.stop = Stop::Clean;
-        }
-    }
-    let mut records = Vec::new();
-    let mut segments = Vec::new();
-    for s in scans {
-        records.extend(s.records);
-        segments.push(s.state);
+    if let (Some(last), Some(_)) = (segments.last(), &truncation) {
+        let file = segment::open(dir, last.seq)?;
+        segment::cut(&file, last.end, last.capacity)?;
     }
     Ok(Recovered {
         records,

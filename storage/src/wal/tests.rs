@@ -217,14 +217,151 @@ fn is_prefix(short: &[Vec<u8>], long: &[Vec<u8>]) -> bool {
     short.len() <= long.len() && short == &long[..short.len()]
 }
 
+/// Whether `result` is a refusal because the log is corrupt.
+fn is_corrupt<T>(result: &Result<T, WalError>) -> bool {
+    matches!(result, Err(WalError::Corrupt { .. }))
+}
+
+/// Writes `acked`, then one more batch `torn` whose write is torn as a power
+/// loss tears it: the sectors whose index `lost` picks keep what they held
+/// before that write (the bytes it would have put there stay zero).
+/// Returns the directory.
+fn log_with_torn_last_write(
+    acked: &[Vec<u8>],
+    torn: &[Vec<u8>],
+    segment_size: u64,
+    lost: &dyn Fn(usize) -> bool,
+) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let before = {
+        let opened = open(dir.path(), segment_size);
+        append_all(&opened.wal, acked, 3);
+        let files = segment_files(dir.path());
+        let last = files.last().unwrap().clone();
+        let before = std::fs::read(&last).unwrap();
+        append_all(&opened.wal, torn, torn.len());
+        (files.len(), last, before)
+    };
+    let (count, last, old) = before;
+    let files = segment_files(dir.path());
+    // The last write went to the last file: from where it changed the old
+    // last segment, or from the start of a segment it rolled to.
+    let (path, from) = if files.len() == count {
+        let new = std::fs::read(&last).unwrap();
+        let from = old
+            .iter()
+            .zip(&new)
+            .position(|(a, b)| a != b)
+            .unwrap_or(old.len());
+        (last, from)
+    } else {
+        (files.last().unwrap().clone(), 0)
+    };
+    let mut data = std::fs::read(&path).unwrap();
+    let end = data.iter().rposition(|&b| b != 0).map_or(0, |p| p + 1);
+    for sector in from / 512..end.div_ceil(512) {
+        if lost(sector) {
+            let start = (sector * 512).max(from);
+            let stop = ((sector + 1) * 512).min(data.len());
+            data[start..stop].iter_mut().for_each(|b| *b = 0);
+        }
+    }
+    std::fs::write(&path, data).unwrap();
+    dir
+}
+
+/// The torn last write of a power loss is cut off, and nothing before it
+/// (all acknowledged) is lost, whichever of its sectors reached the disk.
+#[test]
+fn a_torn_last_write_is_cut_and_everything_before_it_kept() {
+    let acked: Vec<Vec<u8>> = (0..20u64).map(|i| payload(i + 1, &[5; 300])).collect();
+    let torn: Vec<Vec<u8>> = (20..26u64).map(|i| payload(i + 1, &[6; 700])).collect();
+    for pattern in 0..16usize {
+        // Which sectors the power loss kept from the disk: every k-th.
+        let lost = |sector: usize| (sector + pattern).is_multiple_of(pattern % 4 + 2);
+        let dir = log_with_torn_last_write(&acked, &torn, 64 << 10, &lost);
+        let opened = open(dir.path(), 64 << 10);
+        let data = data_records(&opened.records);
+        assert!(
+            is_prefix(&acked, &data),
+            "pattern {pattern}: lost acknowledged records"
+        );
+        assert!(is_prefix(&data, &[acked.clone(), torn.clone()].concat()));
+        assert!(
+            opened.truncation.is_some(),
+            "pattern {pattern}: nothing was cut"
+        );
+    }
+}
+
+/// A flipped bit in an older segment is corruption, not a torn tail: the
+/// log refuses to open rather than drop everything after it (the newest
+/// entries and votes).
+#[test]
+fn corruption_in_an_older_segment_stops_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let payloads: Vec<Vec<u8>> = (0..100u64).map(|i| payload(i + 1, &[3; 60])).collect();
+    {
+        let opened = open(dir.path(), 1024);
+        append_all(&opened.wal, &payloads, 2);
+    }
+    let files = segment_files(dir.path());
+    assert!(files.len() > 3);
+    let mut data = std::fs::read(&files[1]).unwrap();
+    data[200] ^= 0x10;
+    std::fs::write(&files[1], data).unwrap();
+    let err = Wal::open(dir.path(), options(1024), tag_of).err();
+    assert!(matches!(err, Some(WalError::Corrupt { .. })), "{err:?}");
+    let text = err.unwrap().to_string();
+    assert!(
+        text.contains("0000000000000001.wal") && text.contains("restore this member"),
+        "{text}"
+    );
+    // Nothing was deleted or cut.
+    assert_eq!(segment_files(dir.path()).len(), files.len());
+}
+
+/// In the last segment too, a damaged record whose sectors were all
+/// written is corruption (a torn write leaves sectors unwritten).
+#[test]
+fn corruption_in_the_middle_of_the_last_segment_stops_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let payloads: Vec<Vec<u8>> = (0..40u64).map(|i| payload(i + 1, &[4; 100])).collect();
+    {
+        let opened = open(dir.path(), 1 << 20);
+        append_all(&opened.wal, &payloads, 4);
+    }
+    let files = segment_files(dir.path());
+    assert_eq!(files.len(), 1);
+    let mut data = std::fs::read(&files[0]).unwrap();
+    data[1500] ^= 0x01;
+    std::fs::write(&files[0], data).unwrap();
+    assert!(is_corrupt(&Wal::open(dir.path(), options(1 << 20), tag_of)));
+}
+
+/// A segment missing from the middle of the sequence is corruption.
+#[test]
+fn a_missing_segment_stops_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let payloads: Vec<Vec<u8>> = (0..100u64).map(|i| payload(i + 1, &[3; 60])).collect();
+    {
+        let opened = open(dir.path(), 1024);
+        append_all(&opened.wal, &payloads, 2);
+    }
+    let files = segment_files(dir.path());
+    std::fs::remove_file(&files[2]).unwrap();
+    assert!(is_corrupt(&Wal::open(dir.path(), options(1024), tag_of)));
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
 
-    /// Whatever is cut or flipped, recovery yields a prefix of the
-    /// acknowledged records with no damaged record in it, and appending
-    /// after recovery never resurrects anything that was cut off.
+    /// Whatever is cut or flipped, recovery either refuses with
+    /// `Corrupt` or yields a prefix of the acknowledged records with no
+    /// damaged record in it; and appending after recovery never
+    /// resurrects anything that was cut off.
     #[test]
-    fn recovery_after_damage_yields_a_prefix(
+    fn recovery_after_damage_yields_a_prefix_or_refuses(
         bodies in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..120), 1..60),
         batch in 1usize..8,
         segment_size in 200u64..1500,
@@ -242,8 +379,12 @@ proptest! {
         }
         apply(dir.path(), &damage);
 
+        let opened = Wal::open(dir.path(), options(segment_size), tag_of);
+        if is_corrupt(&opened) {
+            return Ok(());
+        }
         let recovered = {
-            let opened = open(dir.path(), segment_size);
+            let opened = opened.unwrap();
             let data = data_records(&opened.records);
             prop_assert!(is_prefix(&data, &acked), "recovered {} records, not a prefix", data.len());
             // Append after recovery, then recover again.
@@ -255,5 +396,33 @@ proptest! {
         let again = open(dir.path(), segment_size);
         prop_assert_eq!(again.truncation, None);
         prop_assert_eq!(data_records(&again.records), expected);
+    }
+
+    /// A power loss tears at most the last write: recovery always succeeds
+    /// and keeps every acknowledged record, whatever sectors of that write
+    /// were lost and wherever it falls in the segments.
+    #[test]
+    fn a_torn_last_write_never_loses_acknowledged_records(
+        bodies in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..400), 1..40),
+        torn in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..900), 1..6),
+        segment_size in 600u64..6000,
+        lost in prop::collection::vec(any::<bool>(), 1..16),
+    ) {
+        let acked: Vec<Vec<u8>> = bodies
+            .iter()
+            .enumerate()
+            .map(|(i, b)| payload(i as u64 + 1, b))
+            .collect();
+        let torn: Vec<Vec<u8>> = torn
+            .iter()
+            .enumerate()
+            .map(|(i, b)| payload(acked.len() as u64 + i as u64 + 1, b))
+            .collect();
+        let dir = log_with_torn_last_write(&acked, &torn, segment_size, &|s| lost[s % lost.len()]);
+        let opened = Wal::open(dir.path(), options(segment_size), tag_of);
+        prop_assert!(opened.is_ok(), "a torn tail was refused: {:?}", opened.err());
+        let data = data_records(&opened.unwrap().records);
+        prop_assert!(is_prefix(&acked, &data), "acknowledged records lost: {} of {}", data.len(), acked.len());
+        prop_assert!(is_prefix(&data, &[acked, torn].concat()));
     }
 }
