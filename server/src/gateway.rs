@@ -241,9 +241,10 @@ fn lease_routes(lease: LeaseService) -> Router {
     let revoke = unary(lease.clone(), via_trait!(Lease::lease_revoke));
     let ttl = unary(lease.clone(), via_trait!(Lease::lease_time_to_live));
     let leases = unary(lease.clone(), via_trait!(Lease::lease_leases));
-    let keep_alive = post(move |body: Body| async move {
+    let keep_alive = post(move |headers: HeaderMap, body: Body| async move {
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(lease.serve_keep_alive(json_messages(body), tx));
+        let creds = credentials(&headers);
+        tokio::spawn(lease.serve_keep_alive(creds, json_messages(body), tx));
         streamed(ReceiverStream::new(rx))
     });
     Router::new()

@@ -584,6 +584,20 @@ impl Node {
         Ok(self.auth.identify(&Credentials::of(req))?)
     }
 
+    /// etcd's admin check at the API layer (membership changes, compaction):
+    /// with auth on, the caller must hold the root role.
+    pub fn require_admin<T>(&self, req: &tonic::Request<T>) -> Result<(), Status> {
+        let who = self.caller(req)?;
+        Ok(self.auth.store.view().check_admin(who.as_ref())?)
+    }
+
+    /// etcd's `requireAuthInfo`: with auth on, the caller must be a known
+    /// user; no permission is checked.
+    pub fn require_authenticated<T>(&self, req: &tonic::Request<T>) -> Result<(), Status> {
+        let who = self.caller(req)?;
+        Ok(self.auth.store.view().check_authenticated(who.as_ref())?)
+    }
+
     /// Replicates `request` for the server itself (lease expiry, member
     /// attributes), which etcd runs with root's rights.
     pub async fn propose_internal(&self, request: Request) -> Result<Response, Status> {

@@ -584,6 +584,11 @@ async fn differential_with_auth(seed: u64, count: usize) {
             continue;
         }
         let who = rng.gen_range(0..users.len());
+        // Where etcd closed permission holes after 3.4 (the reference
+        // here), Tessera follows the newer etcd; auth_matrix.rs covers it.
+        if hardened_since_etcd_3_4(&op, users[who]) {
+            continue;
+        }
         let expected = run_as(&mut e, &op, e_tokens[who].as_deref()).await;
         let actual = run_as(&mut t, &op, t_tokens[who].as_deref()).await;
         assert_eq!(
@@ -619,6 +624,31 @@ async fn differential_with_auth(seed: u64, count: usize) {
         rev_as_root(&mut t.kv, t_tokens[0].as_deref()).await,
         rev_as_root(&mut e.kv, e_tokens[0].as_deref()).await
     );
+}
+
+/// Whether `user` sending `op` gets a stricter answer from newer etcd (and
+/// Tessera) than from etcd 3.4: lease calls need a known user (listing a
+/// lease's keys, read access to them), and a txn's
+/// put with `prev_kv` needs read access (or its lease, write access to the
+/// lease's keys), as a put on its own does.
+fn hardened_since_etcd_3_4(op: &Op, user: &str) -> bool {
+    fn put_reads_or_leases(t: &TxnRequest) -> bool {
+        t.success
+            .iter()
+            .chain(&t.failure)
+            .any(|o| match &o.request {
+                Some(request_op::Request::RequestPut(p)) => p.prev_kv || p.lease != 0,
+                Some(request_op::Request::RequestTxn(t)) => put_reads_or_leases(t),
+                _ => false,
+            })
+    }
+    match op {
+        Op::LeaseGrant(_) | Op::LeaseRevoke(_) => user.is_empty(),
+        // Listing a lease's keys needs read access to them.
+        Op::LeaseTimeToLive(t) => user.is_empty() || (t.keys && user != "root"),
+        Op::Txn(t) => user != "root" && put_reads_or_leases(t),
+        _ => false,
+    }
 }
 
 fn op_has_nested_txn(op: &Op) -> bool {

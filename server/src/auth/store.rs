@@ -313,6 +313,23 @@ impl AuthView {
         }
     }
 
+    /// etcd's `requireAuthInfo`: with auth on, the request must come from a
+    /// known user (a valid token, or a client certificate's common name
+    /// with `--client-cert-auth`); no permission is checked.
+    pub fn check_authenticated(&self, who: Option<&AuthInfo>) -> Result<(), EtcdError> {
+        if !self.state.enabled {
+            return Ok(());
+        }
+        let Some(who) = who.filter(|w| !w.username.is_empty()) else {
+            return Err(EtcdError::UserEmpty);
+        };
+        if self.state.users.contains_key(&who.username) {
+            Ok(())
+        } else {
+            Err(EtcdError::UserNotFound)
+        }
+    }
+
     /// etcd's `IsAdminPermitted`: `who` has the root role.
     pub fn check_admin(&self, who: Option<&AuthInfo>) -> Result<(), EtcdError> {
         if !self.state.enabled {
@@ -346,7 +363,12 @@ impl AuthView {
                     self.check(who, &r.key, &r.range_end, PermType::Read)?
                 }
                 Some(request_op::Request::RequestPut(p)) => {
-                    self.check(who, &p.key, &[], PermType::Write)?
+                    self.check(who, &p.key, &[], PermType::Write)?;
+                    // prev_kv reads the key (etcd fixed this for txns in
+                    // 3.5.30); a put's lease is checked when applied.
+                    if p.prev_kv {
+                        self.check(who, &p.key, &[], PermType::Read)?;
+                    }
                 }
                 Some(request_op::Request::RequestDeleteRange(d)) => {
                     if d.prev_kv {

@@ -254,6 +254,9 @@ impl Cluster for ClusterService {
         &self,
         req: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
+        // Root only, as etcd's checkMembershipOperationPermission; checked
+        // here, before the request is forwarded to the leader.
+        self.node.require_admin(&req)?;
         let this = self.clone();
         self.node
             .on_leader(method::MEMBER_ADD, req.into_inner(), |r| async move {
@@ -267,6 +270,9 @@ impl Cluster for ClusterService {
         &self,
         req: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
+        // Root only, as etcd's checkMembershipOperationPermission; checked
+        // here, before the request is forwarded to the leader.
+        self.node.require_admin(&req)?;
         let this = self.clone();
         self.node
             .on_leader(method::MEMBER_REMOVE, req.into_inner(), |r| async move {
@@ -280,6 +286,9 @@ impl Cluster for ClusterService {
         &self,
         req: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
+        // Root only, as etcd's checkMembershipOperationPermission; checked
+        // here, before the request is forwarded to the leader.
+        self.node.require_admin(&req)?;
         let this = self.clone();
         self.node
             .on_leader(method::MEMBER_UPDATE, req.into_inner(), |r| async move {
@@ -293,6 +302,9 @@ impl Cluster for ClusterService {
         &self,
         req: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
+        // Root only, as etcd's checkMembershipOperationPermission; checked
+        // here, before the request is forwarded to the leader.
+        self.node.require_admin(&req)?;
         let this = self.clone();
         self.node
             .on_leader(method::MEMBER_PROMOTE, req.into_inner(), |r| async move {
@@ -306,6 +318,7 @@ impl Cluster for ClusterService {
         &self,
         req: Request<MemberListRequest>,
     ) -> Result<Response<MemberListResponse>, Status> {
+        self.node.require_authenticated(&req)?;
         if req.into_inner().linearizable {
             self.node.read_barrier().await?;
         }

@@ -180,6 +180,9 @@ impl KvService {
         who: Option<&AuthInfo>,
         c: CompactionRequest,
     ) -> Result<CompactionResponse, Status> {
+        // Root only, as in etcd since its auth hardening (kvServer.Compact):
+        // compaction erases history every reader depends on.
+        self.node.auth.store.view().check_admin(who)?;
         // Compaction is applied synchronously, so `physical` needs no extra wait.
         match self.node.propose_as(who, Cmd::Compaction(c)).await? {
             Res::Compaction(mut resp) => {

@@ -17,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::auth::AuthInfo;
+use crate::auth::{AuthInfo, Credentials, PermType};
 use crate::errors::EtcdError;
 use crate::lessor::Renewal;
 use crate::node::{internal, Node};
@@ -51,6 +51,8 @@ impl LeaseService {
         who: Option<&AuthInfo>,
         mut r: LeaseGrantRequest,
     ) -> Result<LeaseGrantResponse, Status> {
+        // Any known user, as etcd's requireAuthInfo.
+        self.node.auth.store.view().check_authenticated(who)?;
         self.node.check_quota(LEASE_OVERHEAD).await?;
         while r.id == 0 {
             r.id = self.node.next_request_id();
@@ -71,6 +73,9 @@ impl LeaseService {
         who: Option<&AuthInfo>,
         r: LeaseRevokeRequest,
     ) -> Result<LeaseRevokeResponse, Status> {
+        // Any known user; write access to the lease's keys is checked when
+        // the revoke is applied.
+        self.node.auth.store.view().check_authenticated(who)?;
         match self.node.propose_as(who, Cmd::LeaseRevoke(r)).await? {
             Res::LeaseRevoke(mut resp) => {
                 resp.header = self.node.header(resp.header.map_or(0, |h| h.revision));
@@ -131,9 +136,38 @@ impl LeaseService {
         }
     }
 
-    /// Serves one keep-alive stream (gRPC or the JSON gateway).
+    /// With auth on, whether `who` may `want` every key attached to lease
+    /// `id` (as etcd checks a renewal, write, and a listing of keys, read);
+    /// a caller that is no known user never may.
+    fn check_lease_keys(
+        &self,
+        who: Option<&AuthInfo>,
+        id: i64,
+        want: PermType,
+    ) -> Result<(), Status> {
+        let view = self.node.auth.store.view();
+        if !view.enabled() {
+            return Ok(());
+        }
+        view.check_authenticated(who)?;
+        let keys = self
+            .node
+            .store
+            .read_view()
+            .lease_keys(id)
+            .map_err(internal)?;
+        for key in &keys {
+            view.check(who, key, &[], want)?;
+        }
+        Ok(())
+    }
+
+    /// Serves one keep-alive stream (gRPC or the JSON gateway) for a caller
+    /// with `creds`: each renewal needs write access to the lease's keys, as
+    /// in etcd (checkLeaseRenew).
     pub async fn serve_keep_alive(
         self,
+        creds: Credentials,
         mut inbound: impl Stream<Item = Result<LeaseKeepAliveRequest, Status>> + Unpin,
         tx: mpsc::Sender<Result<LeaseKeepAliveResponse, Status>>,
     ) {
@@ -142,7 +176,17 @@ impl LeaseService {
             // The header is taken before renewing, as etcd does, so a client
             // never sees a renewal at a revision after a revoke.
             let header = self.node.header(0);
-            let reply = self.renew(r.id).await.map(|ttl| LeaseKeepAliveResponse {
+            let permitted = self
+                .node
+                .auth
+                .identify(&creds)
+                .map_err(Status::from)
+                .and_then(|who| self.check_lease_keys(who.as_ref(), r.id, PermType::Write));
+            let reply = match permitted {
+                Ok(()) => self.renew(r.id).await,
+                Err(denied) => Err(denied),
+            }
+            .map(|ttl| LeaseKeepAliveResponse {
                 header,
                 id: r.id,
                 ttl,
@@ -154,11 +198,18 @@ impl LeaseService {
         }
     }
 
-    /// Answered by the leader, which alone knows the remaining time.
+    /// Answered by the leader, which alone knows the remaining time. Any
+    /// known user may ask; listing the keys needs read access to each.
     pub async fn time_to_live(
         &self,
+        who: Option<&AuthInfo>,
         r: LeaseTimeToLiveRequest,
     ) -> Result<LeaseTimeToLiveResponse, Status> {
+        if r.keys {
+            self.check_lease_keys(who, r.id, PermType::Read)?;
+        } else {
+            self.node.auth.store.view().check_authenticated(who)?;
+        }
         let this = self.clone();
         let mut resp = self
             .node
@@ -206,7 +257,9 @@ impl LeaseService {
         })
     }
 
-    pub async fn leases(&self) -> Result<LeaseLeasesResponse, Status> {
+    /// Every lease; with auth on, for a caller that may read every leased
+    /// key (etcd's checkLeaseLeases walks them all the same way).
+    pub async fn leases(&self, who: Option<&AuthInfo>) -> Result<LeaseLeasesResponse, Status> {
         self.node.read_barrier().await?;
         let view = self.node.store.read_view();
         let mut ids: Vec<i64> = view
@@ -215,6 +268,11 @@ impl LeaseService {
             .iter()
             .map(|l| l.id)
             .collect();
+        if self.node.auth.store.view().enabled() {
+            for &id in &ids {
+                self.check_lease_keys(who, id, PermType::Read)?;
+            }
+        }
         self.node.lessor.order_by_expiry(&mut ids);
         Ok(LeaseLeasesResponse {
             header: self.node.header(view.rev),
@@ -250,7 +308,8 @@ impl Lease for LeaseService {
         req: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<BoxStream<LeaseKeepAliveResponse>>, Status> {
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(self.clone().serve_keep_alive(req.into_inner(), tx));
+        let creds = Credentials::of(&req);
+        tokio::spawn(self.clone().serve_keep_alive(creds, req.into_inner(), tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -258,13 +317,17 @@ impl Lease for LeaseService {
         &self,
         req: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
-        self.time_to_live(req.into_inner()).await.map(Response::new)
+        let who = self.node.caller(&req)?;
+        self.time_to_live(who.as_ref(), req.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn lease_leases(
         &self,
-        _req: Request<LeaseLeasesRequest>,
+        req: Request<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
-        self.leases().await.map(Response::new)
+        let who = self.node.caller(&req)?;
+        self.leases(who.as_ref()).await.map(Response::new)
     }
 }

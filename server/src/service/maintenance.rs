@@ -1,6 +1,6 @@
 //! The etcd Maintenance service: status, alarms, hashes, defragmentation and
 //! snapshots, and MoveLeader (run by the cluster service). Downgrade answers
-//! Unimplemented (tonic's default).
+//! Unimplemented, after etcd's admin check.
 
 use std::io::Seek;
 use std::pin::Pin;
@@ -10,9 +10,9 @@ use futures::Stream;
 use tessera_proto::etcdserverpb::maintenance_server::Maintenance;
 use tessera_proto::etcdserverpb::{
     alarm_request::AlarmAction, AlarmRequest, AlarmResponse, AlarmType, DefragmentRequest,
-    DefragmentResponse, HashKvRequest, HashKvResponse, HashRequest, HashResponse,
-    MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest,
-    StatusResponse,
+    DefragmentResponse, DowngradeRequest, DowngradeResponse, HashKvRequest, HashKvResponse,
+    HashRequest, HashResponse, MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest,
+    SnapshotResponse, StatusRequest, StatusResponse,
 };
 use tessera_proto::tessera::{raft_command::Request as Cmd, raft_result::Response as Res};
 use tonic::{Request, Response, Status};
@@ -54,6 +54,15 @@ impl MaintenanceService {
             .and_then(|who| auth.store.view().check_admin(who.as_ref()))
             .map_err(EtcdError::untranslated)
     }
+
+    /// The read-only maintenance calls (Status, listing alarms) need a
+    /// known caller when auth is on, as in etcd since its auth hardening.
+    fn require_authenticated<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let auth = &self.node.auth;
+        auth.identify(&Credentials::of(req))
+            .and_then(|who| auth.store.view().check_authenticated(who.as_ref()))
+            .map_err(EtcdError::untranslated)
+    }
 }
 
 type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
@@ -61,6 +70,12 @@ type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
     async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        if req.get_ref().action == AlarmAction::Get as i32 {
+            self.require_authenticated(&req)?;
+        } else {
+            // Raising or clearing an alarm stops or resumes writes.
+            self.require_admin(&req)?;
+        }
         let who = self.node.caller(&req)?;
         let a = req.into_inner();
         let mut resp = if a.action == AlarmAction::Get as i32 {
@@ -86,8 +101,9 @@ impl Maintenance for MaintenanceService {
 
     async fn status(
         &self,
-        _req: Request<StatusRequest>,
+        req: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
+        self.require_authenticated(&req)?;
         let m = self.node.raft.metrics().borrow().clone();
         let errors = self
             .node
@@ -119,6 +135,7 @@ impl Maintenance for MaintenanceService {
         &self,
         req: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
+        self.require_admin(&req)?;
         crate::service::cluster::ClusterService::new(self.node.clone())
             .move_leader_on_leader(req.into_inner())
             .await
@@ -182,6 +199,16 @@ impl Maintenance for MaintenanceService {
             hash,
             compact_revision: compact,
         }))
+    }
+
+    /// Not implemented; root only first, as every maintenance call that
+    /// changes the cluster.
+    async fn downgrade(
+        &self,
+        req: Request<DowngradeRequest>,
+    ) -> Result<Response<DowngradeResponse>, Status> {
+        self.require_admin(&req)?;
+        Err(Status::unimplemented("Not yet implemented"))
     }
 
     async fn snapshot(

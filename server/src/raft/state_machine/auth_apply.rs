@@ -53,7 +53,10 @@ impl StateMachine {
                         Ok(())
                     }
                 }),
-            Request::Txn(t) => view.check_txn(who, t),
+            Request::Txn(t) => match view.check_txn(who, t) {
+                Ok(()) => self.txn_leases_writable(view, who, t)?,
+                denied => denied,
+            },
             Request::LeaseRevoke(l) => self.lease_keys_writable(view, who, l.id)?,
             other if needs_admin(other) => view.check_admin(who),
             _ => Ok(()),
@@ -81,6 +84,30 @@ impl StateMachine {
         } else {
             Ok(())
         })
+    }
+
+    /// Whether `who` may write every key attached to the leases the puts of
+    /// txn `t` attach (both branches, nested txns included), as for a put
+    /// on its own: attaching a lease to a key lets its holder revoke the
+    /// lease's other keys.
+    fn txn_leases_writable(
+        &self,
+        view: &AuthView,
+        who: Option<&AuthInfo>,
+        t: &tessera_proto::etcdserverpb::TxnRequest,
+    ) -> Result<Result<(), EtcdError>, StorageError> {
+        use tessera_proto::etcdserverpb::request_op::Request as Op;
+        for op in t.success.iter().chain(&t.failure) {
+            let outcome = match &op.request {
+                Some(Op::RequestPut(p)) => self.lease_keys_writable(view, who, p.lease)?,
+                Some(Op::RequestTxn(inner)) => self.txn_leases_writable(view, who, inner)?,
+                _ => Ok(()),
+            };
+            if outcome.is_err() {
+                return Ok(outcome);
+            }
+        }
+        Ok(Ok(()))
     }
 
     /// Whether `who` may write every key attached to `lease` (as stored).
