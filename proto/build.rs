@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "etcd/v3electionpb/v3election.proto",
         "tessera/raft.proto",
         "tessera/peer.proto",
+        "tessera/store.proto",
     ];
     let descriptors = std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("descriptors.bin");
     tonic_prost_build::configure()

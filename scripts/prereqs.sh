@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
 # Installs what building and testing Tessera needs, when it is missing:
-# libclang (bindgen for RocksDB's bindings), a C++ compiler, and Debian's etcd
-# server and etcdctl, which the tests use as the reference implementation, and
-# protoc for the etcd-client crate the tests drive Tessera with.
+# libclang (bindgen for RocksDB's bindings), a C++ compiler, protoc (for the
+# etcd-client crate), and for the tests Debian's etcd server and etcdctl
+# (the reference implementation), curl, openssl, and the tools the data
+# plane's tests put volumes through (losetup, mkfs.ext4/e2fsck, mkfs.xfs).
 # Usage: scripts/prereqs.sh [build|test]
 set -euo pipefail
 want=${1:-build}
 pkgs=()
 dpkg -s libclang-dev >/dev/null 2>&1 || pkgs+=(libclang-dev)
 command -v g++ >/dev/null 2>&1 || pkgs+=(g++)
+# tessera-store depends on the etcd-client crate, which compiles its protos
+# with protoc.
+command -v protoc >/dev/null 2>&1 || pkgs+=(protobuf-compiler)
 if [ "$want" = test ]; then
   command -v etcd >/dev/null 2>&1 || pkgs+=(etcd-server)
   command -v etcdctl >/dev/null 2>&1 || pkgs+=(etcd-client)
-  # the etcd-client crate (a test dependency) compiles its protos with protoc
-  command -v protoc >/dev/null 2>&1 || pkgs+=(protobuf-compiler)
+  # the data plane's tests: loop devices, filesystems on volumes
+  command -v losetup >/dev/null 2>&1 || pkgs+=(util-linux)
+  command -v mkfs.ext4 >/dev/null 2>&1 || pkgs+=(e2fsprogs)
+  command -v mkfs.xfs >/dev/null 2>&1 || pkgs+=(xfsprogs)
   # the JSON gateway tests send their requests with curl
   command -v curl >/dev/null 2>&1 || pkgs+=(curl)
   # the TLS tests probe ports with openssl s_client; the JWT test makes keys

@@ -43,3 +43,9 @@ pub mod v3electionpb {
 pub mod tessera {
     tonic::include_proto!("tessera");
 }
+
+/// The storage node protocol (`tessera/store.proto`).
+#[allow(clippy::all)]
+pub mod store {
+    tonic::include_proto!("tessera.store");
+}

@@ -49,7 +49,7 @@ impl IoMode {
     }
 }
 
-pub(crate) enum Backend {
+pub enum Backend {
     Uring(Box<IoUring>),
     Syscall,
 }

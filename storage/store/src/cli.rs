@@ -1,0 +1,457 @@
+//! The admin verbs of `tessera-store`: volumes and nodes, as tables for
+//! people and JSON (`-o json`) for scripts.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::Serialize;
+use tessera_proto::store::store_client::StoreClient;
+use tessera_proto::store::DropVolumeRequest;
+
+use crate::codec::{Codec, BLOCK};
+use crate::meta::{now_secs, Meta, NodeStatus, VolumeRecord};
+use crate::placement::place;
+
+/// Default segment size: the unit of placement.
+pub const DEFAULT_SEGMENT_SIZE: u64 = 64 << 20;
+
+/// Parses sizes as people write them: `10GiB`, `512MiB`, `4KiB`, `1G`
+/// (binary units either way) or plain bytes.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    if digits.is_empty() {
+        return Err(format!("invalid size {text:?}: expected a number with an optional unit, such as 10GiB, 512MiB or 1048576"));
+    }
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("invalid size {text:?}: the number is too large"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        other => {
+            return Err(format!(
+                "invalid size {text:?}: unknown unit {other:?} (use KiB, MiB, GiB or TiB)"
+            ))
+        }
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("invalid size {text:?}: too large"))
+}
+
+/// `bytes` for people: the largest binary unit that keeps it whole-ish.
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 || value.fract() == 0.0 {
+        format!("{value:.0} {}", UNITS[unit])
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// Volume names: what Kubernetes names allow (letters, digits, `.-_`).
+pub fn check_name(name: &str) -> anyhow::Result<()> {
+    if name.is_empty() || name.len() > 253 {
+        bail!("invalid volume name {name:?}: 1 to 253 characters");
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        bail!("invalid volume name {name:?}: only letters, digits, '-', '_' and '.' are allowed");
+    }
+    Ok(())
+}
+
+/// What `volume create` asks for.
+pub struct CreateRequest {
+    pub name: String,
+    pub size: u64,
+    pub data_shards: u32,
+    pub parity_shards: u32,
+    pub write_quorum: Option<u32>,
+    pub segment_size: u64,
+}
+
+/// Creates a volume: placement over the live nodes, then the record.
+pub async fn create_volume(meta: &Meta, req: &CreateRequest) -> anyhow::Result<VolumeRecord> {
+    check_name(&req.name)?;
+    if req.size == 0 {
+        bail!("invalid size 0: a volume needs at least one 4 KiB block");
+    }
+    let (k, m) = (req.data_shards as usize, req.parity_shards as usize);
+    Codec::new(k, m).map_err(|e| anyhow::anyhow!("--data-shards/--parity-shards: {e}"))?;
+    let quorum = req.write_quorum.unwrap_or(req.data_shards + 1);
+    if quorum < req.data_shards || quorum > req.data_shards + req.parity_shards {
+        bail!(
+            "invalid --write-quorum {quorum}: between {} (k) and {} (k+m)",
+            req.data_shards,
+            req.data_shards + req.parity_shards
+        );
+    }
+    if req.segment_size == 0
+        || !req.segment_size.is_multiple_of(BLOCK as u64)
+        || req.segment_size > 1 << 30
+    {
+        bail!(
+            "invalid --segment-size {}: a multiple of 4 KiB, at most 1 GiB",
+            req.segment_size
+        );
+    }
+    let size = req.size.div_ceil(BLOCK as u64) * BLOCK as u64;
+    let segments = size.div_ceil(req.segment_size) as usize;
+    // Placement keeps every segment's node list in the volume's record.
+    if segments > 65_536 {
+        bail!(
+            "a volume of {} in segments of {} has too many segments; use a larger --segment-size",
+            format_size(size),
+            format_size(req.segment_size)
+        );
+    }
+    if meta.volume(&req.name).await?.is_some() {
+        bail!("volume {:?} already exists", req.name);
+    }
+    let alive: Vec<_> = meta
+        .nodes()
+        .await?
+        .into_iter()
+        .filter(|n| n.alive)
+        .map(|n| n.record)
+        .collect();
+    let id: u64 = rand::random::<u64>() | 1;
+    let placement = place(&alive, id, segments, k, m)?;
+    let mut used: Vec<usize> = placement.iter().flatten().map(|&i| i as usize).collect();
+    used.sort_unstable();
+    used.dedup();
+    let renumber: std::collections::HashMap<usize, u16> = used
+        .iter()
+        .enumerate()
+        .map(|(new, &old)| (old, new as u16))
+        .collect();
+    let record = VolumeRecord {
+        name: req.name.clone(),
+        id,
+        size,
+        data_shards: req.data_shards,
+        parity_shards: req.parity_shards,
+        write_quorum: quorum,
+        segment_size: req.segment_size,
+        epoch: 0,
+        created: now_secs(),
+        nodes: used.iter().map(|&i| alive[i].name.clone()).collect(),
+        segments: placement
+            .iter()
+            .map(|seg| seg.iter().map(|i| renumber[&(*i as usize)]).collect())
+            .collect(),
+    };
+    meta.create_volume(&record).await?;
+    Ok(record)
+}
+
+/// Deletes a volume (refused while attached) and asks its nodes to give
+/// the space back now; nodes that are down do it when they see the
+/// control plane's tombstone.
+pub async fn delete_volume(meta: &Meta, name: &str) -> anyhow::Result<VolumeRecord> {
+    let record = meta.delete_volume(name).await?;
+    let addresses: std::collections::HashMap<String, String> = meta
+        .nodes()
+        .await?
+        .into_iter()
+        .map(|n| (n.record.name, n.record.address))
+        .collect();
+    for node in &record.nodes {
+        let Some(address) = addresses.get(node) else {
+            continue;
+        };
+        let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        else {
+            continue;
+        };
+        let endpoint = endpoint
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(10));
+        if let Ok(channel) = endpoint.connect().await {
+            let _ = StoreClient::new(channel)
+                .drop_volume(DropVolumeRequest { volume: record.id })
+                .await;
+        }
+    }
+    Ok(record)
+}
+
+/// A volume's state for `volume info`.
+#[derive(Debug, Serialize)]
+pub struct VolumeInfo {
+    pub name: String,
+    pub id: String,
+    pub size: u64,
+    pub data_shards: u32,
+    pub parity_shards: u32,
+    pub write_quorum: u32,
+    pub segment_size: u64,
+    pub epoch: u64,
+    pub created: u64,
+    pub health: String,
+    pub attached: Option<crate::meta::AttachRecord>,
+    pub segments: Vec<SegmentInfo>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SegmentInfo {
+    pub index: usize,
+    pub nodes: Vec<String>,
+    pub alive: usize,
+    pub health: String,
+}
+
+/// How a segment stands with `alive` of its `n` nodes up.
+fn segment_health(alive: usize, k: usize, quorum: usize, n: usize) -> &'static str {
+    if alive == n {
+        "healthy"
+    } else if alive >= quorum {
+        "degraded"
+    } else if alive >= k {
+        "read-only"
+    } else {
+        "unavailable"
+    }
+}
+
+pub async fn volume_info(meta: &Meta, name: &str) -> anyhow::Result<VolumeInfo> {
+    let (record, _) = meta
+        .volume(name)
+        .await?
+        .with_context(|| format!("no volume named {name:?}"))?;
+    let alive: HashSet<String> = meta
+        .nodes()
+        .await?
+        .into_iter()
+        .filter(|n| n.alive)
+        .map(|n| n.record.name)
+        .collect();
+    let k = record.data_shards as usize;
+    let n = record.shards();
+    let quorum = record.write_quorum as usize;
+    let segments: Vec<SegmentInfo> = (0..record.segments.len())
+        .map(|s| {
+            let nodes: Vec<String> = record.placement(s).into_iter().map(String::from).collect();
+            let up = nodes.iter().filter(|n| alive.contains(*n)).count();
+            SegmentInfo {
+                index: s,
+                alive: up,
+                health: segment_health(up, k, quorum, n).into(),
+                nodes,
+            }
+        })
+        .collect();
+    let worst = ["unavailable", "read-only", "degraded", "healthy"]
+        .into_iter()
+        .find(|h| segments.iter().any(|s| s.health == *h))
+        .unwrap_or("healthy");
+    Ok(VolumeInfo {
+        name: record.name.clone(),
+        id: format!("{:016x}", record.id),
+        size: record.size,
+        data_shards: record.data_shards,
+        parity_shards: record.parity_shards,
+        write_quorum: record.write_quorum,
+        segment_size: record.segment_size,
+        epoch: record.epoch,
+        created: record.created,
+        health: worst.into(),
+        attached: meta.attached(name).await?,
+        segments,
+    })
+}
+
+/// Renders rows as a table with a header, columns padded to fit.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<&str>, out: &mut String| {
+        let padded: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = widths[i]))
+            .collect();
+        out.push_str(padded.join("  ").trim_end());
+        out.push('\n');
+    };
+    line(header.to_vec(), &mut out);
+    for row in rows {
+        line(row.iter().map(String::as_str).collect(), &mut out);
+    }
+    out
+}
+
+pub fn nodes_table(nodes: &[NodeStatus]) -> String {
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.record.name.clone(),
+                n.record.address.clone(),
+                n.record.zone.clone(),
+                if n.alive { "yes".into() } else { "no".into() },
+                format_size(n.record.capacity),
+                format_size(n.record.used),
+            ]
+        })
+        .collect();
+    table(
+        &["NAME", "ADDRESS", "ZONE", "ALIVE", "CAPACITY", "USED"],
+        &rows,
+    )
+}
+
+#[derive(Serialize)]
+pub struct NodeJson<'a> {
+    name: &'a str,
+    address: &'a str,
+    zone: &'a str,
+    alive: bool,
+    capacity: u64,
+    used: u64,
+}
+
+pub fn nodes_json(nodes: &[NodeStatus]) -> String {
+    let list: Vec<NodeJson<'_>> = nodes
+        .iter()
+        .map(|n| NodeJson {
+            name: &n.record.name,
+            address: &n.record.address,
+            zone: &n.record.zone,
+            alive: n.alive,
+            capacity: n.record.capacity,
+            used: n.record.used,
+        })
+        .collect();
+    serde_json::to_string_pretty(&list).unwrap_or_default()
+}
+
+pub fn info_text(info: &VolumeInfo) -> String {
+    let mut out = String::new();
+    let attached = match &info.attached {
+        Some(a) => format!(
+            "{} on {} (process {}, epoch {})",
+            if a.device.is_empty() {
+                "(starting)"
+            } else {
+                &a.device
+            },
+            a.host,
+            a.pid,
+            a.epoch
+        ),
+        None => "no".into(),
+    };
+    for (k, v) in [
+        ("Name", info.name.clone()),
+        ("ID", info.id.clone()),
+        (
+            "Size",
+            format!("{} ({} bytes)", format_size(info.size), info.size),
+        ),
+        (
+            "Code",
+            format!(
+                "{}+{} (write quorum {})",
+                info.data_shards, info.parity_shards, info.write_quorum
+            ),
+        ),
+        (
+            "Segments",
+            format!(
+                "{} of {}",
+                info.segments.len(),
+                format_size(info.segment_size)
+            ),
+        ),
+        ("Epoch", info.epoch.to_string()),
+        ("Health", info.health.clone()),
+        ("Attached", attached),
+    ] {
+        out.push_str(&format!("{k:<9} {v}\n"));
+    }
+    out.push('\n');
+    let rows: Vec<Vec<String>> = info
+        .segments
+        .iter()
+        .map(|s| {
+            vec![
+                s.index.to_string(),
+                s.health.clone(),
+                format!("{}/{}", s.alive, s.nodes.len()),
+                s.nodes.join(" "),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &["SEGMENT", "HEALTH", "ALIVE", "NODES (shard 0..)"],
+        &rows,
+    ));
+    out
+}
+
+pub fn volumes_table(volumes: &[(VolumeRecord, Option<crate::meta::AttachRecord>)]) -> String {
+    let rows: Vec<Vec<String>> = volumes
+        .iter()
+        .map(|(v, a)| {
+            vec![
+                v.name.clone(),
+                format_size(v.size),
+                format!("{}+{}", v.data_shards, v.parity_shards),
+                v.segments.len().to_string(),
+                v.epoch.to_string(),
+                a.as_ref()
+                    .map_or_else(|| "-".into(), |a| format!("{}:{}", a.host, a.device)),
+            ]
+        })
+        .collect();
+    table(
+        &["NAME", "SIZE", "CODE", "SEGMENTS", "EPOCH", "ATTACHED"],
+        &rows,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_like_people_write_them() {
+        assert_eq!(parse_size("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size(" 3 KiB "), Ok(3 << 10));
+        assert!(parse_size("garbage").unwrap_err().contains("invalid size"));
+        assert!(parse_size("12XB").unwrap_err().contains("unknown unit"));
+        assert!(parse_size("99999999999TiB").is_err());
+        assert_eq!(format_size(256 << 20), "256 MiB");
+        assert_eq!(format_size(1536), "1.5 KiB");
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("pvc-1234.a_b").is_ok());
+        assert!(check_name("").is_err());
+        assert!(check_name("a/b").is_err());
+    }
+}

@@ -1,0 +1,329 @@
+//! `tessera-store`: a storage node (`serve`), and the admin verbs for
+//! volumes and nodes, against the control plane named by `--endpoints`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tessera_store::cli::{self, parse_size, CreateRequest, DEFAULT_SEGMENT_SIZE};
+use tessera_store::meta::Meta;
+use tessera_store::node::{self, NodeConfig};
+use tessera_store::shardlog::LogOptions;
+use tessera_store::volume::VolumeOptions;
+
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "tessera-store",
+    version,
+    about = "Erasure-coded storage nodes and the volumes on them"
+)]
+struct Cli {
+    /// The control plane (etcd v3 API), comma-separated.
+    #[arg(
+        long,
+        global = true,
+        env = "TESSERA_ENDPOINTS",
+        default_value = "http://127.0.0.1:2379",
+        value_delimiter = ','
+    )]
+    endpoints: Vec<String>,
+    /// Log level (error, warn, info, debug, trace).
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum, Default, PartialEq)]
+enum Output {
+    #[default]
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a storage node.
+    Serve(ServeArgs),
+    /// Create, list, inspect, delete, attach and detach volumes.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Inspect storage nodes.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// The I/O process of an attached volume (started by `volume attach`).
+    #[command(hide = true)]
+    AttachDaemon {
+        name: String,
+        #[arg(long, default_value = "/run/tessera-store")]
+        run_dir: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// This node's name (unique in the cluster).
+    #[arg(long)]
+    name: String,
+    /// Where shards are kept.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Address of the node's gRPC service.
+    #[arg(long, default_value = "127.0.0.1:7100")]
+    listen: SocketAddr,
+    /// Address clients reach the service at (default: --listen).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Failure domain: shards of a segment spread over zones.
+    #[arg(long, default_value = "default")]
+    zone: String,
+    /// Space offered, e.g. 100GiB.
+    #[arg(long, default_value = "100GiB", value_parser = parse_size)]
+    capacity: u64,
+    /// Address of `/metrics` and `/health` (off when not given).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// How the shard log reaches the disk: auto, uring or syscall.
+    #[arg(long, env = "TESSERA_WAL_IO", default_value = "auto")]
+    io: String,
+    /// Size of each shard log file.
+    #[arg(long, default_value = "256MiB", value_parser = parse_size, hide = true)]
+    log_file_size: u64,
+}
+
+#[derive(Subcommand)]
+enum VolumeCommand {
+    /// Create a volume.
+    Create {
+        name: String,
+        /// Size, e.g. 10GiB, 512MiB or bytes.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        #[arg(long, default_value_t = 4)]
+        data_shards: u32,
+        #[arg(long, default_value_t = 2)]
+        parity_shards: u32,
+        /// Shards that must be durable before a flush is answered (default k+1).
+        #[arg(long)]
+        write_quorum: Option<u32>,
+        /// Unit of placement.
+        #[arg(long, default_value_t = DEFAULT_SEGMENT_SIZE, value_parser = parse_size)]
+        segment_size: u64,
+    },
+    /// List volumes.
+    List {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Placement, epoch, health and attachment of a volume.
+    Info {
+        name: String,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Delete a volume (not while attached); its space is given back.
+    Delete { name: String },
+    /// Make a volume a block device on this machine; prints its path.
+    Attach {
+        name: String,
+        #[arg(long, default_value = "/run/tessera-store")]
+        run_dir: PathBuf,
+    },
+    /// Flush and remove the block device of an attached volume.
+    Detach {
+        name: String,
+        #[arg(long, default_value = "/run/tessera-store")]
+        run_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Every registered node: address, zone, alive, capacity, used.
+    List {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{level},h2=warn,tower=warn"))
+    });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if e.use_stderr() => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("tessera-store: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    init_logging(&cli.log_level);
+    tessera_storage::failpoint::announce();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tessera-store: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tessera-store: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let endpoints = cli.endpoints;
+    match cli.command {
+        Command::Serve(a) => {
+            let io_mode =
+                a.io.parse()
+                    .map_err(|e: String| anyhow::anyhow!("--io: {e}"))?;
+            let config = NodeConfig {
+                advertise: a.advertise.unwrap_or_else(|| a.listen.to_string()),
+                name: a.name,
+                data_dir: a.data_dir,
+                listen: a.listen,
+                zone: a.zone,
+                capacity: a.capacity,
+                endpoints,
+                metrics_listen: a.metrics_listen,
+                log: LogOptions {
+                    file_size: a.log_file_size,
+                    io_mode,
+                },
+            };
+            node::serve(config, shutdown()).await
+        }
+        Command::AttachDaemon { name, run_dir } => {
+            let meta = Meta::connect(&endpoints).await?;
+            tessera_store::daemon::run(meta, name, run_dir, VolumeOptions::default()).await
+        }
+        Command::Volume(v) => volume(&endpoints, v).await,
+        Command::Node(NodeCommand::List { output }) => {
+            let meta = Meta::connect(&endpoints).await?;
+            let nodes = meta.nodes().await?;
+            match output {
+                Output::Table => print!("{}", cli::nodes_table(&nodes)),
+                Output::Json => println!("{}", cli::nodes_json(&nodes)),
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn volume(endpoints: &[String], command: VolumeCommand) -> anyhow::Result<()> {
+    if let VolumeCommand::Detach { name, run_dir } = &command {
+        return tessera_store::daemon::detach(run_dir, name);
+    }
+    let meta = Meta::connect(endpoints).await?;
+    match command {
+        VolumeCommand::Create {
+            name,
+            size,
+            data_shards,
+            parity_shards,
+            write_quorum,
+            segment_size,
+        } => {
+            let record = cli::create_volume(
+                &meta,
+                &CreateRequest {
+                    name,
+                    size,
+                    data_shards,
+                    parity_shards,
+                    write_quorum,
+                    segment_size,
+                },
+            )
+            .await?;
+            println!(
+                "created volume {} ({}, {}+{}, {} segments)",
+                record.name,
+                cli::format_size(record.size),
+                record.data_shards,
+                record.parity_shards,
+                record.segments.len()
+            );
+        }
+        VolumeCommand::List { output } => {
+            let mut rows = Vec::new();
+            for v in meta.volumes().await? {
+                let attached = meta.attached(&v.name).await?;
+                rows.push((v, attached));
+            }
+            match output {
+                Output::Table => print!("{}", cli::volumes_table(&rows)),
+                Output::Json => {
+                    let list: Vec<&tessera_store::meta::VolumeRecord> =
+                        rows.iter().map(|(v, _)| v).collect();
+                    println!("{}", serde_json::to_string_pretty(&list)?);
+                }
+            }
+        }
+        VolumeCommand::Info { name, output } => {
+            let info = cli::volume_info(&meta, &name).await?;
+            match output {
+                Output::Table => print!("{}", cli::info_text(&info)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&info)?),
+            }
+        }
+        VolumeCommand::Delete { name } => {
+            let record = cli::delete_volume(&meta, &name)
+                .await
+                .with_context(|| format!("cannot delete volume {name:?}"))?;
+            println!(
+                "deleted volume {} ({})",
+                record.name,
+                cli::format_size(record.size)
+            );
+        }
+        VolumeCommand::Attach { name, run_dir } => {
+            let device = tessera_store::daemon::attach(&meta, endpoints, &name, &run_dir).await?;
+            println!("{device}");
+        }
+        VolumeCommand::Detach { .. } => {}
+    }
+    Ok(())
+}
+
+async fn shutdown() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

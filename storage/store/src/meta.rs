@@ -1,0 +1,539 @@
+//! The data plane's metadata, kept in the control plane through the etcd
+//! v3 API (the `etcd-client` crate): it works on Tessera and on etcd alike.
+//!
+//! ```text
+//! /tessera/store/nodes/<name>      node record (address, zone, capacity, used)
+//! /tessera/store/alive/<name>      the node's instance id, under its lease (heartbeat)
+//! /tessera/store/volumes/<name>    volume record (id, size, code, epoch, placement)
+//! /tessera/store/attach/<name>     who writes the volume now, under that process's lease
+//! /tessera/store/deleted/<id>      a deleted volume: nodes give its space back
+//! ```
+//!
+//! Values are JSON. Every change that must not race is a transaction
+//! comparing the key's revision (a volume's epoch bump, its creation and
+//! deletion), so two admin commands or two attaching writers never both win.
+
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use serde::{Deserialize, Serialize};
+
+const NODES: &str = "/tessera/store/nodes/";
+const ALIVE: &str = "/tessera/store/alive/";
+const VOLUMES: &str = "/tessera/store/volumes/";
+const ATTACH: &str = "/tessera/store/attach/";
+const DELETED: &str = "/tessera/store/deleted/";
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("control plane ({endpoints}): {source}")]
+    Etcd {
+        endpoints: String,
+        source: etcd_client::Error,
+    },
+    #[error("malformed record under {key}: {why}")]
+    Malformed { key: String, why: String },
+    #[error("volume {0:?} already exists")]
+    VolumeExists(String),
+    #[error("no volume named {0:?}")]
+    NoSuchVolume(String),
+    #[error("volume {name:?} is attached on {host} (process {pid}); detach it first")]
+    Attached {
+        name: String,
+        host: String,
+        pid: u32,
+    },
+    #[error("node {name:?} is already running (registered from {address}); stop it first or pick another --name")]
+    NodeRunning { name: String, address: String },
+    #[error("volume {0:?} changed while it was being updated; try again")]
+    Conflict(String),
+}
+
+/// A storage node as it registers itself.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeRecord {
+    pub name: String,
+    /// `host:port` of its gRPC service.
+    pub address: String,
+    pub zone: String,
+    pub capacity: u64,
+    pub used: u64,
+}
+
+/// A volume: its size, code and the placement of each segment's shards.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VolumeRecord {
+    pub name: String,
+    /// Shards on the nodes are keyed by this, never by the name, so a
+    /// volume created again under a deleted one's name starts empty.
+    pub id: u64,
+    pub size: u64,
+    pub data_shards: u32,
+    pub parity_shards: u32,
+    /// Shards of a stripe that must be durable before a flush is answered.
+    pub write_quorum: u32,
+    pub segment_size: u64,
+    /// The writer's epoch: bumped by every attach; nodes refuse older ones.
+    pub epoch: u64,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+    /// The nodes named by `segments`.
+    pub nodes: Vec<String>,
+    /// For each segment, the node (index into `nodes`) of each shard.
+    pub segments: Vec<Vec<u16>>,
+}
+
+impl VolumeRecord {
+    pub fn shards(&self) -> usize {
+        (self.data_shards + self.parity_shards) as usize
+    }
+
+    /// The node names holding segment `s`, shard by shard.
+    pub fn placement(&self, s: usize) -> Vec<&str> {
+        self.segments[s]
+            .iter()
+            .map(|&i| self.nodes[i as usize].as_str())
+            .collect()
+    }
+}
+
+/// Who writes a volume now.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AttachRecord {
+    pub host: String,
+    pub pid: u32,
+    pub device: String,
+    pub epoch: u64,
+}
+
+/// A node as `node list` shows it.
+#[derive(Debug, Clone)]
+pub struct NodeStatus {
+    pub record: NodeRecord,
+    pub alive: bool,
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The control plane, as the data plane uses it.
+#[derive(Clone)]
+pub struct Meta {
+    client: Client,
+    endpoints: String,
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(key: &[u8], value: &[u8]) -> Result<T, MetaError> {
+    serde_json::from_slice(value).map_err(|e| MetaError::Malformed {
+        key: String::from_utf8_lossy(key).into_owned(),
+        why: e.to_string(),
+    })
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serializing plain structs of strings and numbers cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+impl Meta {
+    /// Connects to the control plane at `endpoints` (`http://host:port` or
+    /// `host:port`, as etcdctl takes them).
+    pub async fn connect(endpoints: &[String]) -> Result<Meta, MetaError> {
+        let joined = endpoints.join(",");
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(10));
+        let client = Client::connect(endpoints, Some(options))
+            .await
+            .map_err(|source| MetaError::Etcd {
+                endpoints: joined.clone(),
+                source,
+            })?;
+        Ok(Meta {
+            client,
+            endpoints: joined,
+        })
+    }
+
+    fn err(&self, source: etcd_client::Error) -> MetaError {
+        MetaError::Etcd {
+            endpoints: self.endpoints.clone(),
+            source,
+        }
+    }
+
+    pub fn endpoints(&self) -> &str {
+        &self.endpoints
+    }
+
+    /// Registers a node: its record, and its liveness under `lease`. Refused
+    /// while another live instance holds the name; `previous` is this data
+    /// directory's last instance, whose liveness (left by a crash, until its
+    /// lease expires) is taken over.
+    pub async fn register_node(
+        &self,
+        record: &NodeRecord,
+        instance: u64,
+        previous: Option<u64>,
+        lease: i64,
+    ) -> Result<(), MetaError> {
+        let alive = format!("{ALIVE}{}", record.name);
+        let info = format!("{NODES}{}", record.name);
+        let ops = [
+            TxnOp::put(info.clone(), encode(record), None),
+            TxnOp::put(
+                alive.clone(),
+                instance.to_string(),
+                Some(PutOptions::new().with_lease(lease)),
+            ),
+        ];
+        let mut conditions = vec![Compare::version(alive.clone(), CompareOp::Equal, 0)];
+        if let Some(previous) = previous {
+            conditions.push(Compare::value(
+                alive.clone(),
+                CompareOp::Equal,
+                previous.to_string(),
+            ));
+        }
+        for condition in conditions {
+            let txn = Txn::new().when([condition]).and_then(ops.clone());
+            let resp = self
+                .client
+                .clone()
+                .txn(txn)
+                .await
+                .map_err(|e| self.err(e))?;
+            if resp.succeeded() {
+                return Ok(());
+            }
+        }
+        let known = self.node(&record.name).await?;
+        Err(MetaError::NodeRunning {
+            name: record.name.clone(),
+            address: known.map_or_else(|| "?".into(), |n| n.record.address),
+        })
+    }
+
+    /// Ends a node's liveness now (a clean stop), if `instance` holds it.
+    pub async fn unregister_node(&self, name: &str, instance: u64) -> Result<(), MetaError> {
+        let alive = format!("{ALIVE}{name}");
+        let txn = Txn::new()
+            .when([Compare::value(
+                alive.clone(),
+                CompareOp::Equal,
+                instance.to_string(),
+            )])
+            .and_then([TxnOp::delete(alive, None)]);
+        self.client
+            .clone()
+            .txn(txn)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Updates a registered node's record (its use).
+    pub async fn update_node(&self, record: &NodeRecord) -> Result<(), MetaError> {
+        self.client
+            .clone()
+            .put(format!("{NODES}{}", record.name), encode(record), None)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Whether the node's liveness key is still there, held by `instance`.
+    pub async fn node_alive_as(&self, name: &str, instance: u64) -> Result<bool, MetaError> {
+        let resp = self
+            .client
+            .clone()
+            .get(format!("{ALIVE}{name}"), None)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(resp
+            .kvs()
+            .first()
+            .is_some_and(|kv| kv.value() == instance.to_string().as_bytes()))
+    }
+
+    pub async fn node(&self, name: &str) -> Result<Option<NodeStatus>, MetaError> {
+        Ok(self
+            .nodes()
+            .await?
+            .into_iter()
+            .find(|n| n.record.name == name))
+    }
+
+    /// Every node ever registered, with whether it is alive now.
+    pub async fn nodes(&self) -> Result<Vec<NodeStatus>, MetaError> {
+        let mut client = self.client.clone();
+        let prefix = Some(GetOptions::new().with_prefix());
+        let alive = client
+            .get(ALIVE, prefix.clone())
+            .await
+            .map_err(|e| self.err(e))?;
+        let alive: std::collections::HashSet<Vec<u8>> = alive
+            .kvs()
+            .iter()
+            .map(|kv| kv.key()[ALIVE.len()..].to_vec())
+            .collect();
+        let resp = client.get(NODES, prefix).await.map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for kv in resp.kvs() {
+            let record: NodeRecord = decode(kv.key(), kv.value())?;
+            let alive = alive.contains(record.name.as_bytes());
+            out.push(NodeStatus { record, alive });
+        }
+        out.sort_by(|a, b| a.record.name.cmp(&b.record.name));
+        Ok(out)
+    }
+
+    /// Creates a volume; refused if the name is taken.
+    pub async fn create_volume(&self, record: &VolumeRecord) -> Result<(), MetaError> {
+        let key = format!("{VOLUMES}{}", record.name);
+        let txn = Txn::new()
+            .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, encode(record), None)]);
+        let resp = self
+            .client
+            .clone()
+            .txn(txn)
+            .await
+            .map_err(|e| self.err(e))?;
+        if resp.succeeded() {
+            Ok(())
+        } else {
+            Err(MetaError::VolumeExists(record.name.clone()))
+        }
+    }
+
+    /// The volume and the revision its record was last changed at.
+    pub async fn volume(&self, name: &str) -> Result<Option<(VolumeRecord, i64)>, MetaError> {
+        let resp = self
+            .client
+            .clone()
+            .get(format!("{VOLUMES}{name}"), None)
+            .await
+            .map_err(|e| self.err(e))?;
+        match resp.kvs().first() {
+            Some(kv) => Ok(Some((decode(kv.key(), kv.value())?, kv.mod_revision()))),
+            None => Ok(None),
+        }
+    }
+
+    pub async fn volumes(&self) -> Result<Vec<VolumeRecord>, MetaError> {
+        let resp = self
+            .client
+            .clone()
+            .get(VOLUMES, Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.err(e))?;
+        resp.kvs()
+            .iter()
+            .map(|kv| decode(kv.key(), kv.value()))
+            .collect()
+    }
+
+    /// Raises the volume's epoch by one, atomically: two writers attaching
+    /// at once get different epochs. Returns the record with the new epoch.
+    pub async fn bump_epoch(&self, name: &str) -> Result<VolumeRecord, MetaError> {
+        for _ in 0..20 {
+            let (mut record, revision) = self
+                .volume(name)
+                .await?
+                .ok_or_else(|| MetaError::NoSuchVolume(name.to_string()))?;
+            record.epoch += 1;
+            let key = format!("{VOLUMES}{name}");
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    revision,
+                )])
+                .and_then([TxnOp::put(key, encode(&record), None)]);
+            let resp = self
+                .client
+                .clone()
+                .txn(txn)
+                .await
+                .map_err(|e| self.err(e))?;
+            if resp.succeeded() {
+                return Ok(record);
+            }
+        }
+        Err(MetaError::Conflict(name.to_string()))
+    }
+
+    /// Records who writes the volume, under `lease` (the writer's process).
+    pub async fn set_attached(
+        &self,
+        name: &str,
+        record: &AttachRecord,
+        lease: i64,
+    ) -> Result<(), MetaError> {
+        self.client
+            .clone()
+            .put(
+                format!("{ATTACH}{name}"),
+                encode(record),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Forgets the writer of epoch `epoch` (not a newer one).
+    pub async fn clear_attached(&self, name: &str, epoch: u64) -> Result<(), MetaError> {
+        if let Some(current) = self.attached(name).await? {
+            if current.epoch == epoch {
+                self.client
+                    .clone()
+                    .delete(format!("{ATTACH}{name}"), None)
+                    .await
+                    .map_err(|e| self.err(e))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn attached(&self, name: &str) -> Result<Option<AttachRecord>, MetaError> {
+        let resp = self
+            .client
+            .clone()
+            .get(format!("{ATTACH}{name}"), None)
+            .await
+            .map_err(|e| self.err(e))?;
+        resp.kvs()
+            .first()
+            .map(|kv| decode(kv.key(), kv.value()))
+            .transpose()
+    }
+
+    /// Deletes a volume that is not attached, and leaves a tombstone that
+    /// tells nodes to give its space back.
+    pub async fn delete_volume(&self, name: &str) -> Result<VolumeRecord, MetaError> {
+        let (record, revision) = self
+            .volume(name)
+            .await?
+            .ok_or_else(|| MetaError::NoSuchVolume(name.to_string()))?;
+        if let Some(a) = self.attached(name).await? {
+            return Err(MetaError::Attached {
+                name: name.to_string(),
+                host: a.host,
+                pid: a.pid,
+            });
+        }
+        let key = format!("{VOLUMES}{name}");
+        let attach = format!("{ATTACH}{name}");
+        let txn = Txn::new()
+            .when([
+                Compare::mod_revision(key.clone(), CompareOp::Equal, revision),
+                Compare::version(attach, CompareOp::Equal, 0),
+            ])
+            .and_then([
+                TxnOp::delete(key, None),
+                TxnOp::put(format!("{DELETED}{:016x}", record.id), name, None),
+            ]);
+        let resp = self
+            .client
+            .clone()
+            .txn(txn)
+            .await
+            .map_err(|e| self.err(e))?;
+        if resp.succeeded() {
+            Ok(record)
+        } else {
+            Err(MetaError::Conflict(name.to_string()))
+        }
+    }
+
+    /// Ids of deleted volumes.
+    pub async fn deleted_volumes(&self) -> Result<Vec<u64>, MetaError> {
+        let resp = self
+            .client
+            .clone()
+            .get(
+                DELETED,
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| std::str::from_utf8(&kv.key()[DELETED.len()..]).ok())
+            .filter_map(|hex| u64::from_str_radix(hex, 16).ok())
+            .collect())
+    }
+
+    /// A lease of `ttl` seconds, kept alive by a task until the returned
+    /// guard is dropped (or the process dies, when it expires).
+    pub async fn keep_lease(&self, ttl: i64) -> Result<LeaseGuard, MetaError> {
+        let mut client = self.client.clone();
+        let id = client
+            .lease_grant(ttl, None)
+            .await
+            .map_err(|e| self.err(e))?
+            .id();
+        let task = tokio::spawn(async move {
+            let every = Duration::from_secs((ttl as u64 / 3).max(1));
+            loop {
+                match client.lease_keep_alive(id).await {
+                    Ok((mut keeper, mut stream)) => loop {
+                        if keeper.keep_alive().await.is_err() {
+                            break;
+                        }
+                        match tokio::time::timeout(every, stream.message()).await {
+                            Ok(Ok(Some(r))) if r.ttl() > 0 => {}
+                            Ok(Ok(Some(_))) => {
+                                tracing::error!(lease = id, "lease expired");
+                                return;
+                            }
+                            _ => break,
+                        }
+                        tokio::time::sleep(every).await;
+                    },
+                    Err(e) => {
+                        tracing::warn!(lease = id, error = %e, "lease keep-alive failed; retrying")
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        Ok(LeaseGuard {
+            id,
+            task,
+            client: self.client.clone(),
+        })
+    }
+}
+
+/// A lease kept alive until dropped; [`LeaseGuard::revoke`] ends it at once.
+pub struct LeaseGuard {
+    pub id: i64,
+    task: tokio::task::JoinHandle<()>,
+    client: Client,
+}
+
+impl LeaseGuard {
+    /// Whether the keep-alive task gave up (the lease expired).
+    pub fn expired(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Revokes the lease (its keys vanish now, not at expiry).
+    pub async fn revoke(mut self) {
+        self.task.abort();
+        let _ = self.client.lease_revoke(self.id).await;
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
