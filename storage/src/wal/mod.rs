@@ -78,7 +78,10 @@ pub struct Batch {
 impl Batch {
     /// Adds a record. Kinds 0 and 255 are reserved for the WAL itself.
     pub fn push(&mut self, kind: u8, tag: u64, payload: &[u8]) {
-        assert_ne!(kind, record::SEGMENT_HEADER, "record kind 255 is reserved");
+        assert!(
+            kind != record::SEGMENT_HEADER && kind != record::SEGMENT_HEADER_V2,
+            "record kinds 254 and 255 are reserved"
+        );
         record::encode(kind, payload, &mut self.buf);
         self.records.push((self.buf.len(), tag));
     }
@@ -154,6 +157,7 @@ impl Wal {
                 backend.write_durably(&file, 0, &header)?;
                 segments.push(SegmentState {
                     seq: 0,
+                    version: record::Version::V2,
                     max_tag: 0,
                     end: header.len() as u64,
                     capacity: options.segment_size,
@@ -162,6 +166,11 @@ impl Wal {
             }
         };
         let backend_name = backend.name();
+        // A segment written by an older version keeps its framing; new
+        // records go to a new segment.
+        let must_roll = segments
+            .last()
+            .is_some_and(|s| s.version != record::Version::V2);
         let checkpoint = Arc::new(Mutex::new(None));
         let stats = Arc::new(WalStats::default());
         let writer = Writer {
@@ -175,6 +184,7 @@ impl Wal {
             stats: stats.clone(),
             failed: None,
             scratch: Vec::new(),
+            must_roll,
         };
         let (tx, rx) = mpsc::channel();
         let handle = std::thread::Builder::new()
@@ -277,6 +287,8 @@ struct Writer {
     /// Set by the first I/O error; everything after it fails.
     failed: Option<String>,
     scratch: Vec<u8>,
+    /// The last segment has an older record framing: roll before writing.
+    must_roll: bool,
 }
 
 /// Upper bound of bytes gathered into one group commit.
@@ -350,7 +362,8 @@ impl Writer {
                 start = end;
                 let capacity = self.current().capacity;
                 // The new segment is sized to take the record, whatever its size.
-                if self.offset + (chunk.len() + rec.len()) as u64 > capacity {
+                if self.must_roll || self.offset + (chunk.len() + rec.len()) as u64 > capacity {
+                    self.must_roll = false;
                     total += chunk.len() as u64;
                     self.flush(&mut chunk)?;
                     self.roll(rec.len(), &mut chunk)?;
@@ -409,6 +422,7 @@ impl Writer {
         self.offset = 0;
         self.segments.push(SegmentState {
             seq,
+            version: record::Version::V2,
             max_tag: 0,
             end: 0,
             capacity,
@@ -421,11 +435,13 @@ impl Writer {
         let mut removed = 0;
         while self.segments.len() > 1 && self.segments[0].max_tag <= upto {
             segment::remove(&self.dir, self.segments[0].seq)?;
+            // One at a time, oldest first: a crash never leaves a gap at
+            // the head of the log, which recovery would take for damage.
+            segment::sync_dir(&self.dir)?;
             self.segments.remove(0);
             removed += 1;
         }
         if removed > 0 {
-            segment::sync_dir(&self.dir)?;
             self.stats
                 .segments_purged
                 .fetch_add(removed, Ordering::Relaxed);

@@ -19,7 +19,9 @@
 
 use std::path::Path;
 
-use super::record::{decode, Decoded, Record, SegmentHeader, HEADER_LEN, SEGMENT_HEADER};
+use super::record::{
+    decode, Decoded, Record, SegmentHeader, Version, SEGMENT_HEADER, SEGMENT_HEADER_V2,
+};
 use super::segment;
 use super::WalError;
 
@@ -31,6 +33,8 @@ const SECTOR: usize = 512;
 #[derive(Debug, Clone)]
 pub struct SegmentState {
     pub seq: u64,
+    /// Its records' framing.
+    pub version: Version,
     /// Largest tag of its records (see [`super::Wal::open`]).
     pub max_tag: u64,
     /// Offset just past its last record.
@@ -79,38 +83,68 @@ fn has_unwritten_sector(data: &[u8], at: usize, end: usize) -> bool {
 
 /// Whether the record at `at` that did not decode was torn by a crash
 /// rather than corrupted: its header or its body has an unwritten sector.
-/// A length that runs past the end of the file was never written (segments
-/// are always sized for their records), so it is corruption unless the
-/// header itself is torn.
-fn is_torn(data: &[u8], at: usize) -> bool {
-    let header_end = at + HEADER_LEN;
+/// `claimed` is where the record ends when its header checked out (version
+/// 2): then only its own extent counts. Without a trusted header (version
+/// 1, or a header that failed its checksum), a header that was fully
+/// written is trusted for its length only if that length stays within the
+/// file (segments are always sized for their records); otherwise it is
+/// corruption unless the header itself is torn.
+fn is_torn(data: &[u8], at: usize, version: Version, claimed: Option<usize>) -> bool {
+    let header_end = at + version.header_len();
     if has_unwritten_sector(data, at, header_end) || data.len() < header_end {
         return true;
     }
-    let len = u32::from_le_bytes([data[at + 4], data[at + 5], data[at + 6], data[at + 7]]);
-    let end = header_end.saturating_add(len as usize);
-    end <= data.len() && has_unwritten_sector(data, at, end)
+    match (version, claimed) {
+        (_, Some(end)) => {
+            let end = at + end;
+            end <= data.len() && has_unwritten_sector(data, at, end)
+        }
+        // A version-2 header that fails its own checksum while all of it
+        // was written: damaged, not torn.
+        (Version::V2, None) => false,
+        (Version::V1, None) => {
+            let len = u32::from_le_bytes([data[at + 4], data[at + 5], data[at + 6], data[at + 7]]);
+            let end = header_end.saturating_add(len as usize);
+            end <= data.len() && has_unwritten_sector(data, at, end)
+        }
+    }
 }
 
-/// The header at the start of a segment's bytes, if it is one.
-fn header_of(data: &[u8]) -> Option<(SegmentHeader, usize)> {
-    match decode(data) {
-        Decoded::Record {
-            kind: SEGMENT_HEADER,
-            payload,
-            len,
-        } => SegmentHeader::parse(payload).map(|h| (h, len)),
+/// The header at the start of a segment's bytes, if it is one, with the
+/// segment's record version and where its records start.
+fn header_of(data: &[u8]) -> Option<(SegmentHeader, Version, usize)> {
+    match decode(data, Version::V1) {
+        Decoded::Record { kind, payload, len } => {
+            let version = match kind {
+                SEGMENT_HEADER => Version::V1,
+                SEGMENT_HEADER_V2 => Version::V2,
+                _ => return None,
+            };
+            SegmentHeader::parse(payload).map(|h| (h, version, len))
+        }
         _ => None,
     }
+}
+
+/// The first bytes of segment `seq`: enough for its header record.
+fn read_head(dir: &Path, seq: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(64);
+    std::fs::File::open(segment::path(dir, seq))?
+        .take(64)
+        .read_to_end(&mut head)?;
+    Ok(head)
 }
 
 /// Reads the records of segment `seq` from `from` up to `until` (an older
 /// segment, whose end the next header names), or up to its end (the last
 /// one). Returns the segment's state, its records, and where a torn tail
 /// was found.
+#[allow(clippy::too_many_arguments)]
 fn scan(
     dir: &Path,
     seq: u64,
+    version: Version,
     data: &[u8],
     from: usize,
     until: Option<u64>,
@@ -119,6 +153,7 @@ fn scan(
 ) -> Result<(SegmentState, Vec<Record>, Option<u64>), WalError> {
     let mut state = SegmentState {
         seq,
+        version,
         max_tag: 0,
         end: from as u64,
         capacity: (data.len() as u64).max(segment_size),
@@ -129,7 +164,7 @@ fn scan(
         if until.is_some_and(|end| offset as u64 >= end) {
             break None;
         }
-        match decode(&data[offset..]) {
+        match decode(&data[offset..], version) {
             Decoded::Record { kind, payload, len } => {
                 state.max_tag = state.max_tag.max(tag_of(kind, payload));
                 records.push(Record {
@@ -156,7 +191,11 @@ fn scan(
                 }
                 // An end marker (zeros) followed by data means the start of
                 // a write was not persisted but later sectors were: torn.
-                if damaged == Decoded::End || is_torn(data, offset) {
+                let torn = match damaged {
+                    Decoded::Torn { end } => is_torn(data, offset, version, end),
+                    _ => true,
+                };
+                if torn {
                     break Some(offset as u64);
                 }
                 return Err(corrupt(
@@ -193,15 +232,14 @@ pub fn recover(
             return Err(corrupt(dir, pair[0] + 1, 0, "the segment is missing"));
         }
     }
-    let mut files = Vec::with_capacity(seqs.len());
-    for &seq in &seqs {
-        files.push(std::fs::read(segment::path(dir, seq))?);
-    }
+    // Headers first (a few bytes of each file), so each segment's end is
+    // known; then one segment in memory at a time.
     let mut headers = Vec::with_capacity(seqs.len());
-    for (i, (&seq, data)) in seqs.iter().zip(&files).enumerate() {
-        match header_of(data) {
-            Some((h, len)) if h.seq == seq => headers.push((h, len)),
-            Some((h, _)) => {
+    for (i, &seq) in seqs.iter().enumerate() {
+        let head = read_head(dir, seq)?;
+        match header_of(&head) {
+            Some((h, version, len)) if h.seq == seq => headers.push((h, version, len)),
+            Some((h, _, _)) => {
                 return Err(corrupt(
                     dir,
                     seq,
@@ -209,7 +247,7 @@ pub fn recover(
                     format!("its header names segment {}", h.seq),
                 ))
             }
-            None if i + 1 == seqs.len() && is_torn(data, 0) => {
+            None if i + 1 == seqs.len() && is_torn(&head, 0, Version::V1, None) => {
                 // A crash while rolling: the new segment's header was never
                 // written, so nothing in it was acknowledged.
                 break;
@@ -222,7 +260,6 @@ pub fn recover(
         if let Some(torn) = seqs.pop() {
             segment::remove(dir, torn)?;
             segment::sync_dir(dir)?;
-            files.pop();
             dropped_segments = 1;
         }
     }
@@ -230,11 +267,20 @@ pub fn recover(
     let mut records = Vec::new();
     let mut segments: Vec<SegmentState> = Vec::new();
     let mut torn = None;
-    for (i, (&seq, data)) in seqs.iter().zip(&files).enumerate() {
-        let (_, header_len) = headers[i];
-        let until = headers.get(i + 1).map(|(next, _)| next.prev_end);
-        let (state, found, torn_at) =
-            scan(dir, seq, data, header_len, until, segment_size, tag_of)?;
+    for (i, &seq) in seqs.iter().enumerate() {
+        let (_, version, header_len) = headers[i];
+        let until = headers.get(i + 1).map(|(next, _, _)| next.prev_end);
+        let data = std::fs::read(segment::path(dir, seq))?;
+        let (state, found, torn_at) = scan(
+            dir,
+            seq,
+            version,
+            &data,
+            header_len,
+            until,
+            segment_size,
+            tag_of,
+        )?;
         if let Some(offset) = torn_at {
             tracing::warn!(
                 segment = seq,

@@ -45,14 +45,17 @@ use tessera_proto::store::{
 };
 use tessera_storage::wal::io::{Backend, IoMode};
 
-use crate::codec::BLOCK;
+use crate::codec::{BLOCK, MAX_ROWS, MAX_SHARDS};
 
 const MAGIC: u32 = u32::from_le_bytes(*b"TSL1");
 const FRAME: usize = 16;
 /// Bytes gathered into one group commit at most.
 const MAX_GROUP_BYTES: usize = 64 << 20;
-/// A record header larger than this is damage, not a record.
-const MAX_HEADER: usize = 1 << 20;
+/// A record header larger than this is damage, not a record (a shard's
+/// header is a few KiB; a checkpoint grows with the number of volumes).
+const MAX_HEADER: usize = 64 << 20;
+/// The largest segment-relative block number (segments are at most 1 GiB).
+const MAX_BLOCK: u32 = 1 << 18;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -359,6 +362,39 @@ fn punch(file: &File, offset: u64, len: u64) {
     }
 }
 
+/// Checks that a shard's layout is one a writer makes: a valid code, the
+/// shard one of its shards, a sane number of rows, and as many distinct
+/// blocks as the data shards' rows hold (so its header stays small).
+pub fn check_layout(layout: &Layout, shard: u32) -> Result<(), LogError> {
+    let (k, m, rows) = (
+        layout.data_shards as usize,
+        layout.parity_shards as usize,
+        layout.rows as usize,
+    );
+    let bad = |why: String| Err(LogError::Invalid(format!("bad stripe layout: {why}")));
+    if k == 0 || m == 0 || k + m > MAX_SHARDS {
+        return bad(format!("code {k}+{m}"));
+    }
+    if shard as usize >= k + m {
+        return bad(format!("shard {shard} of a {k}+{m} code"));
+    }
+    if rows == 0 || rows > MAX_ROWS {
+        return bad(format!("{rows} rows (1 to {MAX_ROWS})"));
+    }
+    // Writers use the fewest rows that hold the blocks: ceil(n / k).
+    let n = layout.blocks.len();
+    if n == 0 || n > k * rows || n <= k * (rows - 1) {
+        return bad(format!("{n} blocks in {k} data shards of {rows} rows"));
+    }
+    let mut blocks = layout.blocks.clone();
+    blocks.sort_unstable();
+    blocks.dedup();
+    if blocks.len() != n || blocks.last().is_some_and(|&b| b >= MAX_BLOCK) {
+        return bad("repeated or out-of-range block numbers".into());
+    }
+    Ok(())
+}
+
 /// Appends the framed `record` (and `data`) to `out`; returns the offset of
 /// the data within `out`.
 fn encode(record: &LogRecord, data: &[u8], out: &mut Vec<u8>) -> usize {
@@ -376,6 +412,30 @@ fn encode(record: &LogRecord, data: &[u8], out: &mut Vec<u8>) -> usize {
     let at = out.len();
     out.extend_from_slice(data);
     at
+}
+
+/// Whether a good record frame starts anywhere in `[from, len)` of `file`.
+fn valid_frame_after(file: &File, from: u64, len: u64) -> io::Result<bool> {
+    const CHUNK: u64 = 1 << 20;
+    let magic = MAGIC.to_le_bytes();
+    let mut at = from;
+    while at < len {
+        let size = (CHUNK + FRAME as u64).min(len - at) as usize;
+        let mut buf = vec![0u8; size];
+        file.read_exact_at(&mut buf, at)?;
+        let starts = buf
+            .windows(4)
+            .enumerate()
+            .filter(|(_, w)| *w == magic)
+            .map(|(i, _)| i);
+        for i in starts {
+            if let Scanned::Record { .. } = scan_at(file, at + i as u64, len)? {
+                return Ok(true);
+            }
+        }
+        at += CHUNK;
+    }
+    Ok(false)
 }
 
 /// What is at `offset` of a log file.
@@ -441,7 +501,6 @@ impl ShardLog {
         let mut state = State::default();
         let numbers = list_files(dir)?;
         let mut punched = Vec::new();
-        let mut last_end = 0;
         for (i, &n) in numbers.iter().enumerate() {
             let path = file_path(dir, n);
             let file = Arc::new(OpenOptions::new().read(true).write(true).open(&path)?);
@@ -472,7 +531,9 @@ impl ShardLog {
             };
             let last = i + 1 == numbers.len();
             if let Some(why) = stop {
-                if last {
+                // Only a torn last write may be cut: if any good record
+                // follows, this is damage, and what follows stays on disk.
+                if last && !valid_frame_after(&file, offset + 1, len)? {
                     tracing::warn!(file = %path.display(), offset, %why, "shard log: a torn last write was cut off");
                     file.set_len(offset)?;
                     file.sync_all()?;
@@ -480,30 +541,25 @@ impl ShardLog {
                     tracing::error!(file = %path.display(), offset, %why, "shard log: damaged record; the shards after it in this file are lost here (the volume's other shards rebuild them)");
                 }
             }
-            if last {
-                last_end = offset;
-            }
         }
         // Discards found after their shards: free those regions again (a
         // crash may have come between the discard and the punch).
         for (file, offset, len) in punched {
             punch(&file, offset, len);
         }
-        let (current, offset) = match numbers.last() {
-            Some(&n) => (n, last_end),
-            None => {
-                let file = Self::create_file(dir, 0, &state)?;
-                let len = file.metadata()?.len();
-                state.files.insert(
-                    0,
-                    FileState {
-                        file: Arc::new(file),
-                        live: 0,
-                    },
-                );
-                (0, len)
-            }
-        };
+        // Writing goes on in a new file, which starts with a checkpoint of
+        // the recovered epochs: never after a damaged or stale tail, and
+        // never in a file whose own checkpoint a crash may have lost.
+        let current = numbers.last().map_or(0, |&n| n + 1);
+        let file = Self::create_file(dir, current, &state)?;
+        let offset = file.metadata()?.len();
+        state.files.insert(
+            current,
+            FileState {
+                file: Arc::new(file),
+                live: 0,
+            },
+        );
         let inner = Arc::new(Inner {
             dir: dir.to_path_buf(),
             state: Mutex::new(state),
@@ -573,8 +629,9 @@ impl ShardLog {
             .layout
             .as_ref()
             .ok_or_else(|| LogError::Invalid("a shard without its layout".into()))?;
+        check_layout(layout, record.shard)?;
         let rows = layout.rows as usize;
-        if rows == 0 || data.len() != rows * BLOCK || record.crcs.len() != rows {
+        if data.len() != rows * BLOCK || record.crcs.len() != rows {
             return Err(LogError::Invalid(format!(
                 "{} bytes and {} checksums for {rows} rows",
                 data.len(),
@@ -1206,6 +1263,86 @@ mod tests {
         drop(log);
         let log = ShardLog::open(dir.path(), options(1 << 20)).unwrap();
         assert_eq!(log.stripes(1, 0).len(), 5);
+    }
+
+    /// A layout no writer makes (it would make a huge header, or point
+    /// reads at parity) is refused on arrival.
+    #[test]
+    fn layouts_no_writer_makes_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = ShardLog::open(dir.path(), options(1 << 20)).unwrap();
+        let cases: Vec<Box<dyn Fn(&mut ShardRecord)>> = vec![
+            Box::new(|r| r.layout.as_mut().unwrap().blocks = (0..300_000).collect()),
+            Box::new(|r| r.layout.as_mut().unwrap().blocks = vec![1; 8]),
+            Box::new(|r| r.shard = 6),
+            Box::new(|r| r.layout.as_mut().unwrap().data_shards = 0),
+            Box::new(|r| r.layout.as_mut().unwrap().blocks.truncate(3)),
+        ];
+        for (i, damage) in cases.iter().enumerate() {
+            let (mut r, d) = shard(1, 0, 0, (1, i as u64), 1);
+            damage(&mut r);
+            assert!(
+                matches!(log.append(r, d, 0), Err(LogError::Invalid(_))),
+                "case {i}"
+            );
+        }
+        assert!(log.stripes(1, 0).is_empty());
+    }
+
+    /// Every layout the writer makes passes the check, whatever the number
+    /// of blocks and the code.
+    #[test]
+    fn every_layout_a_writer_makes_is_accepted() {
+        for (k, m) in [(4, 2), (1, 1), (8, 3), (2, 2)] {
+            for n in 1..=k * MAX_ROWS {
+                let rows = crate::codec::rows_for(n, k);
+                let layout = Layout {
+                    data_shards: k as u32,
+                    parity_shards: m as u32,
+                    rows: rows as u32,
+                    blocks: (0..n as u32).collect(),
+                };
+                for shard in 0..(k + m) as u32 {
+                    check_layout(&layout, shard)
+                        .unwrap_or_else(|e| panic!("{k}+{m}, {n} blocks: {e}"));
+                }
+            }
+        }
+    }
+
+    /// Damage in the middle of the last file, with good records after it,
+    /// is not a torn tail: nothing is cut, and later records stay on disk.
+    #[test]
+    fn damage_before_good_records_is_not_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = ShardLog::open(dir.path(), options(1 << 20)).unwrap();
+            for seq in 0..6 {
+                let (r, d) = shard(1, 0, 0, (1, seq), 3);
+                log.append(r, d, 0).unwrap();
+            }
+        }
+        let path = file_path(dir.path(), 0);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let len = bytes.len();
+        // A record header in the middle: find the third frame's magic.
+        let magic = MAGIC.to_le_bytes();
+        let third = bytes
+            .windows(4)
+            .enumerate()
+            .filter(|(_, w)| *w == magic)
+            .nth(3)
+            .unwrap()
+            .0;
+        bytes[third + 13] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        let log = ShardLog::open(dir.path(), options(1 << 20)).unwrap();
+        assert!(log.stripes(1, 0).len() < 6);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            len as u64,
+            "nothing was cut"
+        );
     }
 
     #[test]

@@ -32,7 +32,7 @@
 //! **Space.** A stripe whose blocks were all superseded by acknowledged
 //! stripes is discarded on its nodes, which give the space back.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -102,6 +102,9 @@ pub struct VolumeOptions {
     pub request_timeout: Duration,
     /// Memory of written data not yet acknowledged before writes wait.
     pub max_unacked_bytes: usize,
+    /// Memory of acknowledged stripes kept to complete their missing
+    /// shards; beyond it, completion is left to repair.
+    pub max_retained_bytes: usize,
     /// How long shards missing after a stripe's acknowledgement are retried.
     pub completion_window: Duration,
 }
@@ -112,6 +115,7 @@ impl Default for VolumeOptions {
             write_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(5),
             max_unacked_bytes: 256 << 20,
+            max_retained_bytes: 256 << 20,
             completion_window: Duration::from_secs(60),
         }
     }
@@ -137,7 +141,8 @@ struct StripeState {
 
 #[derive(Default)]
 struct SegState {
-    map: Vec<Option<Loc>>,
+    /// Written blocks only: a volume's map grows with what was written.
+    map: HashMap<u32, Loc>,
     dirty: BTreeMap<u32, Arc<Vec<u8>>>,
     stripes: HashMap<Stripe, StripeState>,
     /// The next stripe's sequence number (this epoch's start at 1).
@@ -198,6 +203,9 @@ struct Inner {
     fenced: Mutex<Option<String>>,
     closed: AtomicBool,
     unacked_bytes: AtomicUsize,
+    /// Bytes of stripes held in memory (unacknowledged, or acknowledged
+    /// with shards still missing).
+    retained_bytes: AtomicUsize,
     /// Woken on every acknowledgement, failure or fencing.
     changed: tokio::sync::Notify,
     /// Serializes partial-block writes (read, patch, write back).
@@ -297,7 +305,6 @@ impl Volume {
                 index: i as u32,
                 nodes: nodes.iter().map(|&n| n as usize).collect(),
                 state: Mutex::new(SegState {
-                    map: vec![None; seg_blocks as usize],
                     next_seq: 1,
                     ..Default::default()
                 }),
@@ -316,6 +323,7 @@ impl Volume {
             fenced: Mutex::new(None),
             closed: AtomicBool::new(false),
             unacked_bytes: AtomicUsize::new(0),
+            retained_bytes: AtomicUsize::new(0),
             changed: tokio::sync::Notify::new(),
             partial: tokio::sync::Mutex::new(()),
             options,
@@ -357,7 +365,7 @@ impl Volume {
 
     /// Bytes of written stripes not yet on all their nodes.
     pub fn pending_bytes(&self) -> usize {
-        self.inner.unacked_bytes.load(Ordering::SeqCst)
+        self.inner.retained_bytes.load(Ordering::SeqCst)
     }
 
     /// Why this writer was fenced, if it was.
@@ -442,6 +450,14 @@ impl Volume {
                         .filter(|i| i.shard as usize == shard)
                     {
                         let Some(layout) = info.layout else { continue };
+                        if !self.layout_fits(&layout, shard) {
+                            tracing::warn!(
+                                segment = seg.index,
+                                shard,
+                                "ignoring a stripe whose layout does not fit the volume's code"
+                            );
+                            continue;
+                        }
                         let entry = held
                             .entry(stripe_of(info.stripe.as_ref()))
                             .or_insert((0, layout));
@@ -464,12 +480,21 @@ impl Volume {
                 .filter(|&i| !reachable[i])
                 .map(|i| seg.nodes[i]),
         );
-        // Reading needs k shards; a writer must also have fenced enough
+        // Reading needs k shards. A writer must also have fenced enough
         // nodes that the unfenced ones cannot make a quorum for an older
-        // writer (n - quorum + 1, never more than k for a sane code). With
-        // fewer than the quorum up, the writer reads, and its flushes fail
-        // until nodes return.
-        let needed = inner.k.max(inner.n + 1 - inner.quorum);
+        // writer (n - quorum + 1), and see a shard of every stripe that could
+        // ever be read (n - k + 1: a stripe hidden on the unreachable nodes
+        // alone could otherwise come back later). Both are at most k when
+        // m < k. With fewer than the quorum up, a writer reads, and its
+        // flushes fail until nodes return.
+        let needed = if self.writable() {
+            inner
+                .k
+                .max(inner.n + 1 - inner.quorum)
+                .max(inner.n - inner.k + 1)
+        } else {
+            inner.k
+        };
         if up < needed {
             return Err(VolumeError::TooFewNodes {
                 segment: seg.index,
@@ -483,10 +508,13 @@ impl Volume {
         let down = inner.n - up;
         let mut dropped: Vec<(Stripe, u64)> = Vec::new();
         let mut state = SegState {
-            map: vec![None; inner.seg_blocks as usize],
             next_seq: 1,
             ..Default::default()
         };
+        // Stripes superseded, block by block, only by stripes that lack
+        // their quorum's redundancy (a writer died before completing them)
+        // are kept until those are rebuilt (the next open discards them).
+        let mut pinned: HashSet<Stripe> = HashSet::new();
         for (stripe, (holders, layout)) in held {
             let present = holders.count_ones() as usize;
             if present < inner.k {
@@ -504,15 +532,19 @@ impl Volume {
             }
             let layout = Arc::new(layout);
             for (pos, &block) in layout.blocks.iter().enumerate() {
-                let Some(slot) = state.map.get_mut(block as usize) else {
+                if block >= inner.seg_blocks {
                     continue;
-                };
-                if let Some(old) = slot.replace(Loc {
+                }
+                let loc = Loc {
                     stripe,
                     pos: pos as u32,
-                }) {
+                };
+                if let Some(old) = state.map.insert(block, loc) {
                     if let Some(o) = state.stripes.get_mut(&old.stripe) {
                         o.live -= 1;
+                    }
+                    if present < inner.quorum {
+                        pinned.insert(old.stripe);
                     }
                 }
             }
@@ -530,7 +562,7 @@ impl Volume {
         // durable ones: give their space back.
         let mut dead: Vec<Stripe> = Vec::new();
         for (stripe, st) in state.stripes.iter_mut() {
-            if st.live == 0 {
+            if st.live == 0 && !pinned.contains(stripe) {
                 st.dead_at = Some(0);
                 dead.push(*stripe);
             }
@@ -552,6 +584,15 @@ impl Volume {
             self.discard_dead(s, dead);
         }
         Ok(())
+    }
+
+    /// Whether a node's `layout` for `shard` is one this volume's writer
+    /// made (the volume's code, sane rows and blocks).
+    fn layout_fits(&self, layout: &Layout, shard: usize) -> bool {
+        let inner = &self.inner;
+        layout.data_shards as usize == inner.k
+            && layout.parity_shards as usize == inner.n - inner.k
+            && crate::shardlog::check_layout(layout, shard as u32).is_ok()
     }
 
     /// Sends a discard of `stripes` to the nodes of segment `s`'s shards in
@@ -721,10 +762,13 @@ impl Volume {
         st.next_seq += 1;
         let stripe = (inner.epoch, seq);
         for (pos, &b) in blocks.iter().enumerate() {
-            if let Some(old) = st.map[b as usize].replace(Loc {
-                stripe,
-                pos: pos as u32,
-            }) {
+            if let Some(old) = st.map.insert(
+                b,
+                Loc {
+                    stripe,
+                    pos: pos as u32,
+                },
+            ) {
                 if let Some(o) = st.stripes.get_mut(&old.stripe) {
                     o.live -= 1;
                     if o.live == 0 {
@@ -751,6 +795,7 @@ impl Volume {
         st.unacked.insert(seq);
         let bytes: usize = shards.iter().map(Vec::len).sum();
         inner.unacked_bytes.fetch_add(bytes, Ordering::SeqCst);
+        inner.retained_bytes.fetch_add(bytes, Ordering::SeqCst);
         inner.stats.stripes_sealed.fetch_add(1, Ordering::Relaxed);
         Ok(Sealed {
             stripe,
@@ -801,7 +846,8 @@ impl Volume {
                         done |= 1 << shard;
                         if !acked && done.count_ones() as usize >= inner.quorum {
                             acked = true;
-                            self.acknowledge(s, sealed.stripe);
+                            let bytes = sealed.shards.iter().map(Vec::len).sum();
+                            self.acknowledge(s, sealed.stripe, bytes);
                         }
                     }
                     Err(e) if is_fenced(&e) => {
@@ -818,7 +864,9 @@ impl Volume {
             if done == all || inner.closed.load(Ordering::SeqCst) {
                 break;
             }
-            if acked && started.elapsed() > inner.options.completion_window {
+            let crowded =
+                inner.retained_bytes.load(Ordering::SeqCst) > inner.options.max_retained_bytes;
+            if acked && (crowded || started.elapsed() > inner.options.completion_window) {
                 tracing::warn!(segment = seg.index, epoch = sealed.stripe.0, seq = sealed.stripe.1, missing = %errors.join("; "), "giving up on shards missing after the stripe's quorum; repair rebuilds them");
                 break;
             }
@@ -847,20 +895,24 @@ impl Volume {
             pause = (pause * 2).min(Duration::from_secs(2));
         }
         // The shards are durable (or given up on): reads go to the nodes.
-        let mut st = lock(seg);
-        if let Some(state) = st.stripes.get_mut(&sealed.stripe) {
-            if state.data.take().is_some() {
-                let bytes: usize = sealed.shards.iter().map(Vec::len).sum();
-                inner.unacked_bytes.fetch_sub(bytes, Ordering::SeqCst);
+        let dead = {
+            let mut st = lock(seg);
+            if let Some(state) = st.stripes.get_mut(&sealed.stripe) {
+                if state.data.take().is_some() {
+                    let bytes: usize = sealed.shards.iter().map(Vec::len).sum();
+                    inner.retained_bytes.fetch_sub(bytes, Ordering::SeqCst);
+                }
             }
-        }
-        drop(st);
+            discardable(&st)
+        };
         inner.changed.notify_waiters();
+        self.discard_dead(s, dead);
     }
 
     /// Stripe `stripe` of segment `s` reached its quorum.
-    fn acknowledge(&self, s: usize, stripe: Stripe) {
+    fn acknowledge(&self, s: usize, stripe: Stripe, bytes: usize) {
         let inner = &self.inner;
+        inner.unacked_bytes.fetch_sub(bytes, Ordering::SeqCst);
         inner.stats.stripes_acked.fetch_add(1, Ordering::Relaxed);
         let dead = {
             let mut st = lock(&inner.segments[s]);
@@ -871,15 +923,7 @@ impl Volume {
             if st.trouble.as_ref().is_some_and(|(seq, _)| *seq == stripe.1) {
                 st.trouble = None;
             }
-            // Stripes superseded by acknowledged ones are no longer needed.
-            let through = st.acked_through();
-            st.stripes
-                .iter()
-                .filter(|(_, state)| {
-                    state.dead_at.is_some_and(|at| at <= through) && state.data.is_none()
-                })
-                .map(|(id, _)| *id)
-                .collect::<Vec<_>>()
+            discardable(&st)
         };
         inner.changed.notify_waiters();
         self.discard_dead(s, dead);
@@ -958,6 +1002,18 @@ impl Volume {
 
     /// Reads `len` bytes at `offset` (never-written blocks read as zeros).
     pub async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, VolumeError> {
+        match self.read_once(offset, len).await {
+            // The stripe a block was read from may have been superseded
+            // and discarded meanwhile: the map now points elsewhere.
+            Err(VolumeError::Unreadable { .. }) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                self.read_once(offset, len).await
+            }
+            other => other,
+        }
+    }
+
+    async fn read_once(&self, offset: u64, len: usize) -> Result<Vec<u8>, VolumeError> {
         self.block_range(offset, len as u64)?;
         let inner = &self.inner;
         let mut out = vec![0u8; len];
@@ -978,7 +1034,7 @@ impl Volume {
                 if let Some(d) = st.dirty.get(&b) {
                     Source::Bytes(d.clone())
                 } else {
-                    match st.map[b as usize] {
+                    match st.map.get(&b).copied() {
                         None => Source::Zero,
                         Some(loc) => match st.stripes.get(&loc.stripe) {
                             None => Source::Zero,
@@ -1274,6 +1330,17 @@ impl Volume {
         self.inner.changed.notify_waiters();
         flushed
     }
+}
+
+/// Stripes of a segment superseded by acknowledged stripes and no longer
+/// held in memory: their space can be given back.
+fn discardable(st: &SegState) -> Vec<Stripe> {
+    let through = st.acked_through();
+    st.stripes
+        .iter()
+        .filter(|(_, state)| state.dead_at.is_some_and(|at| at <= through) && state.data.is_none())
+        .map(|(id, _)| *id)
+        .collect()
 }
 
 struct Sealed {
