@@ -1271,7 +1271,8 @@ mod tests {
     fn layouts_no_writer_makes_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let log = ShardLog::open(dir.path(), options(1 << 20)).unwrap();
-        let cases: Vec<Box<dyn Fn(&mut ShardRecord)>> = vec![
+        type Damage = Box<dyn Fn(&mut ShardRecord)>;
+        let cases: Vec<Damage> = vec![
             Box::new(|r| r.layout.as_mut().unwrap().blocks = (0..300_000).collect()),
             Box::new(|r| r.layout.as_mut().unwrap().blocks = vec![1; 8]),
             Box::new(|r| r.shard = 6),
