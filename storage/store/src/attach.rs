@@ -157,7 +157,9 @@ impl Backend for LocalFile {
 const ROOT: u64 = 1;
 const FILE: u64 = 2;
 const FILE_NAME: &str = "volume";
-const TTL: Duration = Duration::from_secs(3600);
+/// Attributes are not cached: an expanded volume's new size must reach the
+/// kernel when the loop device re-reads it.
+const TTL: Duration = Duration::ZERO;
 
 /// The FUSE filesystem: one directory holding one file, the device's bytes.
 struct DeviceFs {
@@ -384,11 +386,14 @@ pub fn mount(backend: Arc<dyn Backend>, mountpoint: &Path) -> anyhow::Result<Mou
 }
 
 /// Puts a loop device on `file`: direct I/O (no second page cache) and
-/// 4 KiB sectors (no partial blocks); returns its path.
-pub fn loop_attach(file: &Path) -> anyhow::Result<String> {
+/// 4 KiB sectors (no partial blocks), read-only if asked; returns its path.
+pub fn loop_attach(file: &Path, read_only: bool) -> anyhow::Result<String> {
     let attempt = |direct: bool| {
         let mut cmd = Command::new("losetup");
         cmd.args(["--find", "--show", "--sector-size", "4096"]);
+        if read_only {
+            cmd.arg("--read-only");
+        }
         if direct {
             cmd.arg("--direct-io=on");
         }

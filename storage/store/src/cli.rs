@@ -1,7 +1,7 @@
 //! The admin verbs of `tessera-store`: volumes and nodes, as tables for
 //! people and JSON (`-o json`) for scripts.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -10,7 +10,7 @@ use tessera_proto::store::store_client::StoreClient;
 use tessera_proto::store::DropVolumeRequest;
 
 use crate::codec::{Codec, BLOCK};
-use crate::meta::{now_secs, Meta, NodeStatus, VolumeRecord};
+use crate::meta::{now_secs, Meta, NodeRecord, NodeStatus, VolumeRecord};
 use crate::placement::place;
 
 /// Default segment size: the unit of placement.
@@ -122,23 +122,8 @@ pub async fn create_volume(meta: &Meta, req: &CreateRequest) -> anyhow::Result<V
     if meta.volume(&req.name).await?.is_some() {
         bail!("volume {:?} already exists", req.name);
     }
-    let alive: Vec<_> = meta
-        .nodes()
-        .await?
-        .into_iter()
-        .filter(|n| n.alive)
-        .map(|n| n.record)
-        .collect();
     let id: u64 = rand::random::<u64>() | 1;
-    let placement = place(&alive, id, segments, k, m)?;
-    let mut used: Vec<usize> = placement.iter().flatten().map(|&i| i as usize).collect();
-    used.sort_unstable();
-    used.dedup();
-    let renumber: std::collections::HashMap<usize, u16> = used
-        .iter()
-        .enumerate()
-        .map(|(new, &old)| (old, new as u16))
-        .collect();
+    let (nodes, placement) = placement_for(meta, id, segments, k, m, size).await?;
     let record = VolumeRecord {
         name: req.name.clone(),
         id,
@@ -149,22 +134,235 @@ pub async fn create_volume(meta: &Meta, req: &CreateRequest) -> anyhow::Result<V
         segment_size: req.segment_size,
         epoch: 0,
         created: now_secs(),
-        nodes: used.iter().map(|&i| alive[i].name.clone()).collect(),
-        segments: placement
-            .iter()
-            .map(|seg| seg.iter().map(|i| renumber[&(*i as usize)]).collect())
-            .collect(),
+        nodes,
+        segments: placement,
+        bases: Vec::new(),
     };
     meta.create_volume(&record).await?;
     Ok(record)
 }
 
+/// Raw space a volume of `size` bytes takes with a k+m code, when full.
+fn raw_size(size: u64, k: usize, m: usize) -> u64 {
+    (u128::from(size) * (k + m) as u128 / k as u128).min(u128::from(u64::MAX)) as u64
+}
+
+/// Checks that the live nodes offer room for `size` bytes more of a k+m
+/// volume (volumes are thin: this is what it takes once written).
+fn check_capacity(
+    alive: &[NodeRecord],
+    size: u64,
+    k: usize,
+    m: usize,
+    what: &str,
+) -> anyhow::Result<()> {
+    let raw = raw_size(size, k, m);
+    let free: u64 = alive
+        .iter()
+        .map(|n| n.capacity.saturating_sub(n.used))
+        .sum();
+    if raw > free {
+        bail!(
+            "{what} needs {} of raw space with a {k}+{m} code; the live storage nodes have {} free",
+            format_size(raw),
+            format_size(free)
+        );
+    }
+    Ok(())
+}
+
+/// The live nodes, and the placement of `segments` segments of volume
+/// `id` over them: the nodes it names, and each segment's shards as
+/// indices into them.
+pub async fn placement_for(
+    meta: &Meta,
+    id: u64,
+    segments: usize,
+    k: usize,
+    m: usize,
+    size: u64,
+) -> anyhow::Result<(Vec<String>, Vec<Vec<u16>>)> {
+    let alive: Vec<NodeRecord> = meta
+        .nodes()
+        .await?
+        .into_iter()
+        .filter(|n| n.alive && !n.draining)
+        .map(|n| n.record)
+        .collect();
+    check_capacity(
+        &alive,
+        size,
+        k,
+        m,
+        &format!("a volume of {}", format_size(size)),
+    )?;
+    let placement = place(&alive, id, segments, k, m)?;
+    let mut used: Vec<usize> = placement.iter().flatten().map(|&i| i as usize).collect();
+    used.sort_unstable();
+    used.dedup();
+    let renumber: HashMap<usize, u16> = used
+        .iter()
+        .enumerate()
+        .map(|(new, &old)| (old, new as u16))
+        .collect();
+    Ok((
+        used.iter().map(|&i| alive[i].name.clone()).collect(),
+        placement
+            .iter()
+            .map(|seg| seg.iter().map(|i| renumber[&(*i as usize)]).collect())
+            .collect(),
+    ))
+}
+
+/// `volume expand NAME --size SIZE`: new segments placed for the added
+/// space; an attached volume's writer picks them up and grows its device.
+/// Returns the old and new record.
+pub async fn expand_volume(
+    meta: &Meta,
+    name: &str,
+    size: u64,
+) -> anyhow::Result<(u64, VolumeRecord)> {
+    for _ in 0..20 {
+        let (mut record, revision) = meta
+            .volume(name)
+            .await?
+            .with_context(|| format!("no volume named {name:?}"))?;
+        let old = record.size;
+        let new = size.div_ceil(BLOCK as u64) * BLOCK as u64;
+        if new < old {
+            bail!(
+                "cannot shrink volume {name:?} from {} to {}: volumes only grow",
+                format_size(old),
+                format_size(new)
+            );
+        }
+        if new == old {
+            return Ok((old, record));
+        }
+        let segments = new.div_ceil(record.segment_size) as usize;
+        if segments > 65_536 {
+            bail!(
+                "cannot expand volume {name:?} to {}: too many segments of {}",
+                format_size(new),
+                format_size(record.segment_size)
+            );
+        }
+        let (k, m) = (record.data_shards as usize, record.parity_shards as usize);
+        let alive: Vec<NodeRecord> = meta
+            .nodes()
+            .await?
+            .into_iter()
+            .filter(|n| n.alive && !n.draining)
+            .map(|n| n.record)
+            .collect();
+        check_capacity(
+            &alive,
+            new - old,
+            k,
+            m,
+            &format!("expanding volume {name:?} by {}", format_size(new - old)),
+        )?;
+        // Segments already placed keep their nodes; the new ones are placed
+        // as creation would have.
+        let placement = place(&alive, record.id, segments, k, m)?;
+        for seg in &placement[record.segments.len()..] {
+            let mut shards = Vec::with_capacity(seg.len());
+            for &i in seg {
+                let node = &alive[i as usize].name;
+                let index = match record.nodes.iter().position(|n| n == node) {
+                    Some(at) => at,
+                    None => {
+                        record.nodes.push(node.clone());
+                        record.nodes.len() - 1
+                    }
+                };
+                shards.push(index as u16);
+            }
+            record.segments.push(shards);
+        }
+        record.size = new;
+        match meta.update_volume(&record, revision).await {
+            Ok(()) => return Ok((old, record)),
+            Err(crate::meta::MetaError::Conflict(_)) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    bail!("volume {name:?} kept changing while it was being expanded; try again")
+}
+
+/// After an expansion of an attached volume: waits until its writer has
+/// grown the device; returns the device (`None` when not attached).
+pub async fn wait_for_device_size(
+    meta: &Meta,
+    name: &str,
+    size: u64,
+) -> anyhow::Result<Option<String>> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let Some(attached) = meta.attached(name).await? else {
+            return Ok(None);
+        };
+        if attached.size >= size {
+            return Ok(Some(attached.device));
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "volume {name:?} grew, but its writer (process {} on {}) has not grown {} within 30 s; see its attach.log",
+                attached.pid,
+                attached.host,
+                attached.device
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Seconds since the Unix epoch as `YYYY-MM-DD hh:mm:ss` UTC.
+pub fn format_time(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 /// Deletes a volume (refused while attached) and asks its nodes to give
 /// the space back now; nodes that are down do it when they see the
-/// control plane's tombstone.
+/// control plane's tombstone. While snapshots read it, its data stays.
 pub async fn delete_volume(meta: &Meta, name: &str) -> anyhow::Result<VolumeRecord> {
-    let record = meta.delete_volume(name).await?;
-    let addresses: std::collections::HashMap<String, String> = meta
+    let (record, retired) = meta.delete_volume(name).await?;
+    if !retired {
+        give_back(meta, &record).await?;
+    }
+    collect_garbage(meta).await?;
+    Ok(record)
+}
+
+/// Removes what nothing reads any more (see [`Meta::collect_garbage`])
+/// and has the nodes give its space back.
+pub async fn collect_garbage(meta: &Meta) -> anyhow::Result<()> {
+    for record in meta.collect_garbage().await? {
+        give_back(meta, &record).await?;
+    }
+    Ok(())
+}
+
+/// Asks the nodes of a deleted volume to drop its shards now.
+async fn give_back(meta: &Meta, record: &VolumeRecord) -> anyhow::Result<()> {
+    let addresses: HashMap<String, String> = meta
         .nodes()
         .await?
         .into_iter()
@@ -187,7 +385,7 @@ pub async fn delete_volume(meta: &Meta, name: &str) -> anyhow::Result<VolumeReco
                 .await;
         }
     }
-    Ok(record)
+    Ok(())
 }
 
 /// A volume's state for `volume info`.
@@ -446,6 +644,13 @@ mod tests {
         assert!(parse_size("99999999999TiB").is_err());
         assert_eq!(format_size(256 << 20), "256 MiB");
         assert_eq!(format_size(1536), "1.5 KiB");
+    }
+
+    #[test]
+    fn times_are_utc_dates() {
+        assert_eq!(format_time(0), "1970-01-01 00:00:00");
+        assert_eq!(format_time(1_796_458_440), "2026-12-05 08:14:00");
+        assert_eq!(format_time(951_782_400), "2000-02-29 00:00:00");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 
 use crate::attach::{self, AttachState};
-use crate::meta::{AttachRecord, Meta};
+use crate::meta::{now_secs, AttachRecord, Meta, SnapshotRecord};
 use crate::volume::{Volume, VolumeOptions};
 
 /// The environment variable naming the pipe the daemon reports on.
@@ -25,21 +25,61 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
-/// `volume attach NAME`: starts the attach daemon in a session of its own
-/// and waits until it reports the device (or why it could not).
+/// What an attach daemon serves.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Target {
+    /// A volume, read and written: the daemon is its writer.
+    Volume(String),
+    /// A snapshot, read-only.
+    Snapshot(String),
+}
+
+impl Target {
+    /// Its name under the run directory (snapshots and volumes may share
+    /// names; `:` is in no volume name).
+    pub fn key(&self) -> String {
+        match self {
+            Target::Volume(name) => name.clone(),
+            Target::Snapshot(name) => format!("snapshot:{name}"),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Target::Volume(name) => format!("volume {name:?}"),
+            Target::Snapshot(name) => format!("snapshot {name:?}"),
+        }
+    }
+}
+
+/// `volume attach NAME` / `snapshot attach NAME`: starts the attach daemon
+/// in a session of its own and waits until it reports the device (or why
+/// it could not).
 pub async fn attach(
     meta: &Meta,
     endpoints: &[String],
-    name: &str,
+    target: &Target,
     run_dir: &Path,
 ) -> anyhow::Result<String> {
-    if meta.volume(name).await?.is_none() {
-        bail!("no volume named {name:?}");
+    match target {
+        Target::Volume(name) => {
+            if meta.volume(name).await?.is_none() {
+                bail!("no volume named {name:?}");
+            }
+        }
+        Target::Snapshot(name) => {
+            if meta.snapshot(name).await?.is_none_or(|s| s.deleted) {
+                bail!("no snapshot named {name:?}");
+            }
+        }
     }
+    let key = target.key();
+    let name = key.as_str();
     attach::clean_stale(run_dir, name);
     if let Some(state) = attach::read_state(run_dir, name) {
         bail!(
-            "volume {name:?} is already attached here as {} (process {}); detach it first",
+            "{} is already attached here as {} (process {}); detach it first",
+            target.describe(),
             state.device,
             state.pid
         );
@@ -60,9 +100,12 @@ pub async fn attach(
     let mut cmd = Command::new(std::env::current_exe().context("cannot find this program")?);
     cmd.arg("--endpoints")
         .arg(endpoints.join(","))
-        .arg("attach-daemon")
-        .arg(name)
-        .arg("--run-dir")
+        .arg("attach-daemon");
+    match target {
+        Target::Volume(volume) => cmd.arg(volume),
+        Target::Snapshot(snapshot) => cmd.arg(snapshot).arg("--snapshot"),
+    };
+    cmd.arg("--run-dir")
         .arg(run_dir)
         .env(READY_FD, write_fd.to_string())
         .stdin(Stdio::null())
@@ -95,12 +138,14 @@ pub async fn attach(
         })
 }
 
-/// `volume detach NAME`: removes the loop device, stops the daemon (which
-/// flushes) and waits for it.
-pub fn detach(run_dir: &Path, name: &str) -> anyhow::Result<()> {
+/// `volume detach NAME` / `snapshot detach NAME`: removes the loop device,
+/// stops the daemon (which flushes) and waits for it.
+pub fn detach(run_dir: &Path, target: &Target) -> anyhow::Result<()> {
+    let key = target.key();
+    let name = key.as_str();
     attach::clean_stale(run_dir, name);
     let Some(state) = attach::read_state(run_dir, name) else {
-        bail!("volume {name:?} is not attached on this machine");
+        bail!("{} is not attached on this machine", target.describe());
     };
     attach::loop_detach(&state.device)?;
     // SAFETY: a plain kill(2).
@@ -138,16 +183,16 @@ impl Reporter {
     }
 }
 
-/// The attach daemon: the volume's writer, its FUSE file and loop device,
-/// until SIGTERM (or SIGINT).
+/// The attach daemon: the volume's writer (or a snapshot's reader), its
+/// FUSE file and loop device, until SIGTERM (or SIGINT).
 pub async fn run(
     meta: Meta,
-    name: String,
+    target: Target,
     run_dir: PathBuf,
     options: VolumeOptions,
 ) -> anyhow::Result<()> {
     let mut reporter = Reporter::from_env();
-    match serve(&meta, &name, &run_dir, options, &mut reporter).await {
+    match serve(&meta, &target, &run_dir, options, &mut reporter).await {
         Ok(()) => Ok(()),
         Err(e) => {
             reporter.send(&format!("error {e:#}"));
@@ -156,26 +201,56 @@ pub async fn run(
     }
 }
 
+/// How often the daemon looks at the control plane for new placements,
+/// a larger size, deleted snapshots and snapshot requests.
+const CONTROL_INTERVAL: Duration = Duration::from_millis(500);
+
 async fn serve(
     meta: &Meta,
-    name: &str,
+    target: &Target,
     run_dir: &Path,
     options: VolumeOptions,
     reporter: &mut Reporter,
 ) -> anyhow::Result<()> {
-    let volume = Volume::open(meta, name, options).await?;
-    let epoch = volume.epoch();
-    let lease = meta.keep_lease(ATTACH_LEASE_TTL).await?;
+    let key = target.key();
+    // A volume's writer is recorded before it opens (and bumps the epoch):
+    // a snapshot taken without a writer either sees it or is seen by it.
+    let mut lease = None;
     let mut record = AttachRecord {
         host: hostname(),
         pid: std::process::id(),
         device: String::new(),
-        epoch,
+        epoch: 0,
+        size: 0,
     };
-    meta.set_attached(name, &record, lease.id).await?;
-    let mountpoint = attach::state_dir(run_dir, name).join("mnt");
+    if let Target::Volume(name) = target {
+        let guard = meta.keep_lease(ATTACH_LEASE_TTL).await?;
+        meta.set_attached(name, &record, guard.id).await?;
+        lease = Some(guard);
+    }
+    let opened = match target {
+        Target::Volume(name) => Volume::open(meta, name, options).await,
+        Target::Snapshot(name) => Volume::open_snapshot(meta, name, options).await,
+    };
+    let volume = match opened {
+        Ok(v) => v,
+        Err(e) => {
+            if let (Target::Volume(name), Some(lease)) = (target, lease) {
+                lease.revoke().await;
+                let _ = meta.clear_attached(name, 0).await;
+            }
+            return Err(e.into());
+        }
+    };
+    let epoch = volume.epoch();
+    record.epoch = epoch;
+    record.size = volume.size();
+    if let (Target::Volume(name), Some(lease)) = (target, &lease) {
+        meta.set_attached(name, &record, lease.id).await?;
+    }
+    let mountpoint = attach::state_dir(run_dir, &key).join("mnt");
     let mounted = attach::mount(Arc::new(volume.clone()), &mountpoint)?;
-    let device = match attach::loop_attach(&mounted.file) {
+    let device = match attach::loop_attach(&mounted.file, !volume.writable()) {
         Ok(d) => d,
         Err(e) => {
             drop(mounted);
@@ -183,7 +258,7 @@ async fn serve(
         }
     };
     let state = AttachState {
-        volume: name.to_string(),
+        volume: key.clone(),
         pid: std::process::id(),
         device: device.clone(),
         mountpoint: mountpoint.clone(),
@@ -192,18 +267,39 @@ async fn serve(
     };
     attach::write_state(run_dir, &state)?;
     record.device = device.clone();
-    meta.set_attached(name, &record, lease.id).await?;
-    tracing::info!(volume = name, %device, epoch, "attached");
+    if let (Target::Volume(name), Some(lease)) = (target, &lease) {
+        meta.set_attached(name, &record, lease.id).await?;
+    }
+    tracing::info!(target = %key, %device, epoch, "attached");
     reporter.send(&format!("ok {device}"));
 
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let mut control = tokio::time::interval(CONTROL_INTERVAL);
+    control.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = control.tick() => {
+                let attached = Attached {
+                    meta,
+                    volume: &volume,
+                    target,
+                    device: &device,
+                    file: &mounted.file,
+                };
+                if let Some(size) = attached.follow_control_plane().await {
+                    record.size = size;
+                    if let (Target::Volume(name), Some(lease)) = (target, &lease) {
+                        let _ = meta.set_attached(name, &record, lease.id).await;
+                    }
+                }
+            }
+        }
     }
-    tracing::info!(volume = name, "detaching");
+    tracing::info!(target = %key, "detaching");
     // The loop device first (normally `volume detach` removed it already),
     // so nothing more arrives; then everything written is made durable.
     if Path::new(&format!(
@@ -216,10 +312,113 @@ async fn serve(
     }
     let flushed = volume.close().await;
     drop(mounted);
-    lease.revoke().await;
-    let _ = meta.clear_attached(name, epoch).await;
-    let _ = std::fs::remove_file(attach::state_dir(run_dir, name).join("state.json"));
+    if let (Target::Volume(name), Some(lease)) = (target, lease) {
+        lease.revoke().await;
+        let _ = meta.clear_attached(name, epoch).await;
+    }
+    let _ = std::fs::remove_file(attach::state_dir(run_dir, &key).join("state.json"));
     flushed.context("the last flush failed")?;
-    tracing::info!(volume = name, "detached");
+    tracing::info!(target = %key, "detached");
     Ok(())
+}
+
+/// An attached volume as the control loop sees it.
+struct Attached<'a> {
+    meta: &'a Meta,
+    volume: &'a Volume,
+    target: &'a Target,
+    device: &'a str,
+    file: &'a Path,
+}
+
+impl Attached<'_> {
+    /// One round of the control loop: catches up with placements, size
+    /// and snapshots; takes the snapshots asked of this writer. Returns
+    /// the device's new size when it grew.
+    async fn follow_control_plane(&self) -> Option<u64> {
+        let mut grown = None;
+        match self.volume.refresh(self.meta).await {
+            Ok(changes) => {
+                if changes.moved > 0 {
+                    tracing::info!(shards = changes.moved, "shards placed on other nodes");
+                }
+                if let Some(size) = changes.grown {
+                    match self.grow_device() {
+                        Ok(()) => {
+                            tracing::info!(device = %self.device, size, "the device grew");
+                            grown = Some(size);
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %format!("{e:#}"), "cannot grow the device")
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot refresh from the control plane"),
+        }
+        if let Target::Volume(name) = self.target {
+            match self.meta.snapshot_requests(name).await {
+                Ok(asked) => {
+                    for snapshot in asked {
+                        self.take_snapshot(name, &snapshot).await;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot read snapshot requests"),
+            }
+        }
+        grown
+    }
+
+    /// The FUSE file reports the new size at once (its attributes are not
+    /// cached); the loop device is told to re-read it.
+    fn grow_device(&self) -> anyhow::Result<()> {
+        std::fs::metadata(self.file).context("cannot stat the device file")?;
+        attach::loop_resize(self.device)
+    }
+
+    async fn take_snapshot(&self, volume: &str, name: &str) {
+        let meta = self.meta;
+        // No refresh may drop the cut before its record exists.
+        let _admin = self.volume.admin_lock().await;
+        let outcome = async {
+            let (record, _) = meta
+                .volume(volume)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("volume {volume:?} is gone"))?;
+            let cut = self.volume.snapshot_point()?;
+            let snap = SnapshotRecord {
+                name: name.to_string(),
+                volume: volume.to_string(),
+                volume_id: self.volume.id(),
+                cut,
+                size: self.volume.size(),
+                created: now_secs(),
+                bases: record.bases,
+                deleted: false,
+            };
+            if let Err(e) = meta.create_snapshot(&snap).await {
+                self.volume.release_cut(cut);
+                return Err(e.into());
+            }
+            anyhow::Ok(cut)
+        }
+        .await;
+        match outcome {
+            Ok(cut) => {
+                tracing::info!(
+                    snapshot = name,
+                    epoch = cut.0,
+                    seq = cut.1,
+                    "snapshot taken"
+                );
+                let _ = meta.clear_snapshot_request(volume, name).await;
+            }
+            Err(e) => {
+                tracing::warn!(snapshot = name, error = %format!("{e:#}"), "cannot take a snapshot");
+                let _ = meta
+                    .fail_snapshot_request(volume, name, &format!("{e:#}"))
+                    .await;
+            }
+        }
+    }
 }

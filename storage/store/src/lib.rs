@@ -14,4 +14,5 @@ pub mod metrics;
 pub mod node;
 pub mod placement;
 pub mod shardlog;
+pub mod snapshots;
 pub mod volume;

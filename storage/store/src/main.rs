@@ -8,9 +8,11 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tessera_store::cli::{self, parse_size, CreateRequest, DEFAULT_SEGMENT_SIZE};
+use tessera_store::daemon::Target;
 use tessera_store::meta::Meta;
 use tessera_store::node::{self, NodeConfig};
 use tessera_store::shardlog::LogOptions;
+use tessera_store::snapshots::{self, CloneSource};
 use tessera_store::volume::VolumeOptions;
 
 #[global_allocator]
@@ -53,6 +55,9 @@ enum Command {
     /// Create, list, inspect, delete, attach and detach volumes.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Point-in-time snapshots of volumes.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Inspect storage nodes.
     #[command(subcommand)]
     Node(NodeCommand),
@@ -60,6 +65,9 @@ enum Command {
     #[command(hide = true)]
     AttachDaemon {
         name: String,
+        /// NAME is a snapshot, served read-only.
+        #[arg(long)]
+        snapshot: bool,
         #[arg(long, default_value = "/run/tessera-store")]
         run_dir: PathBuf,
     },
@@ -98,12 +106,20 @@ struct ServeArgs {
 
 #[derive(Subcommand)]
 enum VolumeCommand {
-    /// Create a volume.
+    /// Create a volume: empty, or a copy-on-write clone of a snapshot or
+    /// of a volume (nothing is copied).
     Create {
         name: String,
-        /// Size, e.g. 10GiB, 512MiB or bytes.
-        #[arg(long, value_parser = parse_size)]
-        size: u64,
+        /// Size, e.g. 10GiB, 512MiB or bytes (a clone's defaults to its
+        /// source's).
+        #[arg(long, value_parser = parse_size, required_unless_present_any = ["from_snapshot", "from_volume"])]
+        size: Option<u64>,
+        /// Clone this snapshot (its code and segment size are the clone's).
+        #[arg(long, conflicts_with_all = ["from_volume", "data_shards", "parity_shards", "write_quorum", "segment_size"])]
+        from_snapshot: Option<String>,
+        /// Clone this volume as it last flushed it (attached or not).
+        #[arg(long, conflicts_with_all = ["data_shards", "parity_shards", "write_quorum", "segment_size"])]
+        from_volume: Option<String>,
         #[arg(long, default_value_t = 4)]
         data_shards: u32,
         #[arg(long, default_value_t = 2)]
@@ -126,8 +142,16 @@ enum VolumeCommand {
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
-    /// Delete a volume (not while attached); its space is given back.
+    /// Delete a volume (not while attached); its space is given back once
+    /// no snapshot or clone reads it.
     Delete { name: String },
+    /// Grow a volume, attached or not (never shrink).
+    Expand {
+        name: String,
+        /// The new size, e.g. 20GiB.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
     /// Make a volume a block device on this machine; prints its path.
     Attach {
         name: String,
@@ -135,6 +159,38 @@ enum VolumeCommand {
         run_dir: PathBuf,
     },
     /// Flush and remove the block device of an attached volume.
+    Detach {
+        name: String,
+        #[arg(long, default_value = "/run/tessera-store")]
+        run_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Take a crash-consistent snapshot of a volume, attached or not.
+    Create { volume: String, name: String },
+    /// List snapshots, of one volume or all.
+    List {
+        volume: Option<String>,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Size, creation time and source of a snapshot.
+    Info {
+        name: String,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Delete a snapshot; its space is given back once no clone reads it.
+    Delete { name: String },
+    /// Make a snapshot a read-only block device on this machine.
+    Attach {
+        name: String,
+        #[arg(long, default_value = "/run/tessera-store")]
+        run_dir: PathBuf,
+    },
+    /// Remove the block device of an attached snapshot.
     Detach {
         name: String,
         #[arg(long, default_value = "/run/tessera-store")]
@@ -220,11 +276,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             node::serve(config, shutdown()).await
         }
-        Command::AttachDaemon { name, run_dir } => {
+        Command::AttachDaemon {
+            name,
+            snapshot,
+            run_dir,
+        } => {
             let meta = Meta::connect(&endpoints).await?;
-            tessera_store::daemon::run(meta, name, run_dir, VolumeOptions::default()).await
+            let target = if snapshot {
+                Target::Snapshot(name)
+            } else {
+                Target::Volume(name)
+            };
+            tessera_store::daemon::run(meta, target, run_dir, VolumeOptions::default()).await
         }
         Command::Volume(v) => volume(&endpoints, v).await,
+        Command::Snapshot(s) => snapshot(&endpoints, s).await,
         Command::Node(NodeCommand::List { output }) => {
             let meta = Meta::connect(&endpoints).await?;
             let nodes = meta.nodes().await?;
@@ -239,30 +305,44 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn volume(endpoints: &[String], command: VolumeCommand) -> anyhow::Result<()> {
     if let VolumeCommand::Detach { name, run_dir } = &command {
-        return tessera_store::daemon::detach(run_dir, name);
+        return tessera_store::daemon::detach(run_dir, &Target::Volume(name.clone()));
     }
     let meta = Meta::connect(endpoints).await?;
     match command {
         VolumeCommand::Create {
             name,
             size,
+            from_snapshot,
+            from_volume,
             data_shards,
             parity_shards,
             write_quorum,
             segment_size,
         } => {
-            let record = cli::create_volume(
-                &meta,
-                &CreateRequest {
-                    name,
-                    size,
-                    data_shards,
-                    parity_shards,
-                    write_quorum,
-                    segment_size,
-                },
-            )
-            .await?;
+            let source = match (from_snapshot, from_volume) {
+                (Some(s), _) => Some(CloneSource::Snapshot(s)),
+                (None, Some(v)) => Some(CloneSource::Volume(v)),
+                (None, None) => None,
+            };
+            let record = match source {
+                Some(source) => snapshots::create_clone(&meta, &name, source, size)
+                    .await
+                    .with_context(|| format!("cannot create clone {name:?}"))?,
+                None => {
+                    cli::create_volume(
+                        &meta,
+                        &CreateRequest {
+                            name,
+                            size: size.unwrap_or(0),
+                            data_shards,
+                            parity_shards,
+                            write_quorum,
+                            segment_size,
+                        },
+                    )
+                    .await?
+                }
+            };
             println!(
                 "created volume {} ({}, {}+{}, {} segments)",
                 record.name,
@@ -304,11 +384,85 @@ async fn volume(endpoints: &[String], command: VolumeCommand) -> anyhow::Result<
                 cli::format_size(record.size)
             );
         }
+        VolumeCommand::Expand { name, size } => {
+            let (old, record) = cli::expand_volume(&meta, &name, size).await?;
+            if old == record.size {
+                println!("volume {name} is already {}", cli::format_size(old));
+                return Ok(());
+            }
+            println!(
+                "expanded volume {name} from {} to {}",
+                cli::format_size(old),
+                cli::format_size(record.size)
+            );
+            if let Some(device) = cli::wait_for_device_size(&meta, &name, record.size).await? {
+                println!("device {device} is now {}", cli::format_size(record.size));
+            }
+        }
         VolumeCommand::Attach { name, run_dir } => {
-            let device = tessera_store::daemon::attach(&meta, endpoints, &name, &run_dir).await?;
+            let target = Target::Volume(name);
+            let device = tessera_store::daemon::attach(&meta, endpoints, &target, &run_dir).await?;
             println!("{device}");
         }
         VolumeCommand::Detach { .. } => {}
+    }
+    Ok(())
+}
+
+async fn snapshot(endpoints: &[String], command: SnapshotCommand) -> anyhow::Result<()> {
+    if let SnapshotCommand::Detach { name, run_dir } = &command {
+        return tessera_store::daemon::detach(run_dir, &Target::Snapshot(name.clone()));
+    }
+    let meta = Meta::connect(endpoints).await?;
+    match command {
+        SnapshotCommand::Create { volume, name } => {
+            let started = std::time::Instant::now();
+            let snap =
+                snapshots::create_snapshot(&meta, &volume, &name, snapshots::SNAPSHOT_TIMEOUT)
+                    .await
+                    .with_context(|| format!("cannot snapshot volume {volume:?}"))?;
+            println!(
+                "created snapshot {} of volume {} ({}) in {:.3} s",
+                snap.name,
+                snap.volume,
+                cli::format_size(snap.size),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        SnapshotCommand::List { volume, output } => {
+            let list = snapshots::snapshot_infos(&meta, volume.as_deref()).await?;
+            match output {
+                Output::Table => print!("{}", snapshots::snapshots_table(&list)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&list)?),
+            }
+        }
+        SnapshotCommand::Info { name, output } => {
+            let info = snapshots::snapshot_infos(&meta, None)
+                .await?
+                .into_iter()
+                .find(|s| s.name == name)
+                .with_context(|| format!("no snapshot named {name:?}"))?;
+            match output {
+                Output::Table => print!("{}", snapshots::snapshot_text(&info)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&info)?),
+            }
+        }
+        SnapshotCommand::Delete { name } => {
+            let kept = snapshots::delete_snapshot(&meta, &name)
+                .await
+                .with_context(|| format!("cannot delete snapshot {name:?}"))?;
+            if kept {
+                println!("deleted snapshot {name} (its data stays while clones read it)");
+            } else {
+                println!("deleted snapshot {name}");
+            }
+        }
+        SnapshotCommand::Attach { name, run_dir } => {
+            let target = Target::Snapshot(name);
+            let device = tessera_store::daemon::attach(&meta, endpoints, &target, &run_dir).await?;
+            println!("{device}");
+        }
+        SnapshotCommand::Detach { .. } => {}
     }
     Ok(())
 }

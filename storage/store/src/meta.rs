@@ -7,6 +7,11 @@
 //! /tessera/store/volumes/<name>    volume record (id, size, code, epoch, placement)
 //! /tessera/store/attach/<name>     who writes the volume now, under that process's lease
 //! /tessera/store/deleted/<id>      a deleted volume: nodes give its space back
+//! /tessera/store/retired/<id>      a deleted volume whose data snapshots or clones still read
+//! /tessera/store/snapshots/<name>  a snapshot: a volume's stripes up to a cut
+//! /tessera/store/snapreq/<volume>/<name>   a snapshot asked of the volume's writer
+//! /tessera/store/drain/<name>      a node being drained: its shards move away
+//! /tessera/store/lineage           bumped by every change of who reads whom
 //! ```
 //!
 //! Values are JSON. Every change that must not race is a transaction
@@ -23,6 +28,14 @@ const ALIVE: &str = "/tessera/store/alive/";
 const VOLUMES: &str = "/tessera/store/volumes/";
 const ATTACH: &str = "/tessera/store/attach/";
 const DELETED: &str = "/tessera/store/deleted/";
+const RETIRED: &str = "/tessera/store/retired/";
+const SNAPSHOTS: &str = "/tessera/store/snapshots/";
+const SNAPREQ: &str = "/tessera/store/snapreq/";
+const DRAIN: &str = "/tessera/store/drain/";
+/// Changed by every transaction that adds or removes a reference between
+/// volumes and snapshots (clone, snapshot delete, volume delete, burial):
+/// each compares it, so two of them never decide on a stale view.
+const LINEAGE: &str = "/tessera/store/lineage";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
@@ -47,6 +60,10 @@ pub enum MetaError {
     NodeRunning { name: String, address: String },
     #[error("volume {0:?} changed while it was being updated; try again")]
     Conflict(String),
+    #[error("snapshot {0:?} already exists")]
+    SnapshotExists(String),
+    #[error("no snapshot named {0:?}")]
+    NoSuchSnapshot(String),
 }
 
 /// A storage node as it registers itself.
@@ -81,6 +98,37 @@ pub struct VolumeRecord {
     pub nodes: Vec<String>,
     /// For each segment, the node (index into `nodes`) of each shard.
     pub segments: Vec<Vec<u16>>,
+    /// What the volume was cloned from, nearest first: its blocks not yet
+    /// written read from these (copy-on-write, nothing copied).
+    #[serde(default)]
+    pub bases: Vec<Base>,
+}
+
+/// A layer a clone reads through: a volume's stripes up to a cut.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Base {
+    pub volume_id: u64,
+    /// `(epoch, seq)`: the stripes up to and including this one.
+    pub cut: (u64, u64),
+    /// The snapshot that holds the cut (kept while clones read from it).
+    pub snapshot: String,
+}
+
+/// A point-in-time copy of a volume: its stripes up to a cut (what a
+/// flush had made durable), plus the volume's own bases.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SnapshotRecord {
+    pub name: String,
+    /// The volume it was taken of (its name then).
+    pub volume: String,
+    pub volume_id: u64,
+    pub cut: (u64, u64),
+    pub size: u64,
+    pub created: u64,
+    pub bases: Vec<Base>,
+    /// Deleted by its user but kept while clones read from it.
+    #[serde(default)]
+    pub deleted: bool,
 }
 
 impl VolumeRecord {
@@ -104,6 +152,9 @@ pub struct AttachRecord {
     pub pid: u32,
     pub device: String,
     pub epoch: u64,
+    /// The device's size, once the writer has it.
+    #[serde(default)]
+    pub size: u64,
 }
 
 /// A node as `node list` shows it.
@@ -111,6 +162,8 @@ pub struct AttachRecord {
 pub struct NodeStatus {
     pub record: NodeRecord,
     pub alive: bool,
+    /// Being drained: no new placements, its shards move away.
+    pub draining: bool,
 }
 
 pub fn now_secs() -> u64 {
@@ -280,15 +333,40 @@ impl Meta {
             .iter()
             .map(|kv| kv.key()[ALIVE.len()..].to_vec())
             .collect();
+        let draining = client
+            .get(DRAIN, prefix.clone())
+            .await
+            .map_err(|e| self.err(e))?;
+        let draining: std::collections::HashSet<Vec<u8>> = draining
+            .kvs()
+            .iter()
+            .map(|kv| kv.key()[DRAIN.len()..].to_vec())
+            .collect();
         let resp = client.get(NODES, prefix).await.map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         for kv in resp.kvs() {
             let record: NodeRecord = decode(kv.key(), kv.value())?;
             let alive = alive.contains(record.name.as_bytes());
-            out.push(NodeStatus { record, alive });
+            let draining = draining.contains(record.name.as_bytes());
+            out.push(NodeStatus {
+                record,
+                alive,
+                draining,
+            });
         }
         out.sort_by(|a, b| a.record.name.cmp(&b.record.name));
         Ok(out)
+    }
+
+    /// Marks a node as drained: placements avoid it, repair moves its
+    /// shards away.
+    pub async fn set_draining(&self, name: &str) -> Result<(), MetaError> {
+        self.client
+            .clone()
+            .put(format!("{DRAIN}{name}"), "", None)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
     }
 
     /// Creates a volume; refused if the name is taken.
@@ -413,9 +491,184 @@ impl Meta {
             .transpose()
     }
 
+    /// Every snapshot, hidden (deleted but still read) ones included.
+    pub async fn snapshots(&self) -> Result<Vec<SnapshotRecord>, MetaError> {
+        let resp = self
+            .client
+            .clone()
+            .get(SNAPSHOTS, Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.err(e))?;
+        resp.kvs()
+            .iter()
+            .map(|kv| decode(kv.key(), kv.value()))
+            .collect()
+    }
+
+    pub async fn snapshot(&self, name: &str) -> Result<Option<SnapshotRecord>, MetaError> {
+        let resp = self
+            .client
+            .clone()
+            .get(format!("{SNAPSHOTS}{name}"), None)
+            .await
+            .map_err(|e| self.err(e))?;
+        resp.kvs()
+            .first()
+            .map(|kv| decode(kv.key(), kv.value()))
+            .transpose()
+    }
+
+    /// Creates a snapshot record; refused if the name is taken.
+    pub async fn create_snapshot(&self, record: &SnapshotRecord) -> Result<(), MetaError> {
+        let key = format!("{SNAPSHOTS}{}", record.name);
+        let txn = Txn::new()
+            .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, encode(record), None)]);
+        let resp = self
+            .client
+            .clone()
+            .txn(txn)
+            .await
+            .map_err(|e| self.err(e))?;
+        if resp.succeeded() {
+            Ok(())
+        } else {
+            Err(MetaError::SnapshotExists(record.name.clone()))
+        }
+    }
+
+    /// The cuts that snapshots (hidden ones included) hold on volume `id`:
+    /// its writer keeps every stripe they need.
+    pub async fn snapshot_cuts(&self, id: u64) -> Result<Vec<(u64, u64)>, MetaError> {
+        Ok(self
+            .snapshots()
+            .await?
+            .into_iter()
+            .filter(|s| s.volume_id == id)
+            .map(|s| s.cut)
+            .collect())
+    }
+
+    /// Asks the writer of `volume` for snapshot `name`; refused when the
+    /// name is taken or asked for already.
+    pub async fn request_snapshot(&self, volume: &str, name: &str) -> Result<(), MetaError> {
+        let request = format!("{SNAPREQ}{volume}/{name}");
+        let snapshot = format!("{SNAPSHOTS}{name}");
+        let txn = Txn::new()
+            .when([
+                Compare::version(snapshot, CompareOp::Equal, 0),
+                Compare::version(request.clone(), CompareOp::Equal, 0),
+            ])
+            .and_then([TxnOp::put(request, "pending", None)]);
+        let resp = self
+            .client
+            .clone()
+            .txn(txn)
+            .await
+            .map_err(|e| self.err(e))?;
+        if resp.succeeded() {
+            Ok(())
+        } else {
+            Err(MetaError::SnapshotExists(name.to_string()))
+        }
+    }
+
+    /// The snapshots asked of `volume`'s writer and not yet taken.
+    pub async fn snapshot_requests(&self, volume: &str) -> Result<Vec<String>, MetaError> {
+        let prefix = format!("{SNAPREQ}{volume}/");
+        let resp = self
+            .client
+            .clone()
+            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .filter(|kv| kv.value() == b"pending")
+            .filter_map(|kv| {
+                std::str::from_utf8(&kv.key()[prefix.len()..])
+                    .ok()
+                    .map(String::from)
+            })
+            .collect())
+    }
+
+    pub async fn clear_snapshot_request(&self, volume: &str, name: &str) -> Result<(), MetaError> {
+        self.client
+            .clone()
+            .delete(format!("{SNAPREQ}{volume}/{name}"), None)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// The record of volume `id`: a live volume, or a deleted one whose data
+    /// is still read (retired).
+    pub async fn volume_by_id(&self, id: u64) -> Result<Option<VolumeRecord>, MetaError> {
+        if let Some(v) = self.volumes().await?.into_iter().find(|v| v.id == id) {
+            return Ok(Some(v));
+        }
+        let resp = self
+            .client
+            .clone()
+            .get(format!("{RETIRED}{id:016x}"), None)
+            .await
+            .map_err(|e| self.err(e))?;
+        resp.kvs()
+            .first()
+            .map(|kv| decode(kv.key(), kv.value()))
+            .transpose()
+    }
+
+    /// Deleted volumes whose data is still read.
+    pub async fn retired(&self) -> Result<Vec<VolumeRecord>, MetaError> {
+        let resp = self
+            .client
+            .clone()
+            .get(RETIRED, Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.err(e))?;
+        resp.kvs()
+            .iter()
+            .map(|kv| decode(kv.key(), kv.value()))
+            .collect()
+    }
+
+    /// A retired volume's data is read no more: tombstone it (nodes give
+    /// the space back) and forget it.
+
+    /// Updates a volume's record if it has not changed since `revision`.
+    pub async fn update_volume(
+        &self,
+        record: &VolumeRecord,
+        revision: i64,
+    ) -> Result<(), MetaError> {
+        let key = format!("{VOLUMES}{}", record.name);
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                revision,
+            )])
+            .and_then([TxnOp::put(key, encode(record), None)]);
+        let resp = self
+            .client
+            .clone()
+            .txn(txn)
+            .await
+            .map_err(|e| self.err(e))?;
+        if resp.succeeded() {
+            Ok(())
+        } else {
+            Err(MetaError::Conflict(record.name.clone()))
+        }
+    }
+
     /// Deletes a volume that is not attached, and leaves a tombstone that
-    /// tells nodes to give its space back.
-    pub async fn delete_volume(&self, name: &str) -> Result<VolumeRecord, MetaError> {
+    /// tells nodes to give its space back (or, while snapshots hold cuts of
+    /// it, keeps its record as retired for them to read through).
+    pub async fn delete_volume(&self, name: &str) -> Result<(VolumeRecord, bool), MetaError> {
         let (record, revision) = self
             .volume(name)
             .await?
@@ -429,15 +682,24 @@ impl Meta {
         }
         let key = format!("{VOLUMES}{name}");
         let attach = format!("{ATTACH}{name}");
+        let lineage = self.lineage().await?;
+        let held = !self.snapshot_cuts(record.id).await?.is_empty();
+        let keep = if held {
+            TxnOp::put(
+                format!("{RETIRED}{:016x}", record.id),
+                encode(&record),
+                None,
+            )
+        } else {
+            TxnOp::put(format!("{DELETED}{:016x}", record.id), name, None)
+        };
         let txn = Txn::new()
             .when([
                 Compare::mod_revision(key.clone(), CompareOp::Equal, revision),
                 Compare::version(attach, CompareOp::Equal, 0),
+                Compare::mod_revision(LINEAGE, CompareOp::Equal, lineage),
             ])
-            .and_then([
-                TxnOp::delete(key, None),
-                TxnOp::put(format!("{DELETED}{:016x}", record.id), name, None),
-            ]);
+            .and_then([TxnOp::delete(key, None), keep, bump_lineage()]);
         let resp = self
             .client
             .clone()
@@ -445,10 +707,215 @@ impl Meta {
             .await
             .map_err(|e| self.err(e))?;
         if resp.succeeded() {
-            Ok(record)
+            Ok((record, held))
         } else {
             Err(MetaError::Conflict(name.to_string()))
         }
+    }
+
+    /// The lineage key's revision, for [`LINEAGE`]'s compare.
+    async fn lineage(&self) -> Result<i64, MetaError> {
+        let resp = self
+            .client
+            .clone()
+            .get(LINEAGE, None)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(resp.kvs().first().map_or(0, |kv| kv.mod_revision()))
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<bool, MetaError> {
+        let resp = self
+            .client
+            .clone()
+            .txn(txn)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(resp.succeeded())
+    }
+
+    /// Records a snapshot of a volume that no writer has open: its stripes
+    /// are all there is, so the cut is everything up to its epoch. Refused
+    /// (`Conflict`) if the volume changed or a writer attached meanwhile.
+    pub async fn create_detached_snapshot(
+        &self,
+        record: &SnapshotRecord,
+        volume_revision: i64,
+    ) -> Result<(), MetaError> {
+        let key = format!("{SNAPSHOTS}{}", record.name);
+        let volume = format!("{VOLUMES}{}", record.volume);
+        let txn = Txn::new()
+            .when([
+                Compare::version(key.clone(), CompareOp::Equal, 0),
+                Compare::mod_revision(volume, CompareOp::Equal, volume_revision),
+                Compare::version(format!("{ATTACH}{}", record.volume), CompareOp::Equal, 0),
+            ])
+            .and_then([TxnOp::put(key, encode(record), None)]);
+        if self.txn(txn).await? {
+            return Ok(());
+        }
+        if self.snapshot(&record.name).await?.is_some() {
+            return Err(MetaError::SnapshotExists(record.name.clone()));
+        }
+        Err(MetaError::Conflict(record.volume.clone()))
+    }
+
+    /// Creates a clone's record, reading through snapshot `snapshot`:
+    /// refused if the snapshot went away or anything of the lineage changed
+    /// since `lineage` was read.
+    pub async fn create_clone(
+        &self,
+        record: &VolumeRecord,
+        snapshot: &str,
+        lineage: i64,
+    ) -> Result<(), MetaError> {
+        let key = format!("{VOLUMES}{}", record.name);
+        let txn = Txn::new()
+            .when([
+                Compare::version(key.clone(), CompareOp::Equal, 0),
+                Compare::version(format!("{SNAPSHOTS}{snapshot}"), CompareOp::Greater, 0),
+                Compare::mod_revision(LINEAGE, CompareOp::Equal, lineage),
+            ])
+            .and_then([TxnOp::put(key, encode(record), None), bump_lineage()]);
+        if self.txn(txn).await? {
+            return Ok(());
+        }
+        if self.volume(&record.name).await?.is_some() {
+            return Err(MetaError::VolumeExists(record.name.clone()));
+        }
+        if self.snapshot(snapshot).await?.is_none_or(|s| s.deleted) {
+            return Err(MetaError::NoSuchSnapshot(snapshot.to_string()));
+        }
+        Err(MetaError::Conflict(record.name.clone()))
+    }
+
+    /// The lineage's revision now: read it before deciding on a clone.
+    pub async fn lineage_revision(&self) -> Result<i64, MetaError> {
+        self.lineage().await
+    }
+
+    /// Everything that reads through snapshots or retired volumes: volume
+    /// records (live and retired) and snapshot records.
+    async fn lineage_view(
+        &self,
+    ) -> Result<
+        (
+            i64,
+            Vec<VolumeRecord>,
+            Vec<VolumeRecord>,
+            Vec<SnapshotRecord>,
+        ),
+        MetaError,
+    > {
+        let lineage = self.lineage().await?;
+        Ok((
+            lineage,
+            self.volumes().await?,
+            self.retired().await?,
+            self.snapshots().await?,
+        ))
+    }
+
+    /// Deletes snapshot `name` as its user sees it: gone from lists; its
+    /// record kept hidden while clones read through it. Returns whether it
+    /// was kept.
+    pub async fn delete_snapshot(&self, name: &str) -> Result<bool, MetaError> {
+        for _ in 0..20 {
+            let (lineage, volumes, retired, snapshots) = self.lineage_view().await?;
+            let Some(mut snap) = snapshots
+                .iter()
+                .find(|s| s.name == name && !s.deleted)
+                .cloned()
+            else {
+                return Err(MetaError::NoSuchSnapshot(name.to_string()));
+            };
+            let read = referenced_snapshots(&volumes, &retired, &snapshots).contains(name);
+            let key = format!("{SNAPSHOTS}{name}");
+            let change = if read {
+                snap.deleted = true;
+                TxnOp::put(key, encode(&snap), None)
+            } else {
+                TxnOp::delete(key, None)
+            };
+            let txn = Txn::new()
+                .when([Compare::mod_revision(LINEAGE, CompareOp::Equal, lineage)])
+                .and_then([change, bump_lineage()]);
+            if self.txn(txn).await? {
+                return Ok(read);
+            }
+        }
+        Err(MetaError::Conflict(name.to_string()))
+    }
+
+    /// Removes what nothing reads any more: hidden snapshots no clone reads
+    /// through, then retired volumes no snapshot holds a cut of (tombstoned:
+    /// their nodes give the space back). Returns the volumes buried.
+    pub async fn collect_garbage(&self) -> Result<Vec<VolumeRecord>, MetaError> {
+        let mut buried = Vec::new();
+        for _ in 0..100 {
+            let (lineage, volumes, retired, snapshots) = self.lineage_view().await?;
+            let read = referenced_snapshots(&volumes, &retired, &snapshots);
+            let mut ops: Vec<TxnOp> = snapshots
+                .iter()
+                .filter(|s| s.deleted && !read.contains(&s.name))
+                .map(|s| TxnOp::delete(format!("{SNAPSHOTS}{}", s.name), None))
+                .collect();
+            let mut burying = Vec::new();
+            if ops.is_empty() {
+                for v in &retired {
+                    if !snapshots.iter().any(|s| s.volume_id == v.id) {
+                        ops.push(TxnOp::delete(format!("{RETIRED}{:016x}", v.id), None));
+                        ops.push(TxnOp::put(format!("{DELETED}{:016x}", v.id), "", None));
+                        burying.push(v.clone());
+                    }
+                }
+            }
+            if ops.is_empty() {
+                return Ok(buried);
+            }
+            ops.push(bump_lineage());
+            let txn = Txn::new()
+                .when([Compare::mod_revision(LINEAGE, CompareOp::Equal, lineage)])
+                .and_then(ops);
+            if self.txn(txn).await? {
+                buried.extend(burying);
+            }
+        }
+        Err(MetaError::Conflict("lineage".into()))
+    }
+
+    /// Records the outcome of a snapshot asked of a writer that failed.
+    pub async fn fail_snapshot_request(
+        &self,
+        volume: &str,
+        name: &str,
+        why: &str,
+    ) -> Result<(), MetaError> {
+        let key = format!("{SNAPREQ}{volume}/{name}");
+        let txn = Txn::new()
+            .when([Compare::version(key.clone(), CompareOp::Greater, 0)])
+            .and_then([TxnOp::put(key, format!("error: {why}"), None)]);
+        self.txn(txn).await?;
+        Ok(())
+    }
+
+    /// The state of a snapshot request: `None` once gone, else its value
+    /// (`pending`, or `error: ...`).
+    pub async fn snapshot_request(
+        &self,
+        volume: &str,
+        name: &str,
+    ) -> Result<Option<String>, MetaError> {
+        let resp = self
+            .client
+            .clone()
+            .get(format!("{SNAPREQ}{volume}/{name}"), None)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(resp
+            .kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
     }
 
     /// Ids of deleted volumes.
@@ -536,4 +1003,23 @@ impl Drop for LeaseGuard {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+fn bump_lineage() -> TxnOp {
+    TxnOp::put(LINEAGE, "", None)
+}
+
+/// Names of the snapshots some volume or snapshot reads through.
+fn referenced_snapshots(
+    volumes: &[VolumeRecord],
+    retired: &[VolumeRecord],
+    snapshots: &[SnapshotRecord],
+) -> std::collections::HashSet<String> {
+    volumes
+        .iter()
+        .chain(retired)
+        .flat_map(|v| &v.bases)
+        .chain(snapshots.iter().flat_map(|s| &s.bases))
+        .map(|b| b.snapshot.clone())
+        .collect()
 }

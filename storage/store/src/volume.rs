@@ -30,11 +30,23 @@
 //! fails and says so: nothing acknowledged is ever dropped.
 //!
 //! **Space.** A stripe whose blocks were all superseded by acknowledged
-//! stripes is discarded on its nodes, which give the space back.
+//! stripes is discarded on its nodes, which give the space back, unless a
+//! snapshot still needs it.
+//!
+//! **Snapshots and clones** are cuts, not copies. Stripe sequence numbers
+//! run over the whole volume, so a flush point is one stripe id, and a
+//! snapshot is the volume's stripes up to one: an attached volume's last
+//! flush point, whose stripes the writer keeps until the next flush is
+//! durable (from a snapshot on, a stripe it still reads is kept when its
+//! blocks are overwritten). Taking one reads, writes and waits for
+//! nothing. A clone's content is layers: its own stripes over a
+//! snapshot's (its base), over that snapshot's own bases; a block comes
+//! from the topmost layer that has it, nothing is copied, and writes go to
+//! the clone's own layer.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -46,7 +58,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
 use crate::codec::{block_crcs, position, rows_for, Codec, CodecError, BLOCK, MAX_ROWS};
-use crate::meta::{Meta, MetaError, VolumeRecord};
+use crate::meta::{Base, Meta, MetaError, SnapshotRecord, VolumeRecord};
 use crate::node::MAX_MESSAGE;
 use crate::shardlog::{stripe_id, stripe_of, Stripe};
 
@@ -56,6 +68,10 @@ pub enum VolumeError {
     Meta(#[from] MetaError),
     #[error("no volume named {0:?}")]
     NoSuchVolume(String),
+    #[error("no snapshot named {0:?}")]
+    NoSuchSnapshot(String),
+    #[error("the data of volume {0:016x}, which this one reads through, is gone")]
+    MissingBase(u64),
     #[error("fenced: {0}")]
     Fenced(String),
     #[error("segment {segment}: only {reachable} of its {shards} nodes are reachable ({down}); {needed} are needed to {what}")]
@@ -124,10 +140,15 @@ impl Default for VolumeOptions {
 /// Where a block's newest version is.
 #[derive(Clone, Copy, Debug)]
 struct Loc {
+    /// The layer: 0 is the volume's own stripes, then its bases.
+    layer: u8,
     stripe: Stripe,
     /// Its index in the stripe's layout.
     pos: u32,
 }
+
+/// A stripe in a segment's map: its layer and id.
+type Key = (u8, Stripe);
 
 struct StripeState {
     layout: Arc<Layout>,
@@ -137,6 +158,8 @@ struct StripeState {
     dead_at: Option<u64>,
     /// All shards, while some are not yet durable (served to reads too).
     data: Option<Arc<Vec<Vec<u8>>>>,
+    /// Snapshot cuts that still read some of its blocks: kept while any.
+    pinned_by: Vec<Stripe>,
 }
 
 #[derive(Default)]
@@ -144,39 +167,50 @@ struct SegState {
     /// Written blocks only: a volume's map grows with what was written.
     map: HashMap<u32, Loc>,
     dirty: BTreeMap<u32, Arc<Vec<u8>>>,
-    stripes: HashMap<Stripe, StripeState>,
-    /// The next stripe's sequence number (this epoch's start at 1).
-    next_seq: u64,
-    /// Sealed stripes not yet acknowledged.
+    stripes: HashMap<Key, StripeState>,
+    /// Sealed stripes of this segment not yet acknowledged.
     unacked: BTreeSet<u64>,
     /// Why an unacknowledged stripe has not reached its quorum yet (the
     /// last round of sends), for error messages.
     trouble: Option<(u64, String)>,
     /// The same once it has lasted the write timeout: flushes fail on it.
     failure: Option<(u64, String)>,
+    /// For each cut, the own stripes it pins (to release it quickly).
+    pinned: HashMap<Stripe, Vec<Stripe>>,
 }
 
 impl SegState {
-    /// Every stripe of this epoch up to this one is acknowledged.
+    /// Every stripe of this writer in this segment up to this sequence
+    /// number is acknowledged.
     fn acked_through(&self) -> u64 {
         match self.unacked.first() {
             Some(&first) => first - 1,
-            None => self.next_seq.saturating_sub(1),
+            None => u64::MAX,
         }
     }
 }
 
 struct Segment {
     index: u32,
-    /// The node (index into `Inner::nodes`) of each shard.
-    nodes: Vec<usize>,
     state: Mutex<SegState>,
 }
 
 /// A storage node as the client reaches it.
+#[derive(Clone)]
 struct NodeHandle {
     name: String,
     client: Option<StoreClient<Channel>>,
+}
+
+/// One layer of the volume's content: its own stripes (layer 0), or a
+/// base's up to a cut.
+struct Layer {
+    volume_id: u64,
+    /// Stripes of the layer up to and including this id; `None`: all.
+    cut: Option<Stripe>,
+    /// For each of the layer's segments, the node of each shard (repair
+    /// and expansion change it while the volume is open).
+    segments: RwLock<Vec<Vec<NodeHandle>>>,
 }
 
 /// Counters for `/metrics` and tests.
@@ -189,8 +223,21 @@ pub struct VolumeStats {
     pub shards_completed: AtomicU64,
 }
 
+/// What [`Volume::refresh`] found changed in the control plane.
+#[derive(Debug, Default, PartialEq)]
+pub struct Refreshed {
+    /// The volume grew to this size.
+    pub grown: Option<u64>,
+    /// Shards placed on other nodes (repair, drain).
+    pub moved: usize,
+    /// Snapshot cuts released (their stripes given back).
+    pub released: usize,
+}
+
 struct Inner {
-    record: VolumeRecord,
+    name: String,
+    /// The id of the volume's own layer.
+    id: u64,
     /// This writer's epoch (0 when read-only).
     epoch: u64,
     codec: Codec,
@@ -198,8 +245,19 @@ struct Inner {
     n: usize,
     quorum: usize,
     seg_blocks: u32,
-    nodes: Vec<NodeHandle>,
-    segments: Vec<Segment>,
+    size: AtomicU64,
+    layers: Vec<Layer>,
+    segments: RwLock<Vec<Arc<Segment>>>,
+    /// Connections by node name, shared by every layer.
+    clients: Mutex<HashMap<String, NodeHandle>>,
+    /// The next stripe's sequence number, over all segments: a flush point
+    /// is one stripe id. Taken only under `cuts`' lock, so a cut and the
+    /// stripes sealed after it are ordered.
+    next_seq: AtomicU64,
+    /// Cuts of the volume's own layer whose stripes are kept.
+    cuts: Mutex<Cuts>,
+    /// Serializes taking snapshots and refreshing from the control plane.
+    admin: tokio::sync::Mutex<()>,
     fenced: Mutex<Option<String>>,
     closed: AtomicBool,
     unacked_bytes: AtomicUsize,
@@ -225,7 +283,7 @@ enum Source {
     Zero,
     Bytes(Arc<Vec<u8>>),
     InStripe(Arc<Vec<Vec<u8>>>, usize, usize),
-    Remote(Stripe, Arc<Layout>, u32),
+    Remote(u8, Stripe, Arc<Layout>, u32),
 }
 
 fn is_fenced(status: &tonic::Status) -> bool {
@@ -236,13 +294,89 @@ fn lock(seg: &Segment) -> MutexGuard<'_, SegState> {
     seg.state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn names(nodes: &[NodeHandle], which: impl Iterator<Item = usize>) -> String {
-    let list: Vec<&str> = which.map(|i| nodes[i].name.as_str()).collect();
+fn lock_cuts(inner: &Inner) -> MutexGuard<'_, Cuts> {
+    inner.cuts.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The cuts whose stripes a writer keeps: snapshots' (recorded in the
+/// control plane, or being recorded), and flush points' (the last flush
+/// whose stripes are all acknowledged, and the flushes in progress, any of
+/// which may become it). A snapshot taken of an attached volume is its
+/// last flush point: exactly what the volume's user last made durable.
+#[derive(Clone, Default)]
+struct Cuts {
+    snapshots: BTreeSet<Stripe>,
+    /// Flush points, each with how many flushes (or the last-flush role)
+    /// hold it.
+    flushes: BTreeMap<Stripe, usize>,
+    last_flush: Stripe,
+}
+
+impl Cuts {
+    /// Every cut in `old..new`: a stripe `old` superseded by `new` is read
+    /// by them.
+    fn between(&self, old: Stripe, new: Stripe) -> Vec<Stripe> {
+        let mut out: Vec<Stripe> = self.snapshots.range(old..new).copied().collect();
+        out.extend(self.flushes.range(old..new).map(|(c, _)| *c));
+        out
+    }
+
+    fn holds(&self, cut: Stripe) -> bool {
+        self.snapshots.contains(&cut) || self.flushes.contains_key(&cut)
+    }
+
+    fn add_flush(&mut self, cut: Stripe) {
+        *self.flushes.entry(cut).or_default() += 1;
+    }
+
+    /// One holder of flush point `cut` let go; whether no cut holds its
+    /// stripes any more.
+    fn drop_flush(&mut self, cut: Stripe) -> bool {
+        if let Some(count) = self.flushes.get_mut(&cut) {
+            *count -= 1;
+            if *count == 0 {
+                self.flushes.remove(&cut);
+            }
+        }
+        !self.holds(cut)
+    }
+}
+
+/// The volume's own stripe `old`, whose block is now in stripe `new`, is
+/// still read by the cuts in `old..new`: it is kept for them.
+fn pin(st: &mut SegState, old: Stripe, new: Stripe, cuts: &Cuts) {
+    let Some(state) = st.stripes.get_mut(&(0, old)) else {
+        return;
+    };
+    let mut added = Vec::new();
+    for cut in cuts.between(old, new) {
+        if !state.pinned_by.contains(&cut) {
+            state.pinned_by.push(cut);
+            added.push(cut);
+        }
+    }
+    for cut in added {
+        st.pinned.entry(cut).or_default().push(old);
+    }
+}
+
+fn names<'a>(nodes: impl Iterator<Item = &'a NodeHandle>) -> String {
+    let list: Vec<&str> = nodes.map(|n| n.name.as_str()).collect();
     if list.is_empty() {
         "none".into()
     } else {
         list.join(", ")
     }
+}
+
+/// The volume's content as opened: its own layer and the bases below.
+struct Opening {
+    record: VolumeRecord,
+    own_cut: Option<Stripe>,
+    bases: Vec<Base>,
+    size: u64,
+    epoch: u64,
+    cuts: Vec<Stripe>,
 }
 
 impl Volume {
@@ -257,8 +391,16 @@ impl Volume {
             return Err(VolumeError::NoSuchVolume(name.to_string()));
         }
         let record = meta.bump_epoch(name).await?;
-        let epoch = record.epoch;
-        Self::open_record(meta, record, epoch, options).await
+        let cuts = meta.snapshot_cuts(record.id).await?;
+        let opening = Opening {
+            epoch: record.epoch,
+            size: record.size,
+            bases: record.bases.clone(),
+            own_cut: None,
+            record,
+            cuts,
+        };
+        Self::open_layers(meta, opening, options).await
     }
 
     /// Opens `name` for reading only: no epoch, nothing fenced or discarded.
@@ -271,54 +413,106 @@ impl Volume {
             .volume(name)
             .await?
             .ok_or_else(|| VolumeError::NoSuchVolume(name.to_string()))?;
-        Self::open_record(meta, record, 0, options).await
+        let opening = Opening {
+            epoch: 0,
+            size: record.size,
+            bases: record.bases.clone(),
+            own_cut: None,
+            record,
+            cuts: Vec::new(),
+        };
+        Self::open_layers(meta, opening, options).await
     }
 
-    async fn open_record(
+    /// Opens snapshot `name` for reading: the volume's stripes up to the
+    /// snapshot's cut, over its bases.
+    pub async fn open_snapshot(
         meta: &Meta,
-        record: VolumeRecord,
-        epoch: u64,
+        name: &str,
         options: VolumeOptions,
     ) -> Result<Volume, VolumeError> {
-        let addresses: HashMap<String, String> = meta
-            .nodes()
+        let snap: SnapshotRecord = meta
+            .snapshot(name)
             .await?
-            .into_iter()
-            .map(|n| (n.record.name, n.record.address))
-            .collect();
-        let nodes = record
-            .nodes
-            .iter()
-            .map(|name| NodeHandle {
-                name: name.clone(),
-                client: addresses.get(name).and_then(|a| connect(a, &options)),
-            })
-            .collect();
+            .filter(|s| !s.deleted)
+            .ok_or_else(|| VolumeError::NoSuchSnapshot(name.to_string()))?;
+        let mut record = meta
+            .volume_by_id(snap.volume_id)
+            .await?
+            .ok_or(VolumeError::MissingBase(snap.volume_id))?;
+        record.name = snap.name.clone();
+        let opening = Opening {
+            epoch: 0,
+            size: snap.size,
+            bases: snap.bases,
+            own_cut: Some(snap.cut),
+            record,
+            cuts: Vec::new(),
+        };
+        Self::open_layers(meta, opening, options).await
+    }
+
+    async fn open_layers(
+        meta: &Meta,
+        opening: Opening,
+        options: VolumeOptions,
+    ) -> Result<Volume, VolumeError> {
+        let Opening {
+            record,
+            own_cut,
+            bases,
+            size,
+            epoch,
+            cuts,
+        } = opening;
+        let mut base_records = Vec::with_capacity(bases.len());
+        for base in &bases {
+            let base_record = meta
+                .volume_by_id(base.volume_id)
+                .await?
+                .ok_or(VolumeError::MissingBase(base.volume_id))?;
+            base_records.push((base_record, base.cut));
+        }
         let k = record.data_shards as usize;
         let m = record.parity_shards as usize;
         let seg_blocks = (record.segment_size / BLOCK as u64) as u32;
-        let segments = record
-            .segments
-            .iter()
-            .enumerate()
-            .map(|(i, nodes)| Segment {
-                index: i as u32,
-                nodes: nodes.iter().map(|&n| n as usize).collect(),
-                state: Mutex::new(SegState {
-                    next_seq: 1,
-                    ..Default::default()
-                }),
+        // A snapshot may be smaller than the volume it was taken of.
+        let own_segments = size.div_ceil(record.segment_size) as usize;
+        let segments = (0..own_segments)
+            .map(|i| {
+                Arc::new(Segment {
+                    index: i as u32,
+                    state: Mutex::new(SegState::default()),
+                })
             })
             .collect();
+        let layer = |volume_id: u64, cut: Option<Stripe>| Layer {
+            volume_id,
+            cut,
+            segments: RwLock::new(Vec::new()),
+        };
+        let mut layers = vec![layer(record.id, own_cut)];
+        layers.extend(base_records.iter().map(|(r, cut)| layer(r.id, Some(*cut))));
         let inner = Arc::new(Inner {
+            name: record.name.clone(),
+            id: record.id,
             codec: Codec::new(k, m)?,
             k,
             n: k + m,
             quorum: (record.write_quorum as usize).clamp(k, k + m),
             seg_blocks,
-            nodes,
-            segments,
-            record,
+            size: AtomicU64::new(size),
+            layers,
+            segments: RwLock::new(segments),
+            clients: Mutex::new(HashMap::new()),
+            next_seq: AtomicU64::new(1),
+            cuts: Mutex::new(Cuts {
+                snapshots: cuts.into_iter().collect(),
+                // What was there at open is the first flush point.
+                flushes: BTreeMap::from([((epoch, 0), 1)]),
+                last_flush: (epoch, 0),
+            }),
+            admin: tokio::sync::Mutex::new(()),
             epoch,
             fenced: Mutex::new(None),
             closed: AtomicBool::new(false),
@@ -330,7 +524,12 @@ impl Volume {
             stats: VolumeStats::default(),
         });
         let volume = Volume { inner };
-        let mut recoveries: FuturesUnordered<_> = (0..volume.inner.segments.len())
+        let addresses = node_addresses(meta).await?;
+        volume.place_layer(0, &record, &addresses);
+        for (i, (base_record, _)) in base_records.iter().enumerate() {
+            volume.place_layer(i + 1, base_record, &addresses);
+        }
+        let mut recoveries: FuturesUnordered<_> = (0..own_segments)
             .map(|s| volume.clone().recover_segment(s))
             .collect();
         while let Some(done) = recoveries.next().await {
@@ -343,12 +542,99 @@ impl Volume {
         Ok(volume)
     }
 
-    pub fn record(&self) -> &VolumeRecord {
-        &self.inner.record
+    /// Points layer `layer`'s segments at the nodes `record` places them
+    /// on; returns how many shards moved.
+    fn place_layer(
+        &self,
+        layer: usize,
+        record: &VolumeRecord,
+        addresses: &HashMap<String, String>,
+    ) -> usize {
+        let inner = &self.inner;
+        let mut clients = inner.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let mut handle = |name: &str| -> NodeHandle {
+            let known = clients.get(name).filter(|h| h.client.is_some());
+            if let Some(h) = known {
+                return h.clone();
+            }
+            let h = NodeHandle {
+                name: name.to_string(),
+                client: addresses.get(name).and_then(|a| connect(a, &inner.options)),
+            };
+            clients.insert(name.to_string(), h.clone());
+            h
+        };
+        let placed: Vec<Vec<NodeHandle>> = (0..record.segments.len())
+            .map(|s| record.placement(s).into_iter().map(&mut handle).collect())
+            .collect();
+        let mut current = inner.layers[layer]
+            .segments
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        let moved = placed
+            .iter()
+            .zip(current.iter())
+            .map(|(new, old)| {
+                new.iter()
+                    .zip(old)
+                    .filter(|(a, b)| a.name != b.name)
+                    .count()
+            })
+            .sum();
+        *current = placed;
+        moved
+    }
+
+    /// The node of shard `shard` of layer `layer`'s segment `s`.
+    fn node(&self, layer: usize, s: usize, shard: usize) -> Option<NodeHandle> {
+        self.inner.layers[layer]
+            .segments
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(s)
+            .and_then(|nodes| nodes.get(shard))
+            .cloned()
+    }
+
+    /// Whether layer `layer` has a segment `s` (a base may be smaller than
+    /// the volume, which grew after the clone).
+    fn layer_has(&self, layer: usize, s: usize) -> bool {
+        self.inner.layers[layer]
+            .segments
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+            > s
+    }
+
+    fn segment(&self, s: usize) -> Option<Arc<Segment>> {
+        self.inner
+            .segments
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(s)
+            .cloned()
+    }
+
+    fn all_segments(&self) -> Vec<Arc<Segment>> {
+        self.inner
+            .segments
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The id of the volume's own layer.
+    pub fn id(&self) -> u64 {
+        self.inner.id
     }
 
     pub fn size(&self) -> u64 {
-        self.inner.record.size
+        self.inner.size.load(Ordering::SeqCst)
     }
 
     pub fn epoch(&self) -> u64 {
@@ -380,7 +666,7 @@ impl Volume {
     fn set_fenced(&self, why: String) {
         let mut f = self.inner.fenced.lock().unwrap_or_else(|p| p.into_inner());
         if f.is_none() {
-            tracing::error!(volume = %self.inner.record.name, %why, "this writer was fenced: another writer attached");
+            tracing::error!(volume = %self.inner.name, %why, "this writer was fenced: another writer attached");
             *f = Some(why);
         }
         drop(f);
@@ -397,25 +683,175 @@ impl Volume {
         Ok(())
     }
 
-    /// Lists what the reachable nodes of segment `s` hold, fencing them
-    /// first when writing, and rebuilds the segment's block map.
+    /// Lists what the reachable nodes of segment `s` hold in every layer,
+    /// fencing the volume's own first when writing, and rebuilds the
+    /// segment's block map.
     async fn recover_segment(self, s: usize) -> Result<(), VolumeError> {
         let inner = &self.inner;
-        let seg = &inner.segments[s];
-        let volume = inner.record.id;
-        let mut asks: FuturesUnordered<_> = seg
-            .nodes
-            .iter()
-            .enumerate()
-            .map(|(shard, &node)| {
-                let client = inner.nodes[node].client.clone();
+        let Some(seg) = self.segment(s) else {
+            return Ok(());
+        };
+        let mut state = SegState::default();
+        let mut dropped: Vec<(Stripe, u64)> = Vec::new();
+        let mut pinned: HashSet<Stripe> = HashSet::new();
+        let cuts = lock_cuts(inner).clone();
+        // The deepest base first: each layer's blocks cover the ones below.
+        for layer in (0..inner.layers.len()).rev() {
+            if !self.layer_has(layer, s) {
+                continue; // A base smaller than this volume (it was expanded).
+            }
+            let own = layer == 0;
+            let writing = own && self.writable();
+            let (held, reachable) = self.list_segment(layer, s, writing).await?;
+            let up = reachable.iter().filter(|&&r| r).count();
+            let down_names = names(
+                (0..inner.n)
+                    .filter(|&i| !reachable[i])
+                    .filter_map(|i| self.node(layer, s, i))
+                    .collect::<Vec<_>>()
+                    .iter(),
+            );
+            // Reading needs k shards. A writer must also have fenced enough
+            // nodes that the unfenced ones cannot make a quorum for an older
+            // writer (n - quorum + 1), and see a shard of every stripe that
+            // could ever be read (n - k + 1: a stripe hidden on the
+            // unreachable nodes alone could otherwise come back later). Both
+            // are at most k when m < k. With fewer than the quorum up, a
+            // writer reads, and its flushes fail until nodes return.
+            let needed = if writing {
+                inner
+                    .k
+                    .max(inner.n + 1 - inner.quorum)
+                    .max(inner.n - inner.k + 1)
+            } else {
+                inner.k
+            };
+            if up < needed {
+                return Err(VolumeError::TooFewNodes {
+                    segment: seg.index,
+                    reachable: up,
+                    shards: inner.n,
+                    needed,
+                    down: down_names,
+                    what: "read",
+                });
+            }
+            let down = inner.n - up;
+            let cut = inner.layers[layer].cut;
+            for (stripe, (holders, layout)) in held {
+                if cut.is_some_and(|c| stripe > c) {
+                    continue; // Written after the snapshot this layer is.
+                }
+                let present = holders.count_ones() as usize;
+                if present < inner.k {
+                    if writing {
+                        if present + down >= inner.quorum {
+                            return Err(VolumeError::Uncertain {
+                                segment: seg.index,
+                                epoch: stripe.0,
+                                seq: stripe.1,
+                                present,
+                                down: down_names,
+                            });
+                        }
+                        dropped.push((stripe, holders));
+                    }
+                    continue;
+                }
+                let layout = Arc::new(layout);
+                for (pos, &block) in layout.blocks.iter().enumerate() {
+                    if block >= inner.seg_blocks {
+                        continue;
+                    }
+                    let loc = Loc {
+                        layer: layer as u8,
+                        stripe,
+                        pos: pos as u32,
+                    };
+                    let Some(old) = state.map.insert(block, loc) else {
+                        continue;
+                    };
+                    if old.layer != 0 || !own {
+                        continue; // Only the volume's own stripes are counted.
+                    }
+                    if let Some(o) = state.stripes.get_mut(&(0, old.stripe)) {
+                        o.live -= 1;
+                    }
+                    pin(&mut state, old.stripe, stripe, &cuts);
+                    // Superseded only by a stripe short of its quorum's
+                    // redundancy (a writer died before completing it): kept
+                    // until that one is rebuilt (the next open discards it).
+                    if present < inner.quorum {
+                        pinned.insert(old.stripe);
+                    }
+                }
+                state.stripes.insert(
+                    (layer as u8, stripe),
+                    StripeState {
+                        live: layout.blocks.len() as u32,
+                        layout,
+                        dead_at: None,
+                        data: None,
+                        pinned_by: Vec::new(),
+                    },
+                );
+            }
+        }
+        // The volume's own stripes without a live block, not read by a
+        // snapshot, are superseded by durable ones: give their space back.
+        let mut dead: Vec<Stripe> = Vec::new();
+        for (&(layer, stripe), st) in state.stripes.iter_mut() {
+            if layer != 0 || st.live > 0 {
+                continue;
+            }
+            st.dead_at = Some(0);
+            if pinned.contains(&stripe) {
+                st.pinned_by.push(KEEP_UNTIL_REOPEN);
+            }
+            if st.pinned_by.is_empty() {
+                dead.push(stripe);
+            }
+        }
+        *lock(&seg) = state;
+        if self.writable() {
+            // Stripes that can never be read (and were never acknowledged)
+            // are removed before any write, so they cannot come back.
+            if !dropped.is_empty() {
+                tracing::info!(
+                    segment = seg.index,
+                    stripes = dropped.len(),
+                    "discarding stripes that never reached their quorum"
+                );
+                let stripes: Vec<StripeId> = dropped.iter().map(|(s, _)| stripe_id(*s)).collect();
+                let holders = dropped.iter().fold(0u64, |a, (_, h)| a | h);
+                self.discard_on(s, holders, stripes, true).await?;
+            }
+            self.discard_dead(s, dead);
+        }
+        Ok(())
+    }
+
+    /// The stripes the nodes of layer `layer`'s segment `s` hold (each with
+    /// the shards present and its layout), and which nodes answered;
+    /// fencing them first with this writer's epoch when `fence`.
+    async fn list_segment(
+        &self,
+        layer: usize,
+        s: usize,
+        fence: bool,
+    ) -> Result<(BTreeMap<Stripe, (u64, Layout)>, Vec<bool>), VolumeError> {
+        let inner = &self.inner;
+        let volume = inner.layers[layer].volume_id;
+        let segment = s as u32;
+        let mut asks: FuturesUnordered<_> = (0..inner.n)
+            .map(|shard| {
+                let node = self.node(layer, s, shard);
                 let epoch = inner.epoch;
-                let segment = seg.index;
                 async move {
-                    let Some(mut client) = client else {
+                    let Some(mut client) = node.and_then(|n| n.client) else {
                         return (shard, Err(tonic::Status::unavailable("no address known")));
                     };
-                    if epoch > 0 {
+                    if fence {
                         match client.fence(FenceRequest { volume, epoch }).await {
                             Ok(r) if r.get_ref().epoch > epoch => {
                                 return (
@@ -452,7 +888,7 @@ impl Volume {
                         let Some(layout) = info.layout else { continue };
                         if !self.layout_fits(&layout, shard) {
                             tracing::warn!(
-                                segment = seg.index,
+                                segment = s,
                                 shard,
                                 "ignoring a stripe whose layout does not fit the volume's code"
                             );
@@ -469,121 +905,15 @@ impl Volume {
                     return Err(VolumeError::Fenced(e.message().to_string()));
                 }
                 Err(e) => {
-                    tracing::warn!(segment = seg.index, shard, node = %inner.nodes[seg.nodes[shard]].name, error = %e.message(), "node unreachable while opening the volume");
+                    let node = self
+                        .node(layer, s, shard)
+                        .map(|n| n.name)
+                        .unwrap_or_default();
+                    tracing::warn!(segment = s, shard, %node, error = %e.message(), "node unreachable while opening the volume");
                 }
             }
         }
-        let up = reachable.iter().filter(|&&r| r).count();
-        let down_names = names(
-            &inner.nodes,
-            (0..inner.n)
-                .filter(|&i| !reachable[i])
-                .map(|i| seg.nodes[i]),
-        );
-        // Reading needs k shards. A writer must also have fenced enough
-        // nodes that the unfenced ones cannot make a quorum for an older
-        // writer (n - quorum + 1), and see a shard of every stripe that could
-        // ever be read (n - k + 1: a stripe hidden on the unreachable nodes
-        // alone could otherwise come back later). Both are at most k when
-        // m < k. With fewer than the quorum up, a writer reads, and its
-        // flushes fail until nodes return.
-        let needed = if self.writable() {
-            inner
-                .k
-                .max(inner.n + 1 - inner.quorum)
-                .max(inner.n - inner.k + 1)
-        } else {
-            inner.k
-        };
-        if up < needed {
-            return Err(VolumeError::TooFewNodes {
-                segment: seg.index,
-                reachable: up,
-                shards: inner.n,
-                needed,
-                down: down_names,
-                what: "read",
-            });
-        }
-        let down = inner.n - up;
-        let mut dropped: Vec<(Stripe, u64)> = Vec::new();
-        let mut state = SegState {
-            next_seq: 1,
-            ..Default::default()
-        };
-        // Stripes superseded, block by block, only by stripes that lack
-        // their quorum's redundancy (a writer died before completing them)
-        // are kept until those are rebuilt (the next open discards them).
-        let mut pinned: HashSet<Stripe> = HashSet::new();
-        for (stripe, (holders, layout)) in held {
-            let present = holders.count_ones() as usize;
-            if present < inner.k {
-                if self.writable() && present + down >= inner.quorum {
-                    return Err(VolumeError::Uncertain {
-                        segment: seg.index,
-                        epoch: stripe.0,
-                        seq: stripe.1,
-                        present,
-                        down: down_names,
-                    });
-                }
-                dropped.push((stripe, holders));
-                continue;
-            }
-            let layout = Arc::new(layout);
-            for (pos, &block) in layout.blocks.iter().enumerate() {
-                if block >= inner.seg_blocks {
-                    continue;
-                }
-                let loc = Loc {
-                    stripe,
-                    pos: pos as u32,
-                };
-                if let Some(old) = state.map.insert(block, loc) {
-                    if let Some(o) = state.stripes.get_mut(&old.stripe) {
-                        o.live -= 1;
-                    }
-                    if present < inner.quorum {
-                        pinned.insert(old.stripe);
-                    }
-                }
-            }
-            state.stripes.insert(
-                stripe,
-                StripeState {
-                    live: layout.blocks.len() as u32,
-                    layout,
-                    dead_at: None,
-                    data: None,
-                },
-            );
-        }
-        // Recovered stripes without a live block are superseded by
-        // durable ones: give their space back.
-        let mut dead: Vec<Stripe> = Vec::new();
-        for (stripe, st) in state.stripes.iter_mut() {
-            if st.live == 0 && !pinned.contains(stripe) {
-                st.dead_at = Some(0);
-                dead.push(*stripe);
-            }
-        }
-        *lock(seg) = state;
-        if self.writable() {
-            // Stripes that can never be read (and were never acknowledged)
-            // are removed before any write, so they cannot come back.
-            if !dropped.is_empty() {
-                tracing::info!(
-                    segment = seg.index,
-                    stripes = dropped.len(),
-                    "discarding stripes that never reached their quorum"
-                );
-                let stripes: Vec<StripeId> = dropped.iter().map(|(s, _)| stripe_id(*s)).collect();
-                let holders = dropped.iter().fold(0u64, |a, (_, h)| a | h);
-                self.discard_on(s, holders, stripes, true).await?;
-            }
-            self.discard_dead(s, dead);
-        }
-        Ok(())
+        Ok((held, reachable))
     }
 
     /// Whether a node's `layout` for `shard` is one this volume's writer
@@ -595,8 +925,9 @@ impl Volume {
             && crate::shardlog::check_layout(layout, shard as u32).is_ok()
     }
 
-    /// Sends a discard of `stripes` to the nodes of segment `s`'s shards in
-    /// `shards` (a bitmask); with `required`, every one must take it.
+    /// Sends a discard of `stripes` to the nodes of the volume's own
+    /// segment `s` in `shards` (a bitmask); with `required`, every one must
+    /// take it.
     async fn discard_on(
         &self,
         s: usize,
@@ -605,14 +936,13 @@ impl Volume {
         required: bool,
     ) -> Result<(), VolumeError> {
         let inner = &self.inner;
-        let seg = &inner.segments[s];
         let mut sends: FuturesUnordered<_> = (0..inner.n)
             .filter(|i| shards & (1 << i) != 0)
             .filter_map(|i| {
-                let client = inner.nodes[seg.nodes[i]].client.clone()?;
+                let client = self.node(0, s, i)?.client?;
                 let request = DiscardRequest {
-                    volume: inner.record.id,
-                    segment: seg.index,
+                    volume: inner.id,
+                    segment: s as u32,
                     epoch: inner.epoch,
                     stripes: stripes.clone(),
                 };
@@ -648,10 +978,10 @@ impl Volume {
         if dead.is_empty() {
             return;
         }
-        {
-            let mut st = lock(&self.inner.segments[s]);
+        if let Some(seg) = self.segment(s) {
+            let mut st = lock(&seg);
             for stripe in &dead {
-                st.stripes.remove(stripe);
+                st.stripes.remove(&(0, *stripe));
             }
         }
         let volume = self.clone();
@@ -662,8 +992,89 @@ impl Volume {
         });
     }
 
+    /// Catches up with the control plane: new placements of shards (repair,
+    /// drain), a larger size (expansion), snapshots deleted (their stripes
+    /// are given back) or taken without this writer.
+    pub async fn refresh(&self, meta: &Meta) -> Result<Refreshed, VolumeError> {
+        let inner = &self.inner;
+        let _admin = inner.admin.lock().await;
+        let mut out = Refreshed::default();
+        let addresses = node_addresses(meta).await?;
+        for layer in 0..inner.layers.len() {
+            let id = inner.layers[layer].volume_id;
+            let Some(record) = meta.volume_by_id(id).await? else {
+                continue; // Its record is gone; keep the placement known.
+            };
+            out.moved += self.place_layer(layer, &record, &addresses);
+            if layer == 0 && inner.layers[0].cut.is_none() && record.size > self.size() {
+                self.grow(record.size, record.segment_size);
+                out.grown = Some(record.size);
+            }
+        }
+        if self.writable() {
+            let wanted: BTreeSet<Stripe> =
+                meta.snapshot_cuts(inner.id).await?.into_iter().collect();
+            let released: Vec<Stripe> = {
+                let mut cuts = lock_cuts(inner);
+                let gone: Vec<Stripe> = cuts.snapshots.difference(&wanted).copied().collect();
+                cuts.snapshots.extend(wanted.iter().copied());
+                for cut in &gone {
+                    cuts.snapshots.remove(cut);
+                }
+                gone.into_iter().filter(|c| !cuts.holds(*c)).collect()
+            };
+            out.released = released.len();
+            if !released.is_empty() {
+                self.release_cuts(&released);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds segments up to `size` (an expansion the writer learned of).
+    fn grow(&self, size: u64, segment_size: u64) {
+        let inner = &self.inner;
+        let wanted = size.div_ceil(segment_size) as usize;
+        {
+            let mut segments = inner.segments.write().unwrap_or_else(|p| p.into_inner());
+            for i in segments.len()..wanted {
+                segments.push(Arc::new(Segment {
+                    index: i as u32,
+                    state: Mutex::new(SegState::default()),
+                }));
+            }
+        }
+        // The segments exist before any offset in them is accepted.
+        inner.size.fetch_max(size, Ordering::SeqCst);
+        tracing::info!(volume = %inner.name, size, "the volume grew");
+    }
+
+    /// Snapshots whose cuts were deleted: stripes kept only for them are
+    /// given back.
+    fn release_cuts(&self, released: &[Stripe]) {
+        for (s, seg) in self.all_segments().iter().enumerate() {
+            let dead = {
+                let mut st = lock(seg);
+                let through = st.acked_through();
+                let mut dead = Vec::new();
+                for cut in released {
+                    for stripe in st.pinned.remove(cut).unwrap_or_default() {
+                        if let Some(state) = st.stripes.get_mut(&(0, stripe)) {
+                            state.pinned_by.retain(|c| c != cut);
+                            if can_discard(state, through) {
+                                dead.push(stripe);
+                            }
+                        }
+                    }
+                }
+                dead
+            };
+            self.discard_dead(s, dead);
+        }
+    }
+
     fn block_range(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
-        let size = self.inner.record.size;
+        let size = self.size();
         if offset.checked_add(len).is_none_or(|end| end > size) {
             return Err(VolumeError::OutOfRange { offset, len, size });
         }
@@ -704,9 +1115,13 @@ impl Volume {
         let inner = &self.inner;
         let s = (block / u64::from(inner.seg_blocks)) as usize;
         let b = (block % u64::from(inner.seg_blocks)) as u32;
-        let seg = &inner.segments[s];
+        let seg = self.segment(s).ok_or(VolumeError::OutOfRange {
+            offset: block * BLOCK as u64,
+            len: BLOCK as u64,
+            size: self.size(),
+        })?;
         let sealed = {
-            let mut st = lock(seg);
+            let mut st = lock(&seg);
             st.dirty.insert(b, content);
             if st.dirty.len() >= inner.k * MAX_ROWS {
                 Some(self.seal(&mut st)?)
@@ -741,8 +1156,8 @@ impl Volume {
         }
     }
 
-    /// Seals up to a stripe's worth of segment `s`'s written blocks into
-    /// the next stripe: encoded, mapped (reads find it in memory until its
+    /// Seals up to a stripe's worth of a segment's written blocks into the
+    /// next stripe: encoded, mapped (reads find it in memory until its
     /// shards are durable), and counted as unacknowledged.
     fn seal(&self, st: &mut SegState) -> Result<Sealed, VolumeError> {
         let inner = &self.inner;
@@ -758,25 +1173,31 @@ impl Volume {
         let rows = rows_for(blocks.len(), inner.k);
         let refs: Vec<&[u8]> = contents.iter().map(|c| c.as_slice()).collect();
         let shards = Arc::new(inner.codec.encode(&refs, rows)?);
-        let seq = st.next_seq;
-        st.next_seq += 1;
+        // The id and the snapshots it follows are decided together.
+        let cuts = lock_cuts(inner);
+        let seq = inner.next_seq.fetch_add(1, Ordering::SeqCst);
         let stripe = (inner.epoch, seq);
         for (pos, &b) in blocks.iter().enumerate() {
-            if let Some(old) = st.map.insert(
-                b,
-                Loc {
-                    stripe,
-                    pos: pos as u32,
-                },
-            ) {
-                if let Some(o) = st.stripes.get_mut(&old.stripe) {
-                    o.live -= 1;
-                    if o.live == 0 {
-                        o.dead_at = Some(seq);
-                    }
+            let loc = Loc {
+                layer: 0,
+                stripe,
+                pos: pos as u32,
+            };
+            let Some(old) = st.map.insert(b, loc) else {
+                continue;
+            };
+            if old.layer != 0 {
+                continue; // A base's block: the base keeps it.
+            }
+            if let Some(o) = st.stripes.get_mut(&(0, old.stripe)) {
+                o.live -= 1;
+                if o.live == 0 {
+                    o.dead_at = Some(seq);
                 }
             }
+            pin(st, old.stripe, stripe, &cuts);
         }
+        drop(cuts);
         let layout = Arc::new(Layout {
             data_shards: inner.k as u32,
             parity_shards: (inner.n - inner.k) as u32,
@@ -784,12 +1205,13 @@ impl Volume {
             blocks,
         });
         st.stripes.insert(
-            stripe,
+            (0, stripe),
             StripeState {
                 live: layout.blocks.len() as u32,
                 layout: layout.clone(),
                 dead_at: None,
                 data: Some(shards.clone()),
+                pinned_by: Vec::new(),
             },
         );
         st.unacked.insert(seq);
@@ -806,10 +1228,11 @@ impl Volume {
 
     /// Sends every shard of a sealed stripe to its node until the write
     /// quorum is durable (then the stripe is acknowledged), and goes on
-    /// retrying the missing ones for a while after.
+    /// retrying the missing ones for a while after (to the shard's current
+    /// node: repair may have moved it).
     async fn send(self, s: usize, sealed: Sealed) {
         let inner = &self.inner;
-        let seg = &inner.segments[s];
+        let Some(seg) = self.segment(s) else { return };
         let started = Instant::now();
         let all = (1u64 << inner.n) - 1;
         let mut done = 0u64;
@@ -820,9 +1243,9 @@ impl Volume {
             let mut sends: FuturesUnordered<_> = (0..inner.n)
                 .filter(|i| done & (1 << i) == 0)
                 .map(|shard| {
-                    let client = inner.nodes[seg.nodes[shard]].client.clone();
+                    let node = self.node(0, s, shard);
                     let request = AppendRequest {
-                        volume: inner.record.id,
+                        volume: inner.id,
                         segment: seg.index,
                         shard: shard as u32,
                         stripe: Some(stripe_id(sealed.stripe)),
@@ -832,15 +1255,17 @@ impl Volume {
                         writer_epoch: inner.epoch,
                     };
                     async move {
-                        match client {
-                            Some(mut c) => (shard, c.append(request).await.map(|_| ())),
-                            None => (shard, Err(tonic::Status::unavailable("no address known"))),
-                        }
+                        let name = node.as_ref().map(|n| n.name.clone()).unwrap_or_default();
+                        let result = match node.and_then(|n| n.client) {
+                            Some(mut c) => c.append(request).await.map(|_| ()),
+                            None => Err(tonic::Status::unavailable("no address known")),
+                        };
+                        (shard, name, result)
                     }
                 })
                 .collect();
             let mut errors = Vec::new();
-            while let Some((shard, result)) = sends.next().await {
+            while let Some((shard, name, result)) = sends.next().await {
                 match result {
                     Ok(()) => {
                         done |= 1 << shard;
@@ -854,11 +1279,7 @@ impl Volume {
                         self.set_fenced(e.message().to_string());
                         return;
                     }
-                    Err(e) => errors.push(format!(
-                        "{}: {}",
-                        inner.nodes[seg.nodes[shard]].name,
-                        e.message()
-                    )),
+                    Err(e) => errors.push(format!("{name}: {}", e.message())),
                 }
             }
             if done == all || inner.closed.load(Ordering::SeqCst) {
@@ -881,7 +1302,7 @@ impl Volume {
                     inner.quorum,
                     errors.join("; ")
                 );
-                let mut st = lock(seg);
+                let mut st = lock(&seg);
                 st.trouble = Some((sealed.stripe.1, why.clone()));
                 if !reported && started.elapsed() > inner.options.write_timeout {
                     reported = true;
@@ -896,8 +1317,8 @@ impl Volume {
         }
         // The shards are durable (or given up on): reads go to the nodes.
         let dead = {
-            let mut st = lock(seg);
-            if let Some(state) = st.stripes.get_mut(&sealed.stripe) {
+            let mut st = lock(&seg);
+            if let Some(state) = st.stripes.get_mut(&(0, sealed.stripe)) {
                 if state.data.take().is_some() {
                     let bytes: usize = sealed.shards.iter().map(Vec::len).sum();
                     inner.retained_bytes.fetch_sub(bytes, Ordering::SeqCst);
@@ -914,19 +1335,48 @@ impl Volume {
         let inner = &self.inner;
         inner.unacked_bytes.fetch_sub(bytes, Ordering::SeqCst);
         inner.stats.stripes_acked.fetch_add(1, Ordering::Relaxed);
-        let dead = {
-            let mut st = lock(&inner.segments[s]);
-            st.unacked.remove(&stripe.1);
-            if st.failure.as_ref().is_some_and(|(seq, _)| *seq == stripe.1) {
-                st.failure = None;
+        let dead = match self.segment(s) {
+            Some(seg) => {
+                let mut st = lock(&seg);
+                st.unacked.remove(&stripe.1);
+                if st.failure.as_ref().is_some_and(|(seq, _)| *seq == stripe.1) {
+                    st.failure = None;
+                }
+                if st.trouble.as_ref().is_some_and(|(seq, _)| *seq == stripe.1) {
+                    st.trouble = None;
+                }
+                discardable(&st)
             }
-            if st.trouble.as_ref().is_some_and(|(seq, _)| *seq == stripe.1) {
-                st.trouble = None;
-            }
-            discardable(&st)
+            None => Vec::new(),
         };
         inner.changed.notify_waiters();
         self.discard_dead(s, dead);
+    }
+
+    /// Seals every segment's waiting blocks and sends them; returns the
+    /// flush point: the last stripe id sealed so far (every stripe up to it
+    /// must be acknowledged for what was written before to be durable),
+    /// whose stripes are kept from now on until [`Cuts::drop_flush`].
+    fn seal_all(&self) -> Result<Stripe, VolumeError> {
+        for (s, seg) in self.all_segments().iter().enumerate() {
+            let mut sealed = Vec::new();
+            {
+                let mut st = lock(seg);
+                while !st.dirty.is_empty() {
+                    sealed.push(self.seal(&mut st)?);
+                }
+            }
+            for stripe in sealed {
+                tokio::spawn(self.clone().send(s, stripe));
+            }
+        }
+        let mut cuts = lock_cuts(&self.inner);
+        let point = (
+            self.inner.epoch,
+            self.inner.next_seq.load(Ordering::SeqCst) - 1,
+        );
+        cuts.add_flush(point);
+        Ok(point)
     }
 
     /// Makes everything written so far durable: seals what is waiting and
@@ -936,31 +1386,38 @@ impl Volume {
             return Ok(());
         }
         self.check_usable()?;
-        let inner = &self.inner;
-        let mut targets = Vec::with_capacity(inner.segments.len());
-        for (s, seg) in inner.segments.iter().enumerate() {
-            let mut sealed = Vec::new();
-            let target = {
-                let mut st = lock(seg);
-                while !st.dirty.is_empty() {
-                    sealed.push(self.seal(&mut st)?);
-                }
-                st.next_seq - 1
+        let point = self.seal_all()?;
+        let result = self.wait_acked(point.1).await;
+        // A durable flush point is the newest a snapshot can be; the one
+        // it replaces (or a failed one) keeps nothing any more.
+        let released = {
+            let mut cuts = lock_cuts(&self.inner);
+            let done = if result.is_ok() && point > cuts.last_flush {
+                std::mem::replace(&mut cuts.last_flush, point)
+            } else {
+                point
             };
-            for stripe in sealed {
-                tokio::spawn(self.clone().send(s, stripe));
-            }
-            targets.push(target);
+            cuts.drop_flush(done).then_some(done)
+        };
+        if let Some(cut) = released {
+            self.release_cuts(&[cut]);
         }
+        result
+    }
+
+    /// Waits until every stripe up to `target` is acknowledged, in every
+    /// segment; fails (never hangs) after the write timeout.
+    async fn wait_acked(&self, target: u64) -> Result<(), VolumeError> {
+        let inner = &self.inner;
         let deadline = tokio::time::Instant::now() + inner.options.write_timeout;
         loop {
             let notified = inner.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             self.check_usable()?;
-            let mut pending = None;
-            for (seg, &target) in inner.segments.iter().zip(&targets) {
-                let st = lock(seg);
+            let mut pending = false;
+            for seg in self.all_segments() {
+                let st = lock(&seg);
                 if st.acked_through() < target {
                     if let Some((seq, why)) = &st.failure {
                         if *seq <= target {
@@ -970,10 +1427,12 @@ impl Volume {
                             });
                         }
                     }
-                    pending = Some(seg.index);
+                    pending = true;
                 }
             }
-            let Some(_) = pending else { return Ok(()) };
+            if !pending {
+                return Ok(());
+            }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return Err(VolumeError::NotDurable {
                     timeout: inner.options.write_timeout,
@@ -983,10 +1442,45 @@ impl Volume {
         }
     }
 
+    /// Takes a snapshot's cut: the last flush point, whose stripes are all
+    /// acknowledged (a snapshot holds what the volume's user last made
+    /// durable, as a crash at this instant would). Nothing is read, written
+    /// or waited for: its cost does not depend on the volume's size. Its
+    /// stripes are kept from now on; the caller records the cut in the
+    /// control plane, or calls [`Volume::release_cut`].
+    pub fn snapshot_point(&self) -> Result<Stripe, VolumeError> {
+        if !self.writable() {
+            return Err(VolumeError::ReadOnly);
+        }
+        self.check_usable()?;
+        let mut cuts = lock_cuts(&self.inner);
+        let cut = cuts.last_flush;
+        cuts.snapshots.insert(cut);
+        Ok(cut)
+    }
+
+    /// Forgets a cut taken by [`Volume::snapshot_point`] that no snapshot
+    /// record holds.
+    pub fn release_cut(&self, cut: Stripe) {
+        let released = {
+            let mut cuts = lock_cuts(&self.inner);
+            cuts.snapshots.remove(&cut);
+            !cuts.holds(cut)
+        };
+        if released {
+            self.release_cuts(&[cut]);
+        }
+    }
+
+    /// Holds refreshes off while a snapshot is being recorded.
+    pub async fn admin_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.inner.admin.lock().await
+    }
+
     /// What keeps stripes from their quorum, for an error message.
     fn quorum_trouble(&self) -> String {
-        for seg in &self.inner.segments {
-            let st = lock(seg);
+        for seg in self.all_segments() {
+            let st = lock(&seg);
             if let Some((_, why)) = st.failure.as_ref().or(st.trouble.as_ref()) {
                 return why.clone();
             }
@@ -1024,31 +1518,38 @@ impl Volume {
         let last = (offset + len as u64 - 1) / BLOCK as u64;
         // Decide where each block comes from, and group the remote ones by
         // shard into runs of consecutive rows.
-        let mut fetches: BTreeMap<(usize, Stripe, usize), Vec<(u64, usize)>> = BTreeMap::new();
-        let mut layouts: HashMap<(usize, Stripe), Arc<Layout>> = HashMap::new();
+        type Fetch = (usize, u8, Stripe, usize);
+        let mut fetches: BTreeMap<Fetch, Vec<(u64, usize)>> = BTreeMap::new();
+        let mut layouts: HashMap<(usize, u8, Stripe), Arc<Layout>> = HashMap::new();
         for block in first..=last {
             let s = (block / u64::from(inner.seg_blocks)) as usize;
             let b = (block % u64::from(inner.seg_blocks)) as u32;
-            let source = {
-                let st = lock(&inner.segments[s]);
-                if let Some(d) = st.dirty.get(&b) {
-                    Source::Bytes(d.clone())
-                } else {
-                    match st.map.get(&b).copied() {
-                        None => Source::Zero,
-                        Some(loc) => match st.stripes.get(&loc.stripe) {
+            let source = match self.segment(s) {
+                None => Source::Zero,
+                Some(seg) => {
+                    let st = lock(&seg);
+                    if let Some(d) = st.dirty.get(&b) {
+                        Source::Bytes(d.clone())
+                    } else {
+                        match st.map.get(&b).copied() {
                             None => Source::Zero,
-                            Some(state) => {
-                                let (shard, row) =
-                                    position(loc.pos as usize, state.layout.rows as usize);
-                                match &state.data {
-                                    Some(data) => Source::InStripe(data.clone(), shard, row),
-                                    None => {
-                                        Source::Remote(loc.stripe, state.layout.clone(), loc.pos)
+                            Some(loc) => match st.stripes.get(&(loc.layer, loc.stripe)) {
+                                None => Source::Zero,
+                                Some(state) => {
+                                    let (shard, row) =
+                                        position(loc.pos as usize, state.layout.rows as usize);
+                                    match &state.data {
+                                        Some(data) => Source::InStripe(data.clone(), shard, row),
+                                        None => Source::Remote(
+                                            loc.layer,
+                                            loc.stripe,
+                                            state.layout.clone(),
+                                            loc.pos,
+                                        ),
                                     }
                                 }
-                            }
-                        },
+                            },
+                        }
                     }
                 }
             };
@@ -1062,11 +1563,11 @@ impl Volume {
                     block_start,
                     &data[shard][row * BLOCK..(row + 1) * BLOCK],
                 ),
-                Source::Remote(stripe, layout, pos) => {
+                Source::Remote(layer, stripe, layout, pos) => {
                     let (shard, row) = position(pos as usize, layout.rows as usize);
-                    layouts.insert((s, stripe), layout);
+                    layouts.insert((s, layer, stripe), layout);
                     fetches
-                        .entry((s, stripe, shard))
+                        .entry((s, layer, stripe, shard))
                         .or_default()
                         .push((block_start, row));
                 }
@@ -1074,21 +1575,19 @@ impl Volume {
         }
         let mut reads: FuturesUnordered<_> = fetches
             .into_iter()
-            .map(|((s, stripe, shard), blocks)| {
-                let layout = layouts[&(s, stripe)].clone();
+            .map(|((s, layer, stripe, shard), blocks)| {
+                let layout = layouts[&(s, layer, stripe)].clone();
                 let volume = self.clone();
                 async move {
                     let first_row = blocks.iter().map(|b| b.1).min().unwrap_or(0);
                     let last_row = blocks.iter().map(|b| b.1).max().unwrap_or(0);
+                    let at = ShardAt {
+                        layer: layer as usize,
+                        s,
+                        stripe,
+                    };
                     let rows = volume
-                        .read_rows(
-                            s,
-                            stripe,
-                            &layout,
-                            shard,
-                            first_row,
-                            last_row + 1 - first_row,
-                        )
+                        .read_rows(at, &layout, shard, first_row, last_row + 1 - first_row)
                         .await;
                     (blocks, first_row, rows)
                 }
@@ -1108,39 +1607,39 @@ impl Volume {
     /// from its node, or rebuilt from the same rows of any k other shards.
     async fn read_rows(
         &self,
-        s: usize,
-        stripe: Stripe,
+        at: ShardAt,
         layout: &Layout,
         shard: usize,
         first_row: usize,
         rows: usize,
     ) -> Result<Vec<u8>, VolumeError> {
-        match self.fetch(s, stripe, shard, first_row, rows).await {
+        match self.fetch(at, shard, first_row, rows).await {
             Ok(data) => return Ok(data),
             Err(why) => {
-                tracing::debug!(segment = s, shard, %why, "degraded read: rebuilding from the other shards");
+                tracing::debug!(segment = at.s, shard, %why, "degraded read: rebuilding from the other shards");
                 self.inner
                     .stats
                     .degraded_reads
                     .fetch_add(1, Ordering::Relaxed);
             }
         }
+        let block = layout
+            .blocks
+            .get(shard * layout.rows as usize + first_row)
+            .copied()
+            .unwrap_or(0);
         let mut pieces = self
-            .fetch_any(s, stripe, first_row, rows, Some(shard))
+            .fetch_any(at, first_row, rows, Some(shard))
             .await
             .map_err(|why| VolumeError::Unreadable {
-                segment: s as u32,
-                block: layout
-                    .blocks
-                    .get(shard * layout.rows as usize + first_row)
-                    .copied()
-                    .unwrap_or(0),
+                segment: at.s as u32,
+                block,
                 why,
             })?;
         self.inner.codec.reconstruct_data(&mut pieces)?;
         pieces[shard].take().ok_or_else(|| VolumeError::Unreadable {
-            segment: s as u32,
-            block: 0,
+            segment: at.s as u32,
+            block,
             why: "reconstruction gave nothing".into(),
         })
     }
@@ -1149,8 +1648,7 @@ impl Volume {
     /// as the code's input: `None` for the shards not read.
     async fn fetch_any(
         &self,
-        s: usize,
-        stripe: Stripe,
+        at: ShardAt,
         first_row: usize,
         rows: usize,
         skip: Option<usize>,
@@ -1159,7 +1657,7 @@ impl Volume {
         let mut pieces: Vec<Option<Vec<u8>>> = vec![None; inner.n];
         let mut asks: FuturesUnordered<_> = (0..inner.n)
             .filter(|&i| Some(i) != skip)
-            .map(|i| async move { (i, self.fetch(s, stripe, i, first_row, rows).await) })
+            .map(|i| async move { (i, self.fetch(at, i, first_row, rows).await) })
             .collect();
         let mut got = 0;
         let mut errors = Vec::new();
@@ -1188,24 +1686,23 @@ impl Volume {
     /// Rows of one shard from its node.
     async fn fetch(
         &self,
-        s: usize,
-        stripe: Stripe,
+        at: ShardAt,
         shard: usize,
         first_row: usize,
         rows: usize,
     ) -> Result<Vec<u8>, String> {
-        let inner = &self.inner;
-        let seg = &inner.segments[s];
-        let node = &inner.nodes[seg.nodes[shard]];
+        let node = self
+            .node(at.layer, at.s, shard)
+            .ok_or_else(|| format!("segment {} has no shard {shard}", at.s))?;
         let Some(mut client) = node.client.clone() else {
             return Err(format!("{}: no address known", node.name));
         };
         let reply = client
             .read(ReadRequest {
-                volume: inner.record.id,
-                segment: seg.index,
+                volume: self.inner.layers[at.layer].volume_id,
+                segment: at.s as u32,
                 shard: shard as u32,
-                stripe: Some(stripe_id(stripe)),
+                stripe: Some(stripe_id(at.stripe)),
                 first_row: first_row as u32,
                 rows: rows as u32,
             })
@@ -1226,20 +1723,17 @@ impl Volume {
     /// (a node was down while they were written), from any k others.
     async fn complete_missing(self) {
         let inner = &self.inner;
-        for (s, seg) in inner.segments.iter().enumerate() {
-            let volume = inner.record.id;
+        for (s, seg) in self.all_segments().iter().enumerate() {
             let mut holders: HashMap<Stripe, u64> = HashMap::new();
-            for (shard, &node) in seg.nodes.iter().enumerate() {
-                let Some(mut client) = inner.nodes[node].client.clone() else {
+            for shard in 0..inner.n {
+                let Some(mut client) = self.node(0, s, shard).and_then(|n| n.client) else {
                     continue;
                 };
-                if let Ok(r) = client
-                    .stripes(StripesRequest {
-                        volume,
-                        segment: seg.index,
-                    })
-                    .await
-                {
+                let request = StripesRequest {
+                    volume: inner.id,
+                    segment: seg.index,
+                };
+                if let Ok(r) = client.stripes(request).await {
                     for info in r
                         .into_inner()
                         .stripes
@@ -1254,8 +1748,8 @@ impl Volume {
                 let st = lock(seg);
                 st.stripes
                     .iter()
-                    .filter(|(_, state)| state.data.is_none() && state.live > 0)
-                    .map(|(id, state)| (*id, state.layout.clone()))
+                    .filter(|(key, state)| key.0 == 0 && state.data.is_none() && state.live > 0)
+                    .map(|(key, state)| (key.1, state.layout.clone()))
                     .collect()
             };
             for (stripe, layout) in wanted {
@@ -1267,32 +1761,35 @@ impl Volume {
                 if have == all || (have.count_ones() as usize) < inner.k {
                     continue;
                 }
-                if let Err(why) = self.rebuild_shards(s, stripe, &layout, all & !have).await {
+                let at = ShardAt {
+                    layer: 0,
+                    s,
+                    stripe,
+                };
+                if let Err(why) = self.rebuild_shards(at, &layout, all & !have).await {
                     tracing::debug!(segment = s, epoch = stripe.0, seq = stripe.1, %why, "cannot complete a stripe's missing shards now");
                 }
             }
         }
     }
 
-    /// Rebuilds the shards of `missing` (a bitmask) of a stripe from any k
-    /// others and appends them to their nodes.
+    /// Rebuilds the shards of `missing` (a bitmask) of one of the volume's
+    /// own stripes from any k others and appends them to their nodes.
     async fn rebuild_shards(
         &self,
-        s: usize,
-        stripe: Stripe,
+        at: ShardAt,
         layout: &Layout,
         missing: u64,
     ) -> Result<(), String> {
         let inner = &self.inner;
-        let seg = &inner.segments[s];
         let rows = layout.rows as usize;
-        let mut pieces = self.fetch_any(s, stripe, 0, rows, None).await?;
+        let mut pieces = self.fetch_any(at, 0, rows, None).await?;
         inner
             .codec
             .reconstruct(&mut pieces)
             .map_err(|e| e.to_string())?;
         for shard in (0..inner.n).filter(|i| missing & (1 << i) != 0) {
-            let Some(mut client) = inner.nodes[seg.nodes[shard]].client.clone() else {
+            let Some(mut client) = self.node(0, at.s, shard).and_then(|n| n.client) else {
                 continue;
             };
             let Some(data) = pieces[shard].clone() else {
@@ -1300,10 +1797,10 @@ impl Volume {
             };
             // The stripe keeps its id; the fence check is this writer's.
             let request = AppendRequest {
-                volume: inner.record.id,
-                segment: seg.index,
+                volume: inner.id,
+                segment: at.s as u32,
                 shard: shard as u32,
-                stripe: Some(stripe_id(stripe)),
+                stripe: Some(stripe_id(at.stripe)),
                 layout: Some(layout.clone()),
                 crcs: block_crcs(&data),
                 data,
@@ -1332,15 +1829,35 @@ impl Volume {
     }
 }
 
-/// Stripes of a segment superseded by acknowledged stripes and no longer
-/// held in memory: their space can be given back.
+/// A stripe of one layer's segment.
+#[derive(Clone, Copy)]
+struct ShardAt {
+    layer: usize,
+    s: usize,
+    stripe: Stripe,
+}
+
+/// A pin that no snapshot releases: a stripe superseded only by one short
+/// of its quorum's redundancy is kept until the volume is opened again.
+const KEEP_UNTIL_REOPEN: Stripe = (u64::MAX, u64::MAX);
+
+/// The volume's own stripes superseded by acknowledged stripes, no longer
+/// held in memory and read by no snapshot: their space can be given back.
 fn discardable(st: &SegState) -> Vec<Stripe> {
     let through = st.acked_through();
     st.stripes
         .iter()
-        .filter(|(_, state)| state.dead_at.is_some_and(|at| at <= through) && state.data.is_none())
-        .map(|(id, _)| *id)
+        .filter(|(key, state)| key.0 == 0 && can_discard(state, through))
+        .map(|(key, _)| key.1)
         .collect()
+}
+
+/// One of the volume's own stripes can be given back: superseded by
+/// stripes acknowledged through `through`, not in memory, read by no cut.
+fn can_discard(state: &StripeState, through: u64) -> bool {
+    state.dead_at.is_some_and(|at| at <= through)
+        && state.data.is_none()
+        && state.pinned_by.is_empty()
 }
 
 struct Sealed {
@@ -1363,7 +1880,17 @@ fn copy_block(out: &mut [u8], offset: u64, block_start: u64, block: &[u8]) {
     out[to..to + len].copy_from_slice(&block[from..from + len]);
 }
 
-fn connect(address: &str, options: &VolumeOptions) -> Option<StoreClient<Channel>> {
+/// Every registered node's address by name.
+async fn node_addresses(meta: &Meta) -> Result<HashMap<String, String>, VolumeError> {
+    Ok(meta
+        .nodes()
+        .await?
+        .into_iter()
+        .map(|n| (n.record.name, n.record.address))
+        .collect())
+}
+
+pub(crate) fn connect(address: &str, options: &VolumeOptions) -> Option<StoreClient<Channel>> {
     let endpoint = Endpoint::from_shared(format!("http://{address}"))
         .ok()?
         .connect_timeout(Duration::from_secs(1))

@@ -351,6 +351,28 @@ impl Cluster {
         self.ok(&["volume", "detach", name, "--run-dir", &run]);
     }
 
+    /// Attaches snapshot `name` read-only; its device.
+    pub fn attach_snapshot(&mut self, name: &str) -> String {
+        let run = self.run_dir().to_string_lossy().into_owned();
+        self.ok(&["snapshot", "attach", name, "--run-dir", &run])
+            .trim()
+            .to_string()
+    }
+
+    pub fn detach_snapshot(&self, name: &str) {
+        let run = self.run_dir().to_string_lossy().into_owned();
+        self.ok(&["snapshot", "detach", name, "--run-dir", &run]);
+    }
+
+    /// The sum of metric `name` over the running nodes.
+    pub fn nodes_metric(&self, name: &str) -> u64 {
+        self.nodes
+            .iter()
+            .filter(|n| n.running())
+            .map(|n| n.metric(name))
+            .sum()
+    }
+
     /// The attach daemon's state (pid, device) for `name`.
     pub fn attach_state(&self, name: &str, run_dir: &Path) -> serde_json::Value {
         let raw = std::fs::read(run_dir.join(name).join("state.json")).unwrap();
