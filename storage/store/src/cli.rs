@@ -44,6 +44,32 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("invalid size {text:?}: too large"))
 }
 
+/// Parses durations as people write them: `500ms`, `30s`, `5m`, `2h`,
+/// `1d`, or plain seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| {
+        format!("invalid duration {text:?}: expected a number with a unit, such as 30s, 5m or 1h")
+    })?;
+    let millis = match unit.trim() {
+        "ms" => 1,
+        "" | "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        other => {
+            return Err(format!(
+                "invalid duration {text:?}: unknown unit {other:?} (use ms, s, m, h or d)"
+            ))
+        }
+    };
+    n.checked_mul(millis)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("invalid duration {text:?}: too long"))
+}
+
 /// `bytes` for people: the largest binary unit that keeps it whole-ish.
 pub fn format_size(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -137,6 +163,7 @@ pub async fn create_volume(meta: &Meta, req: &CreateRequest) -> anyhow::Result<V
         nodes,
         segments: placement,
         bases: Vec::new(),
+        rebuilding: Vec::new(),
     };
     meta.create_volume(&record).await?;
     Ok(record)
@@ -315,6 +342,152 @@ pub async fn wait_for_device_size(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// `node drain NAME`: refused when the nodes left could not hold every
+/// shard of a volume on it (fewer than its k+m live, undrained nodes).
+pub async fn drain_node(meta: &Meta, name: &str) -> anyhow::Result<()> {
+    let nodes = meta.nodes().await?;
+    let Some(node) = nodes.iter().find(|n| n.record.name == name) else {
+        bail!("no node named {name:?}");
+    };
+    if node.draining {
+        return Ok(());
+    }
+    let left = nodes
+        .iter()
+        .filter(|n| n.alive && !n.draining && n.record.name != name)
+        .count();
+    for (record, _, _) in meta.volume_records().await? {
+        let on_it = (0..record.segments.len()).any(|s| record.placement(s).contains(&name));
+        if on_it && left < record.shards() {
+            bail!(
+                "volume {:?} ({}+{}) has shards on {name:?}, and only {left} other live, undrained nodes would be left for its {} shards per segment",
+                record.name,
+                record.data_shards,
+                record.parity_shards,
+                record.shards()
+            );
+        }
+    }
+    meta.set_draining(name).await?;
+    Ok(())
+}
+
+/// `node scrub NAME`: a scrub pass on the node, now.
+pub async fn scrub_node(
+    meta: &Meta,
+    name: &str,
+) -> anyhow::Result<tessera_proto::store::ScrubReply> {
+    let node = meta
+        .node(name)
+        .await?
+        .with_context(|| format!("no node named {name:?}"))?;
+    if !node.alive {
+        bail!("node {name:?} is not running");
+    }
+    let endpoint =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", node.record.address))?
+            .connect_timeout(Duration::from_secs(3));
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach node {name:?} at {}", node.record.address))?;
+    let reply = StoreClient::new(channel)
+        .scrub(tessera_proto::store::ScrubRequest {})
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+    Ok(reply.into_inner())
+}
+
+/// How repair stands, for `repair status`.
+#[derive(Debug, Serialize)]
+pub struct RepairReport {
+    /// `healthy`, `degraded` (a node is gone, its shards not yet moved) or
+    /// `repairing`.
+    pub state: String,
+    pub segments_healthy: usize,
+    pub segments_degraded: usize,
+    pub segments_in_repair: usize,
+    pub bytes_left: u64,
+    /// Bytes a second.
+    pub rate: u64,
+    pub eta_seconds: Option<u64>,
+    pub repairer: Option<String>,
+    /// Seconds since the repairer last reported.
+    pub reported_ago: Option<u64>,
+}
+
+pub async fn repair_status(meta: &Meta) -> anyhow::Result<RepairReport> {
+    let nodes = meta.nodes().await?;
+    let usable: HashSet<&str> = nodes
+        .iter()
+        .filter(|n| n.alive && !n.draining)
+        .map(|n| n.record.name.as_str())
+        .collect();
+    let (mut healthy, mut degraded, mut in_repair) = (0, 0, 0);
+    for (record, _, _) in meta.volume_records().await? {
+        for s in 0..record.segments.len() {
+            if record.rebuilding.iter().any(|&(rs, _)| rs as usize == s) {
+                in_repair += 1;
+            } else if record.placement(s).iter().all(|n| usable.contains(n)) {
+                healthy += 1;
+            } else {
+                degraded += 1;
+            }
+        }
+    }
+    let status = meta.repair_status().await?;
+    let (bytes_left, rate) = status.as_ref().map_or((0, 0), |s| (s.bytes_left, s.rate));
+    let state = if in_repair > 0 {
+        "repairing"
+    } else if degraded > 0 {
+        "degraded"
+    } else {
+        "healthy"
+    };
+    Ok(RepairReport {
+        state: state.into(),
+        segments_healthy: healthy,
+        segments_degraded: degraded,
+        segments_in_repair: in_repair,
+        bytes_left: if in_repair > 0 { bytes_left } else { 0 },
+        rate,
+        eta_seconds: (in_repair > 0 && rate > 0).then(|| bytes_left / rate),
+        repairer: status.as_ref().map(|s| s.repairer.clone()),
+        reported_ago: status.map(|s| now_secs().saturating_sub(s.updated)),
+    })
+}
+
+pub fn repair_text(r: &RepairReport) -> String {
+    let mut out = String::new();
+    for (k, v) in [
+        ("State", r.state.clone()),
+        (
+            "Segments",
+            format!(
+                "{} healthy, {} degraded, {} in repair",
+                r.segments_healthy, r.segments_degraded, r.segments_in_repair
+            ),
+        ),
+        ("Left", format_size(r.bytes_left)),
+        ("Rate", format!("{}/s", format_size(r.rate))),
+        (
+            "ETA",
+            r.eta_seconds
+                .map_or_else(|| "-".into(), |s| format!("{s} s")),
+        ),
+        (
+            "Repairer",
+            match (&r.repairer, r.reported_ago) {
+                (Some(name), Some(ago)) => format!("{name} (reported {ago} s ago)"),
+                _ => "none yet".into(),
+            },
+        ),
+    ] {
+        out.push_str(&format!("{k:<9} {v}\n"));
+    }
+    out
 }
 
 /// Seconds since the Unix epoch as `YYYY-MM-DD hh:mm:ss` UTC.
@@ -507,13 +680,20 @@ pub fn nodes_table(nodes: &[NodeStatus]) -> String {
                 n.record.address.clone(),
                 n.record.zone.clone(),
                 if n.alive { "yes".into() } else { "no".into() },
+                if n.draining {
+                    "yes".into()
+                } else {
+                    "no".into()
+                },
                 format_size(n.record.capacity),
                 format_size(n.record.used),
             ]
         })
         .collect();
     table(
-        &["NAME", "ADDRESS", "ZONE", "ALIVE", "CAPACITY", "USED"],
+        &[
+            "NAME", "ADDRESS", "ZONE", "ALIVE", "DRAINING", "CAPACITY", "USED",
+        ],
         &rows,
     )
 }
@@ -524,6 +704,7 @@ pub struct NodeJson<'a> {
     address: &'a str,
     zone: &'a str,
     alive: bool,
+    draining: bool,
     capacity: u64,
     used: u64,
 }
@@ -536,6 +717,7 @@ pub fn nodes_json(nodes: &[NodeStatus]) -> String {
             address: &n.record.address,
             zone: &n.record.zone,
             alive: n.alive,
+            draining: n.draining,
             capacity: n.record.capacity,
             used: n.record.used,
         })
@@ -644,6 +826,20 @@ mod tests {
         assert!(parse_size("99999999999TiB").is_err());
         assert_eq!(format_size(256 << 20), "256 MiB");
         assert_eq!(format_size(1536), "1.5 KiB");
+    }
+
+    #[test]
+    fn durations_parse_like_people_write_them() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert!(parse_duration("5 fortnights")
+            .unwrap_err()
+            .contains("unknown unit"));
+        assert!(parse_duration("soon")
+            .unwrap_err()
+            .contains("invalid duration"));
     }
 
     #[test]

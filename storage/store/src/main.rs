@@ -7,10 +7,13 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use tessera_store::cli::{self, parse_size, CreateRequest, DEFAULT_SEGMENT_SIZE};
+use std::time::Duration;
+
+use tessera_store::cli::{self, parse_duration, parse_size, CreateRequest, DEFAULT_SEGMENT_SIZE};
 use tessera_store::daemon::Target;
 use tessera_store::meta::Meta;
 use tessera_store::node::{self, NodeConfig};
+use tessera_store::repair::RepairOptions;
 use tessera_store::shardlog::LogOptions;
 use tessera_store::snapshots::{self, CloneSource};
 use tessera_store::volume::VolumeOptions;
@@ -58,9 +61,12 @@ enum Command {
     /// Point-in-time snapshots of volumes.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
-    /// Inspect storage nodes.
+    /// Inspect, drain and scrub storage nodes.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Self-healing: how far repair is.
+    #[command(subcommand)]
+    Repair(RepairCommand),
     /// The I/O process of an attached volume (started by `volume attach`).
     #[command(hide = true)]
     AttachDaemon {
@@ -102,6 +108,21 @@ struct ServeArgs {
     /// Size of each shard log file.
     #[arg(long, default_value = "256MiB", value_parser = parse_size, hide = true)]
     log_file_size: u64,
+    /// How long a node may be gone before its shards are rebuilt on other
+    /// nodes (e.g. 30s, 5m).
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    repair_delay: Duration,
+    /// Shard bytes repair rebuilds a second, at most (e.g. 64MiB; 0: no
+    /// limit), so foreground I/O goes on.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    repair_bandwidth: u64,
+    /// Bytes a second the background scrubber reads (0: no background
+    /// scrubbing; `node scrub` still runs a pass).
+    #[arg(long, default_value = "16MiB", value_parser = parse_size)]
+    scrub_rate: u64,
+    /// Rest between background scrub passes.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    scrub_interval: Duration,
 }
 
 #[derive(Subcommand)]
@@ -200,8 +221,27 @@ enum SnapshotCommand {
 
 #[derive(Subcommand)]
 enum NodeCommand {
-    /// Every registered node: address, zone, alive, capacity, used.
+    /// Every registered node: address, zone, alive, draining, capacity, used.
     List {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Move every shard off a node before it is retired (repair does it,
+    /// at once; `repair status` shows progress).
+    Drain { name: String },
+    /// Run a scrub pass on a node now: every block read and verified,
+    /// rotten ones rebuilt from the other shards.
+    Scrub {
+        name: String,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+#[derive(Subcommand)]
+enum RepairCommand {
+    /// Segments healthy, degraded and in repair; bytes left, rate, ETA.
+    Status {
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
@@ -273,6 +313,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     file_size: a.log_file_size,
                     io_mode,
                 },
+                repair: RepairOptions {
+                    delay: a.repair_delay,
+                    bandwidth: a.repair_bandwidth,
+                    ..RepairOptions::default()
+                },
+                scrub_rate: a.scrub_rate,
+                scrub_interval: a.scrub_interval,
             };
             node::serve(config, shutdown()).await
         }
@@ -291,12 +338,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Volume(v) => volume(&endpoints, v).await,
         Command::Snapshot(s) => snapshot(&endpoints, s).await,
-        Command::Node(NodeCommand::List { output }) => {
+        Command::Node(n) => node_command(&endpoints, n).await,
+        Command::Repair(RepairCommand::Status { output }) => {
             let meta = Meta::connect(&endpoints).await?;
-            let nodes = meta.nodes().await?;
+            let report = cli::repair_status(&meta).await?;
             match output {
-                Output::Table => print!("{}", cli::nodes_table(&nodes)),
-                Output::Json => println!("{}", cli::nodes_json(&nodes)),
+                Output::Table => print!("{}", cli::repair_text(&report)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
             }
             Ok(())
         }
@@ -463,6 +511,50 @@ async fn snapshot(endpoints: &[String], command: SnapshotCommand) -> anyhow::Res
             println!("{device}");
         }
         SnapshotCommand::Detach { .. } => {}
+    }
+    Ok(())
+}
+
+async fn node_command(endpoints: &[String], command: NodeCommand) -> anyhow::Result<()> {
+    let meta = Meta::connect(endpoints).await?;
+    match command {
+        NodeCommand::List { output } => {
+            let nodes = meta.nodes().await?;
+            match output {
+                Output::Table => print!("{}", cli::nodes_table(&nodes)),
+                Output::Json => println!("{}", cli::nodes_json(&nodes)),
+            }
+        }
+        NodeCommand::Drain { name } => {
+            cli::drain_node(&meta, &name)
+                .await
+                .with_context(|| format!("cannot drain node {name:?}"))?;
+            println!("draining node {name}: its shards move to other nodes (see `repair status`)");
+        }
+        NodeCommand::Scrub { name, output } => {
+            let report = cli::scrub_node(&meta, &name)
+                .await
+                .with_context(|| format!("cannot scrub node {name:?}"))?;
+            match output {
+                Output::Table => println!(
+                    "node {name}: {} blocks checked, {} bad, {} repaired, {} not repairable",
+                    report.checked_blocks,
+                    report.bad_blocks,
+                    report.repaired_blocks,
+                    report.unrepaired_blocks
+                ),
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({
+                        "node": name,
+                        "checked_blocks": report.checked_blocks,
+                        "bad_blocks": report.bad_blocks,
+                        "repaired_blocks": report.repaired_blocks,
+                        "unrepaired_blocks": report.unrepaired_blocks,
+                    })
+                ),
+            }
+        }
     }
     Ok(())
 }

@@ -11,6 +11,8 @@
 //! /tessera/store/snapshots/<name>  a snapshot: a volume's stripes up to a cut
 //! /tessera/store/snapreq/<volume>/<name>   a snapshot asked of the volume's writer
 //! /tessera/store/drain/<name>      a node being drained: its shards move away
+//! /tessera/store/repairer          the node running repair, under its lease
+//! /tessera/store/repair-status     what the repairer last saw and did
 //! /tessera/store/lineage           bumped by every change of who reads whom
 //! ```
 //!
@@ -32,6 +34,8 @@ const RETIRED: &str = "/tessera/store/retired/";
 const SNAPSHOTS: &str = "/tessera/store/snapshots/";
 const SNAPREQ: &str = "/tessera/store/snapreq/";
 const DRAIN: &str = "/tessera/store/drain/";
+const REPAIRER: &str = "/tessera/store/repairer";
+const REPAIR_STATUS: &str = "/tessera/store/repair-status";
 /// Changed by every transaction that adds or removes a reference between
 /// volumes and snapshots (clone, snapshot delete, volume delete, burial):
 /// each compares it, so two of them never decide on a stale view.
@@ -102,6 +106,9 @@ pub struct VolumeRecord {
     /// written read from these (copy-on-write, nothing copied).
     #[serde(default)]
     pub bases: Vec<Base>,
+    /// `(segment, shard)`s placed on a new node that repair is filling.
+    #[serde(default)]
+    pub rebuilding: Vec<(u32, u32)>,
 }
 
 /// A layer a clone reads through: a volume's stripes up to a cut.
@@ -155,6 +162,21 @@ pub struct AttachRecord {
     /// The device's size, once the writer has it.
     #[serde(default)]
     pub size: u64,
+}
+
+/// What the repairer last saw and did, for `repair status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RepairStatus {
+    /// The node running repair.
+    pub repairer: String,
+    /// Seconds since the Unix epoch.
+    pub updated: u64,
+    /// Shard bytes still to rebuild, as the last pass counted them.
+    pub bytes_left: u64,
+    /// Shard bytes rebuilt a second, lately.
+    pub rate: u64,
+    /// Shard bytes rebuilt since this repairer started.
+    pub bytes_repaired: u64,
 }
 
 /// A node as `node list` shows it.
@@ -916,6 +938,96 @@ impl Meta {
             .kvs()
             .first()
             .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+    }
+
+    /// Every volume record that nodes hold shards for: live ones, and
+    /// retired ones (`true`), with the revision each was last changed at.
+    pub async fn volume_records(&self) -> Result<Vec<(VolumeRecord, i64, bool)>, MetaError> {
+        let mut out = Vec::new();
+        for (prefix, retired) in [(VOLUMES, false), (RETIRED, true)] {
+            let resp = self
+                .client
+                .clone()
+                .get(prefix, Some(GetOptions::new().with_prefix()))
+                .await
+                .map_err(|e| self.err(e))?;
+            for kv in resp.kvs() {
+                out.push((decode(kv.key(), kv.value())?, kv.mod_revision(), retired));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Replaces a live or retired volume record if it has not changed since
+    /// `revision` (repair's new placements).
+    pub async fn update_record(
+        &self,
+        record: &VolumeRecord,
+        revision: i64,
+        retired: bool,
+    ) -> Result<(), MetaError> {
+        if !retired {
+            return self.update_volume(record, revision).await;
+        }
+        let key = format!("{RETIRED}{:016x}", record.id);
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                revision,
+            )])
+            .and_then([TxnOp::put(key, encode(record), None)]);
+        if self.txn(txn).await? {
+            Ok(())
+        } else {
+            Err(MetaError::Conflict(record.name.clone()))
+        }
+    }
+
+    /// Becomes (or stays) the repairer under `lease`; whether this node is.
+    pub async fn campaign_repairer(&self, me: &str, lease: i64) -> Result<bool, MetaError> {
+        let txn = Txn::new()
+            .when([Compare::version(REPAIRER, CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                REPAIRER,
+                me,
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        if self.txn(txn).await? {
+            return Ok(true);
+        }
+        let resp = self
+            .client
+            .clone()
+            .get(REPAIRER, None)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(resp
+            .kvs()
+            .first()
+            .is_some_and(|kv| kv.value() == me.as_bytes() && kv.lease() == lease))
+    }
+
+    pub async fn put_repair_status(&self, status: &RepairStatus) -> Result<(), MetaError> {
+        self.client
+            .clone()
+            .put(REPAIR_STATUS, encode(status), None)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    pub async fn repair_status(&self) -> Result<Option<RepairStatus>, MetaError> {
+        let resp = self
+            .client
+            .clone()
+            .get(REPAIR_STATUS, None)
+            .await
+            .map_err(|e| self.err(e))?;
+        resp.kvs()
+            .first()
+            .map(|kv| decode(kv.key(), kv.value()))
+            .transpose()
     }
 
     /// Ids of deleted volumes.

@@ -1,12 +1,15 @@
 //! `tessera-store serve`: a storage node. It keeps shards in its
 //! [`ShardLog`], serves the `tessera.store.Store` gRPC service to volume
 //! writers and readers, registers itself in the control plane under a lease
-//! (its heartbeat), gives the space of deleted volumes back, and exposes
-//! `/metrics` and `/health`.
+//! (its heartbeat), gives the space of deleted volumes back, drops shards
+//! it is no longer placed for (repair moved them while it was away: it
+//! never serves them), scrubs ([`crate::scrub`]), takes part in repair
+//! ([`crate::repair`]), and exposes `/metrics` and `/health`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -14,12 +17,14 @@ use bytes::Bytes;
 use tessera_proto::store::store_server::{Store, StoreServer};
 use tessera_proto::store::{
     AppendReply, AppendRequest, DiscardReply, DiscardRequest, DropVolumeReply, DropVolumeRequest,
-    FenceReply, FenceRequest, InfoReply, InfoRequest, ReadReply, ReadRequest, ShardRecord,
-    StripeInfo, StripesReply, StripesRequest,
+    FenceReply, FenceRequest, InfoReply, InfoRequest, ReadReply, ReadRequest, ScrubReply,
+    ScrubRequest, ShardRecord, StripeInfo, StripesReply, StripesRequest,
 };
 use tonic::{Request, Response, Status};
 
 use crate::meta::{Meta, NodeRecord};
+use crate::repair::{RepairOptions, RepairStats};
+use crate::scrub::{ScrubStats, Scrubber};
 use crate::shardlog::{stripe_id, stripe_of, LogError, LogOptions, ShardLog};
 
 /// Largest message on the node protocol (a 64-row shard is 256 KiB; a
@@ -41,6 +46,18 @@ pub struct NodeConfig {
     pub endpoints: Vec<String>,
     pub metrics_listen: Option<SocketAddr>,
     pub log: LogOptions,
+    pub repair: RepairOptions,
+    /// Bytes a second the background scrubber reads (0: off).
+    pub scrub_rate: u64,
+    /// Rest between background scrub passes.
+    pub scrub_interval: Duration,
+}
+
+/// The node's counters beyond its shard log's, for `/metrics`.
+#[derive(Default, Clone)]
+pub struct NodeStats {
+    pub scrub: Arc<ScrubStats>,
+    pub repair: Arc<RepairStats>,
 }
 
 /// How a shard log error reaches the client: a fenced writer must tell
@@ -65,6 +82,7 @@ pub struct StoreService {
     name: String,
     zone: String,
     capacity: u64,
+    scrubber: Arc<Scrubber>,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -139,7 +157,7 @@ impl Store for StoreService {
     ) -> Result<Response<DiscardReply>, Status> {
         let r = req.into_inner();
         let log = self.log.clone();
-        blocking(move || log.discard(r.volume, r.segment, r.epoch, r.stripes)).await?;
+        blocking(move || log.discard(r.volume, r.segment, r.epoch, r.stripes, None)).await?;
         Ok(Response::new(DiscardReply {}))
     }
 
@@ -151,6 +169,16 @@ impl Store for StoreService {
         let log = self.log.clone();
         blocking(move || log.drop_volume(volume)).await?;
         Ok(Response::new(DropVolumeReply {}))
+    }
+
+    async fn scrub(&self, _req: Request<ScrubRequest>) -> Result<Response<ScrubReply>, Status> {
+        let report = self.scrubber.pass(0).await;
+        Ok(Response::new(ScrubReply {
+            checked_blocks: report.checked,
+            bad_blocks: report.bad,
+            repaired_blocks: report.repaired,
+            unrepaired_blocks: report.unrepaired,
+        }))
     }
 
     async fn info(&self, _req: Request<InfoRequest>) -> Result<Response<InfoReply>, Status> {
@@ -241,6 +269,15 @@ pub async fn serve(
     std::fs::write(&instance_file, format!("{instance}\n"))
         .with_context(|| format!("cannot write {}", instance_file.display()))?;
     tracing::info!(name = %config.name, address = %config.advertise, zone = %config.zone, "registered in the control plane");
+    // Before serving: shards moved elsewhere while this node was away are
+    // never served again.
+    drop_unplaced(&meta, &log, &config.name).await;
+    let stats = NodeStats::default();
+    let scrubber = Arc::new(Scrubber::new(
+        log.clone(),
+        meta.clone(),
+        stats.scrub.clone(),
+    ));
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -250,6 +287,7 @@ pub async fn serve(
         name: config.name.clone(),
         zone: config.zone.clone(),
         capacity: config.capacity,
+        scrubber: scrubber.clone(),
     };
     let server = StoreServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE)
@@ -271,9 +309,24 @@ pub async fn serve(
             ),
     );
     if let Some(addr) = config.metrics_listen {
-        crate::metrics::serve(addr, log.clone(), config.clone(), stop_rx.clone()).await?;
+        let stats = NodeStats {
+            scrub: stats.scrub.clone(),
+            repair: stats.repair.clone(),
+        };
+        crate::metrics::serve(addr, log.clone(), config.clone(), stats, stop_rx.clone()).await?;
     }
     tracing::info!(listen = %config.listen, "serving");
+    let repair = tokio::spawn(crate::repair::run(
+        meta.clone(),
+        config.name.clone(),
+        config.repair.clone(),
+        stats.repair.clone(),
+    ));
+    let scrubbing = tokio::spawn(crate::scrub::run(
+        scrubber,
+        config.scrub_rate,
+        config.scrub_interval,
+    ));
 
     let housekeeping = {
         let meta = meta.clone();
@@ -304,6 +357,7 @@ pub async fn serve(
                     tracing::debug!(error = %e, "cannot publish the node's use");
                 }
                 give_back_deleted(&meta, &log).await;
+                drop_unplaced(&meta, &log, &name).await;
             }
         })
     };
@@ -311,6 +365,8 @@ pub async fn serve(
     stop.await;
     tracing::info!("stopping");
     housekeeping.abort();
+    repair.abort();
+    scrubbing.abort();
     // Gone now, not when the lease expires.
     if let Err(e) = meta.unregister_node(&config.name, instance).await {
         tracing::warn!(error = %e, "cannot unregister");
@@ -343,6 +399,71 @@ async fn give_back_deleted(meta: &Meta, log: &ShardLog) {
                 tracing::warn!(volume = %format!("{id:x}"), error = %e, "cannot drop a deleted volume")
             }
             Err(_) => {}
+        }
+    }
+}
+
+/// Drops the shards this node holds but is no longer placed for: repair
+/// rebuilt them on another node while this one was away (or drained it).
+/// What the log holds is listed before the placements are read, so a
+/// shard placed here meanwhile is never dropped.
+async fn drop_unplaced(meta: &Meta, log: &ShardLog, me: &str) {
+    let mut held: Vec<(u64, u32, Vec<crate::shardlog::HeldShard>)> = Vec::new();
+    for volume in log.volumes() {
+        for segment in log.segments(volume) {
+            held.push((volume, segment, log.stripes(volume, segment)));
+        }
+    }
+    if held.is_empty() {
+        return;
+    }
+    let records = match meta.volume_records().await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read placements");
+            return;
+        }
+    };
+    let by_id: std::collections::HashMap<u64, &crate::meta::VolumeRecord> =
+        records.iter().map(|(r, _, _)| (r.id, r)).collect();
+    for (volume, segment, shards) in held {
+        // No record: being created or deleted; the tombstone decides.
+        let Some(record) = by_id.get(&volume) else {
+            continue;
+        };
+        let placed = |shard: u32| {
+            record
+                .segments
+                .get(segment as usize)
+                .and_then(|p| p.get(shard as usize))
+                .and_then(|&i| record.nodes.get(i as usize))
+                .is_some_and(|n| n == me)
+        };
+        let mut by_shard: std::collections::BTreeMap<u32, Vec<tessera_proto::store::StripeId>> =
+            Default::default();
+        for h in shards.iter().filter(|h| !placed(h.shard)) {
+            by_shard
+                .entry(h.shard)
+                .or_default()
+                .push(stripe_id(h.stripe));
+        }
+        for (shard, stripes) in by_shard {
+            let count = stripes.len();
+            let log = log.clone();
+            let epoch = log.epoch(volume);
+            let dropped = tokio::task::spawn_blocking(move || {
+                log.discard(volume, segment, epoch, stripes, Some(shard))
+            })
+            .await;
+            match dropped {
+                Ok(Ok(())) => {
+                    tracing::info!(volume = %record.name, segment, shard, stripes = count, "dropped shards placed on another node now")
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(volume = %record.name, segment, shard, error = %e, "cannot drop shards placed elsewhere")
+                }
+                Err(_) => {}
+            }
         }
     }
 }

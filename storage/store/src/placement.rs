@@ -22,7 +22,7 @@ pub enum PlacementError {
 }
 
 /// FNV-1a then a mix: a stable hash of (volume, segment, node).
-fn score(volume: u64, segment: usize, node: &str) -> u64 {
+pub fn score(volume: u64, segment: usize, node: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in volume
         .to_le_bytes()

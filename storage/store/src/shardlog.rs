@@ -231,7 +231,9 @@ impl State {
                             d.stripes.iter().map(|s| (s.epoch, s.seq)).collect();
                         let keys: Vec<(Stripe, u32)> = segment
                             .keys()
-                            .filter(|(stripe, _)| wanted.contains(stripe))
+                            .filter(|(stripe, shard)| {
+                                wanted.contains(stripe) && d.shard.is_none_or(|s| s == *shard)
+                            })
                             .copied()
                             .collect();
                         keys.iter().filter_map(|k| segment.remove(k)).collect()
@@ -676,18 +678,21 @@ impl ShardLog {
         Ok(self.lock().epoch(volume))
     }
 
-    /// Forgets `stripes` of a segment (asked by a writer at `epoch`).
+    /// Forgets `stripes` of a segment (asked by a writer at `epoch`); of
+    /// one shard only, or all shards held.
     pub fn discard(
         &self,
         volume: u64,
         segment: u32,
         epoch: u64,
         stripes: Vec<StripeId>,
+        shard: Option<u32>,
     ) -> Result<(), LogError> {
         let record = DiscardRecord {
             volume,
             segment,
             stripes,
+            shard,
         };
         self.submit(|reply| Op::Discard {
             record,
@@ -718,9 +723,27 @@ impl ShardLog {
         self.lock()
             .volumes
             .iter()
-            .filter(|(_, v)| !v.segments.is_empty())
+            .filter(|(_, v)| v.segments.values().any(|s| !s.is_empty()))
             .map(|(&id, _)| id)
             .collect()
+    }
+
+    /// The segments of a volume this node holds shards of.
+    pub fn segments(&self, volume: u64) -> Vec<u32> {
+        let state = self.lock();
+        let mut out: Vec<u32> = state
+            .volumes
+            .get(&volume)
+            .map(|v| {
+                v.segments
+                    .iter()
+                    .filter(|(_, s)| !s.is_empty())
+                    .map(|(&n, _)| n)
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort_unstable();
+        out
     }
 
     /// The shards held of a volume segment, in stripe order.
@@ -817,6 +840,47 @@ impl ShardLog {
             .read_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok((data, crcs))
+    }
+
+    /// Reads a whole shard and counts its blocks whose checksum does not
+    /// match (a scrub): `(blocks, bad)`.
+    pub fn verify(
+        &self,
+        volume: u64,
+        segment: u32,
+        shard: u32,
+        stripe: Stripe,
+    ) -> Result<(u64, u64), LogError> {
+        let (file, loc) = {
+            let state = self.lock();
+            let Some(loc) = state
+                .volumes
+                .get(&volume)
+                .and_then(|v| v.segments.get(&segment))
+                .and_then(|s| s.get(&(stripe, shard)))
+                .cloned()
+            else {
+                return Ok((0, 0)); // Discarded meanwhile.
+            };
+            let Some(file) = state.files.get(&loc.file).map(|f| f.file.clone()) else {
+                return Ok((0, 0));
+            };
+            (file, loc)
+        };
+        let mut data = vec![0u8; loc.layout.rows as usize * BLOCK];
+        file.read_exact_at(&mut data, loc.data_offset)?;
+        let bad = data
+            .chunks(BLOCK)
+            .zip(loc.crcs.iter())
+            .filter(|(block, crc)| crc32fast::hash(block) != **crc)
+            .count() as u64;
+        if bad > 0 {
+            self.inner
+                .stats
+                .checksum_failures
+                .fetch_add(bad, Ordering::Relaxed);
+        }
+        Ok((u64::from(loc.layout.rows), bad))
     }
 
     /// Bytes the log occupies on disk (holes of freed shards excluded).
@@ -1195,6 +1259,13 @@ mod tests {
         assert_eq!(log.stats().checksum_failures.load(Ordering::Relaxed), 1);
         // The untouched block still reads.
         assert!(log.read(1, 2, 3, (1, 1), 0, 1).is_ok());
+        // A scrub's verification counts the rotten block.
+        assert_eq!(log.verify(1, 2, 3, (1, 1)).unwrap(), (2, 1));
+        // Rebuilt (appended again under the same id), it reads again.
+        let (r, d) = shard(1, 2, 3, (1, 1), 0xab);
+        log.append(r, d, 0).unwrap();
+        assert_eq!(log.verify(1, 2, 3, (1, 1)).unwrap(), (2, 0));
+        assert!(log.read(1, 2, 3, (1, 1), 0, 2).is_ok());
         // Data that does not match its checksums is refused on arrival.
         let (mut r, d) = shard(1, 2, 3, (1, 2), 1);
         r.crcs[0] ^= 1;
@@ -1220,10 +1291,26 @@ mod tests {
             // A stale writer may not discard.
             log.fence(5, 2).unwrap();
             assert!(matches!(
-                log.discard(5, 0, 1, old.clone()),
+                log.discard(5, 0, 1, old.clone(), None),
                 Err(LogError::Fenced { .. })
             ));
-            log.discard(5, 0, 2, old).unwrap();
+            log.discard(5, 0, 2, old, None).unwrap();
+            // One shard of a stripe only: the others stay.
+            for shard_index in 1..3 {
+                let (r, d) = shard(5, 0, shard_index, (1, 35), 1);
+                log.append(r, d, 0).unwrap();
+            }
+            log.discard(5, 0, 2, vec![stripe_id((1, 35))], Some(1))
+                .unwrap();
+            let shards_of_35: Vec<u32> = log
+                .stripes(5, 0)
+                .iter()
+                .filter(|h| h.stripe == (1, 35))
+                .map(|h| h.shard)
+                .collect();
+            assert_eq!(shards_of_35, vec![0, 2]);
+            log.discard(5, 0, 2, vec![stripe_id((1, 35))], Some(2))
+                .unwrap();
             let before = log.used_bytes();
             log.drop_volume(6).unwrap();
             assert!(log.used_bytes() < before);

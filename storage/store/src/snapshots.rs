@@ -192,6 +192,7 @@ async fn clone_from(
             nodes,
             segments: placement,
             bases,
+            rebuilding: Vec::new(),
         };
         match meta.create_clone(&record, snapshot, lineage).await {
             Ok(()) => return Ok(record),

@@ -151,11 +151,18 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     /// Run directories attaches used (cleaned on drop).
     pub run_dirs: Vec<PathBuf>,
+    /// Extra flags of every node's `serve`.
+    pub node_args: Vec<String>,
 }
 
 impl Cluster {
     /// A control plane of `kind` and `n` nodes in zones z0..z2.
     pub fn start(kind: ControlPlaneKind, n: usize) -> Cluster {
+        Cluster::start_with(kind, n, &[])
+    }
+
+    /// The same, every node started with `node_args` too.
+    pub fn start_with(kind: ControlPlaneKind, n: usize, node_args: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let client_port = free_port();
         let peer_port = free_port();
@@ -180,6 +187,7 @@ impl Cluster {
             kind,
             control,
             nodes: Vec::new(),
+            node_args: node_args.iter().map(|a| a.to_string()).collect(),
         };
         cluster.wait_control_plane();
         for i in 0..n {
@@ -243,7 +251,8 @@ impl Cluster {
             .arg(&n.data_dir)
             .args(["--listen", &n.address()])
             .args(["--zone", &n.zone])
-            .args(["--metrics-listen", &format!("127.0.0.1:{}", n.metrics_port)]);
+            .args(["--metrics-listen", &format!("127.0.0.1:{}", n.metrics_port)])
+            .args(&self.node_args);
         cmd
     }
 
