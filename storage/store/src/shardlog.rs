@@ -1296,33 +1296,36 @@ mod tests {
             ));
             log.discard(5, 0, 2, old, None).unwrap();
             // One shard of a stripe only: the others stay.
-            for shard_index in 1..3 {
-                let (r, d) = shard(5, 0, shard_index, (1, 35), 1);
+            for shard_index in 0..3 {
+                let (r, d) = shard(5, 0, shard_index, (2, 35), 1);
                 log.append(r, d, 0).unwrap();
             }
-            log.discard(5, 0, 2, vec![stripe_id((1, 35))], Some(1))
+            log.discard(5, 0, 2, vec![stripe_id((2, 35))], Some(1))
                 .unwrap();
             let shards_of_35: Vec<u32> = log
                 .stripes(5, 0)
                 .iter()
-                .filter(|h| h.stripe == (1, 35))
+                .filter(|h| h.stripe == (2, 35))
                 .map(|h| h.shard)
                 .collect();
             assert_eq!(shards_of_35, vec![0, 2]);
-            log.discard(5, 0, 2, vec![stripe_id((1, 35))], Some(2))
+            log.discard(5, 0, 2, vec![stripe_id((2, 35))], Some(2))
                 .unwrap();
             let before = log.used_bytes();
             log.drop_volume(6).unwrap();
             assert!(log.used_bytes() < before);
-            assert_eq!(log.stripes(5, 0).len(), 10);
+            // (1, 30..40) and shard 0 of (2, 35).
+            assert_eq!(log.stripes(5, 0).len(), 11);
             let (r, d) = shard(6, 0, 0, (9, 0), 2);
             assert!(matches!(log.append(r, d, 0), Err(LogError::Dropped(6))));
         }
         let log = ShardLog::open(dir.path(), options(64 << 10)).unwrap();
-        assert_eq!(log.stripes(5, 0).len(), 10);
+        assert_eq!(log.stripes(5, 0).len(), 11);
         assert_eq!(log.stripes(6, 0).len(), 0);
         assert_eq!(log.epoch(5), 2);
         assert!(log.read(5, 0, 0, (1, 35), 0, 2).is_ok());
+        assert!(log.read(5, 0, 0, (2, 35), 0, 2).is_ok());
+        assert!(log.read(5, 0, 1, (2, 35), 0, 2).is_err());
         // The oldest files, which held only freed shards, are gone.
         assert!(list_files(dir.path()).unwrap()[0] > 0);
     }

@@ -31,6 +31,21 @@ impl InProcessNode {
         self.stop = Some(tx);
     }
 
+    /// A node serves only after it has dropped the shards it no longer
+    /// holds a placement for: wait until its port answers.
+    async fn wait_serving(&self) {
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(self.config.listen)
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("{} does not serve", self.config.name);
+    }
+
     async fn stop(&mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
@@ -149,6 +164,8 @@ async fn every_pair_of_lost_nodes_is_survivable() {
             );
             nodes[a].start();
             nodes[b].start();
+            nodes[a].wait_serving().await;
+            nodes[b].wait_serving().await;
         }
     }
     for n in &mut nodes {
