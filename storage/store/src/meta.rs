@@ -657,9 +657,6 @@ impl Meta {
             .collect()
     }
 
-    /// A retired volume's data is read no more: tombstone it (nodes give
-    /// the space back) and forget it.
-
     /// Updates a volume's record if it has not changed since `revision`.
     pub async fn update_volume(
         &self,
