@@ -49,3 +49,9 @@ pub mod tessera {
 pub mod store {
     tonic::include_proto!("tessera.store");
 }
+
+/// The Container Storage Interface (`csi/csi.proto`, package `csi.v1`).
+#[allow(clippy::all)]
+pub mod csi {
+    tonic::include_proto!("csi.v1");
+}

@@ -189,14 +189,20 @@ fn check_capacity(
         .map(|n| n.capacity.saturating_sub(n.used))
         .sum();
     if raw > free {
-        bail!(
+        bail!(NoRoom(format!(
             "{what} needs {} of raw space with a {k}+{m} code; the live storage nodes have {} free",
             format_size(raw),
             format_size(free)
-        );
+        )));
     }
     Ok(())
 }
+
+/// The live storage nodes lack the room asked for (a typed error, so
+/// callers such as the CSI driver can answer it as exhausted resources).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NoRoom(pub String);
 
 /// The live nodes, and the placement of `segments` segments of volume
 /// `id` over them: the nodes it names, and each segment's shards as

@@ -52,6 +52,25 @@ impl Target {
     }
 }
 
+/// How attach daemons are started: the program (`tessera-store`), and the
+/// name of this machine they record as the volume's host.
+#[derive(Clone, Debug)]
+pub struct Launcher {
+    pub program: PathBuf,
+    /// Default: the kernel's host name.
+    pub host: Option<String>,
+}
+
+impl Launcher {
+    /// This very program (`tessera-store` itself).
+    pub fn this_program() -> anyhow::Result<Launcher> {
+        Ok(Launcher {
+            program: std::env::current_exe().context("cannot find this program")?,
+            host: None,
+        })
+    }
+}
+
 /// `volume attach NAME` / `snapshot attach NAME`: starts the attach daemon
 /// in a session of its own and waits until it reports the device (or why
 /// it could not).
@@ -60,6 +79,7 @@ pub async fn attach(
     endpoints: &[String],
     target: &Target,
     run_dir: &Path,
+    launcher: &Launcher,
 ) -> anyhow::Result<String> {
     match target {
         Target::Volume(name) => {
@@ -97,10 +117,13 @@ pub async fn attach(
         return Err(std::io::Error::last_os_error()).context("cannot create a pipe");
     }
     let (read_fd, write_fd) = (fds[0], fds[1]);
-    let mut cmd = Command::new(std::env::current_exe().context("cannot find this program")?);
+    let mut cmd = Command::new(&launcher.program);
     cmd.arg("--endpoints")
         .arg(endpoints.join(","))
         .arg("attach-daemon");
+    if let Some(host) = &launcher.host {
+        cmd.arg("--host").arg(host);
+    }
     match target {
         Target::Volume(volume) => cmd.arg(volume),
         Target::Snapshot(snapshot) => cmd.arg(snapshot).arg("--snapshot"),
@@ -189,10 +212,12 @@ pub async fn run(
     meta: Meta,
     target: Target,
     run_dir: PathBuf,
+    host: Option<String>,
     options: VolumeOptions,
 ) -> anyhow::Result<()> {
     let mut reporter = Reporter::from_env();
-    match serve(&meta, &target, &run_dir, options, &mut reporter).await {
+    let host = host.unwrap_or_else(hostname);
+    match serve(&meta, &target, &run_dir, host, options, &mut reporter).await {
         Ok(()) => Ok(()),
         Err(e) => {
             reporter.send(&format!("error {e:#}"));
@@ -209,6 +234,7 @@ async fn serve(
     meta: &Meta,
     target: &Target,
     run_dir: &Path,
+    host: String,
     options: VolumeOptions,
     reporter: &mut Reporter,
 ) -> anyhow::Result<()> {
@@ -217,7 +243,7 @@ async fn serve(
     // a snapshot taken without a writer either sees it or is seen by it.
     let mut lease = None;
     let mut record = AttachRecord {
-        host: hostname(),
+        host,
         pid: std::process::id(),
         device: String::new(),
         epoch: 0,

@@ -76,6 +76,10 @@ enum Command {
         snapshot: bool,
         #[arg(long, default_value = "/run/tessera-store")]
         run_dir: PathBuf,
+        /// The name recorded as the volume's host (default: the host name;
+        /// tessera-csi gives its node id).
+        #[arg(long)]
+        host: Option<String>,
     },
 }
 
@@ -327,6 +331,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             snapshot,
             run_dir,
+            host,
         } => {
             let meta = Meta::connect(&endpoints).await?;
             let target = if snapshot {
@@ -334,7 +339,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 Target::Volume(name)
             };
-            tessera_store::daemon::run(meta, target, run_dir, VolumeOptions::default()).await
+            tessera_store::daemon::run(meta, target, run_dir, host, VolumeOptions::default()).await
         }
         Command::Volume(v) => volume(&endpoints, v).await,
         Command::Snapshot(s) => snapshot(&endpoints, s).await,
@@ -449,7 +454,14 @@ async fn volume(endpoints: &[String], command: VolumeCommand) -> anyhow::Result<
         }
         VolumeCommand::Attach { name, run_dir } => {
             let target = Target::Volume(name);
-            let device = tessera_store::daemon::attach(&meta, endpoints, &target, &run_dir).await?;
+            let device = tessera_store::daemon::attach(
+                &meta,
+                endpoints,
+                &target,
+                &run_dir,
+                &tessera_store::daemon::Launcher::this_program()?,
+            )
+            .await?;
             println!("{device}");
         }
         VolumeCommand::Detach { .. } => {}
@@ -507,7 +519,14 @@ async fn snapshot(endpoints: &[String], command: SnapshotCommand) -> anyhow::Res
         }
         SnapshotCommand::Attach { name, run_dir } => {
             let target = Target::Snapshot(name);
-            let device = tessera_store::daemon::attach(&meta, endpoints, &target, &run_dir).await?;
+            let device = tessera_store::daemon::attach(
+                &meta,
+                endpoints,
+                &target,
+                &run_dir,
+                &tessera_store::daemon::Launcher::this_program()?,
+            )
+            .await?;
             println!("{device}");
         }
         SnapshotCommand::Detach { .. } => {}

@@ -424,7 +424,7 @@ fn bad_input_is_refused_clearly_and_changes_nothing() {
     let port = common::free_port();
     let listen_at = args.iter().position(|a| a == "--listen").unwrap() + 1;
     args[listen_at] = format!("127.0.0.1:{port}");
-    cmd = std::process::Command::new(common::STORE);
+    cmd = std::process::Command::new(common::store_bin());
     cmd.args(&args);
     let out = cmd.output().unwrap();
     assert!(!out.status.success());

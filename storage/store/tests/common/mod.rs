@@ -11,11 +11,30 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-pub const STORE: &str = env!("CARGO_BIN_EXE_tessera-store");
+/// The `tessera-store` binary: this package's, or (when the CSI driver's
+/// tests use this harness) the one built next to `tessera-csi`.
+pub fn store_bin() -> PathBuf {
+    match (
+        option_env!("CARGO_BIN_EXE_tessera-store"),
+        option_env!("CARGO_BIN_EXE_tessera-csi"),
+    ) {
+        (Some(store), _) => PathBuf::from(store),
+        (None, Some(csi)) => {
+            let bin = Path::new(csi).with_file_name("tessera-store");
+            assert!(
+                bin.exists(),
+                "{} is missing: build the workspace first (cargo build --workspace --bins)",
+                bin.display()
+            );
+            bin
+        }
+        (None, None) => panic!("no tessera-store binary known to this test"),
+    }
+}
 
 /// The `tessera` binary, built next to this one by the workspace build.
 pub fn tessera_bin() -> PathBuf {
-    let bin = Path::new(STORE).with_file_name("tessera");
+    let bin = store_bin().with_file_name("tessera");
     assert!(
         bin.exists(),
         "{} is missing: build the workspace first (cargo build --workspace --bins)",
@@ -208,7 +227,7 @@ impl Cluster {
     fn wait_control_plane(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let out = Command::new(STORE)
+            let out = Command::new(store_bin())
                 .args(["--endpoints", &self.endpoints(), "node", "list"])
                 .output()
                 .unwrap();
@@ -244,7 +263,7 @@ impl Cluster {
 
     pub fn node_command(&self, i: usize) -> Command {
         let n = &self.nodes[i];
-        let mut cmd = Command::new(STORE);
+        let mut cmd = Command::new(store_bin());
         cmd.args(["--endpoints", &self.endpoints(), "serve"])
             .args(["--name", &n.name])
             .arg("--data-dir")
@@ -303,7 +322,7 @@ impl Cluster {
 
     /// Runs `tessera-store ARGS` against this cluster.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(STORE)
+        Command::new(store_bin())
             .args(["--endpoints", &self.endpoints()])
             .args(args)
             .output()
