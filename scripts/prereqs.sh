@@ -17,9 +17,13 @@ if [ "$want" = test ]; then
   command -v etcd >/dev/null 2>&1 || pkgs+=(etcd-server)
   command -v etcdctl >/dev/null 2>&1 || pkgs+=(etcd-client)
   # the data plane's tests: loop devices, filesystems on volumes
-  command -v losetup >/dev/null 2>&1 || pkgs+=(util-linux)
+  command -v losetup >/dev/null 2>&1 || pkgs+=(mount)
+  command -v blkid >/dev/null 2>&1 || pkgs+=(util-linux)
   command -v mkfs.ext4 >/dev/null 2>&1 || pkgs+=(e2fsprogs)
   command -v mkfs.xfs >/dev/null 2>&1 || pkgs+=(xfsprogs)
+  # deploy/validate.sh: kubectl, and a venv for kubernetes-validate
+  command -v kubectl >/dev/null 2>&1 || pkgs+=(kubernetes-client)
+  python3 -c 'import ensurepip' >/dev/null 2>&1 || pkgs+=(python3-venv)
   # the JSON gateway tests send their requests with curl
   command -v curl >/dev/null 2>&1 || pkgs+=(curl)
   # the TLS tests probe ports with openssl s_client; the JWT test makes keys

@@ -50,6 +50,12 @@ scripts/fuzz.sh 2>&1 | tee -a "$log"
 fuzz_status=${PIPESTATUS[0]}
 set -e
 if [ "$fuzz_status" -ne 0 ]; then status=$fuzz_status; fi
+# The Kubernetes manifests: rendered, schema-checked, accepted by kubectl.
+set +e
+deploy/validate.sh 2>&1 | tee -a "$log"
+deploy_status=${PIPESTATUS[0]}
+set -e
+if [ "$deploy_status" -ne 0 ]; then status=$deploy_status; fi
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "tests: %d passed, %d failed (the WAL and shard log tests in both I/O modes)\n", p, f }' "$log"
