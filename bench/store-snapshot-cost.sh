@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Snapshot creation time: an empty volume against one with 1 GiB written,
+# Snapshot creation time against data written (0, 1, 4 GiB),
 # attached (the writer takes its last flush point) and detached (one
 # control-plane transaction), side by side in one run. Starts its own
 # control plane and six storage nodes on loopback, in a temporary
@@ -22,8 +22,8 @@ bin="${CARGO_TARGET_DIR:-target}/$profile"
 dir=$(mktemp -d)
 pids=()
 cleanup() {
-  for v in empty full; do "$bin/tessera-store" volume detach "$v" --run-dir "$dir/run" >/dev/null 2>&1 || true; done
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  for v in v0g v1g v4g; do "$bin/tessera-store" volume detach "$v" --run-dir "$dir/run" >/dev/null 2>&1 || true; done
+  for p in "${pids[@]}"; do { kill -9 "$p" && wait "$p"; } 2>/dev/null || true; done
   rm -rf "$dir"
 }
 trap cleanup EXIT
@@ -42,14 +42,17 @@ for i in 1 2 3 4 5 6; do
 done
 sleep 2
 S() { "$bin/tessera-store" "$@"; }
-S volume create empty --size 1GiB >/dev/null
-S volume create full --size 1GiB >/dev/null
-dev=$(S volume attach full --run-dir "$dir/run")
-echo "writing 1 GiB to the full volume..." >&2
-dd if=/dev/urandom of="$dir/data" bs=1M count=1024 status=none
-dd if="$dir/data" of="$dev" bs=1M oflag=direct conv=fsync status=none
-rm -f "$dir/data"
-S volume detach full --run-dir "$dir/run"
+# Volumes with 0, 1 and 4 GiB written (random data, through the device).
+sizes=(0 1 4)
+for g in "${sizes[@]}"; do
+  S volume create "v${g}g" --size 4GiB >/dev/null
+  if [ "$g" -gt 0 ]; then
+    dev=$(S volume attach "v${g}g" --run-dir "$dir/run")
+    echo "writing $g GiB to v${g}g..." >&2
+    dd if=/dev/urandom of="$dev" bs=1M count=$((g * 1024)) oflag=direct conv=fsync status=none
+    S volume detach "v${g}g" --run-dir "$dir/run"
+  fi
+done
 
 # Median of the wall times of `snapshot create` over $runs runs, ms.
 measure() {
@@ -63,13 +66,14 @@ measure() {
   done
   printf '%s\n' "${times[@]}" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'
 }
-detached_empty=$(measure empty detached)
-detached_full=$(measure full detached)
-S volume attach empty --run-dir "$dir/run" >/dev/null
-S volume attach full --run-dir "$dir/run" >/dev/null
-attached_empty=$(measure empty attached)
-attached_full=$(measure full attached)
-echo "snapshot create, median of $runs runs ($profile build):"
-printf '  %-10s empty %5s ms   1 GiB written %5s ms   ratio %s\n' \
-  detached "$detached_empty" "$detached_full" "$(awk "BEGIN {printf \"%.2f\", $detached_full / $detached_empty}")" \
-  attached "$attached_empty" "$attached_full" "$(awk "BEGIN {printf \"%.2f\", $attached_full / $attached_empty}")"
+declare -A detached attached
+for g in "${sizes[@]}"; do detached[$g]=$(measure "v${g}g" detached); done
+for g in "${sizes[@]}"; do S volume attach "v${g}g" --run-dir "$dir/run" >/dev/null; done
+for g in "${sizes[@]}"; do attached[$g]=$(measure "v${g}g" attached); done
+echo "snapshot create, median of $runs runs, ms ($profile build):"
+printf '  %-9s' "written"; for g in "${sizes[@]}"; do printf '%8s' "${g} GiB"; done; echo
+printf '  %-9s' detached; for g in "${sizes[@]}"; do printf '%8s' "${detached[$g]}"; done; echo
+printf '  %-9s' attached; for g in "${sizes[@]}"; do printf '%8s' "${attached[$g]}"; done; echo
+printf '  ratio 4 GiB / empty: detached %s, attached %s\n' \
+  "$(awk "BEGIN {printf \"%.2f\", ${detached[4]} / ${detached[0]}}")" \
+  "$(awk "BEGIN {printf \"%.2f\", ${attached[4]} / ${attached[0]}}")"

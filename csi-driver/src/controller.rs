@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status};
 
 use crate::capability;
 use crate::identity::ControlPlane;
-use crate::locks::Locks;
+use crate::locks::{run_to_completion, Locks};
 use crate::paging::page;
 use crate::status::{from_store, required};
 use crate::DEFAULT_VOLUME_SIZE;
@@ -38,6 +38,7 @@ pub const MAX_VOLUME_SIZE: u64 = 65_536 * DEFAULT_SEGMENT_SIZE;
 /// The volume context key the node reads the filesystem from.
 pub const CONTEXT_FS_TYPE: &str = "fsType";
 
+#[derive(Clone)]
 pub struct ControllerService {
     pub control_plane: ControlPlane,
     pub locks: Locks,
@@ -219,6 +220,26 @@ impl ControllerService {
             .map(|(r, _)| r))
     }
 
+    /// Whether `volume` was made from `source`: a clone reads through the
+    /// snapshot it was made from (a hidden one of the source volume, for a
+    /// clone of a volume); a new volume reads through nothing.
+    async fn made_from(
+        &self,
+        meta: &Meta,
+        volume: &VolumeRecord,
+        source: Option<&VolumeContentSource>,
+    ) -> Result<bool, Status> {
+        let base = volume.bases.first();
+        Ok(match source.and_then(|s| s.r#type.as_ref()) {
+            None => base.is_none(),
+            Some(SourceType::Snapshot(s)) => base.is_some_and(|b| b.snapshot == s.snapshot_id),
+            Some(SourceType::Volume(v)) => match (base, self.volume(meta, &v.volume_id).await?) {
+                (Some(b), Some(from)) => b.volume_id == from.id,
+                _ => false,
+            },
+        })
+    }
+
     async fn snapshot(&self, meta: &Meta, name: &str) -> Result<Option<SnapshotRecord>, Status> {
         Ok(meta
             .snapshot(name)
@@ -228,13 +249,11 @@ impl ControllerService {
     }
 }
 
-#[tonic::async_trait]
-impl Controller for ControllerService {
-    async fn create_volume(
+impl ControllerService {
+    async fn create_volume_call(
         &self,
-        request: Request<CreateVolumeRequest>,
-    ) -> Result<Response<CreateVolumeResponse>, Status> {
-        let req = request.into_inner();
+        req: CreateVolumeRequest,
+    ) -> Result<CreateVolumeResponse, Status> {
         if req.name.is_empty() {
             return Err(required("CreateVolume", "name"));
         }
@@ -255,15 +274,16 @@ impl Controller for ControllerService {
             let code_differs = source.is_none()
                 && (existing.data_shards != params.data_shards
                     || existing.parity_shards != params.parity_shards);
-            if !fits(existing.size, range) || code_differs {
+            let source_differs = !self.made_from(&meta, &existing, source.as_ref()).await?;
+            if !fits(existing.size, range) || code_differs || source_differs {
                 return Err(Status::already_exists(format!(
-                    "volume {:?} exists with {} bytes and a {}+{} code, which this request does not match",
+                    "volume {:?} exists with {} bytes, a {}+{} code and its own content source, which this request does not match",
                     req.name, existing.size, existing.data_shards, existing.parity_shards
                 )));
             }
-            return Ok(Response::new(CreateVolumeResponse {
+            return Ok(CreateVolumeResponse {
                 volume: Some(volume_message(&existing, source, params.fs_type.as_deref())),
-            }));
+            });
         }
         let record = match source.as_ref().and_then(|s| s.r#type.clone()) {
             Some(SourceType::Snapshot(SnapshotSource { snapshot_id })) => {
@@ -329,29 +349,199 @@ impl Controller for ControllerService {
             })?,
         };
         tracing::info!(volume = %record.name, size = record.size, "created");
-        Ok(Response::new(CreateVolumeResponse {
+        Ok(CreateVolumeResponse {
             volume: Some(volume_message(&record, source, params.fs_type.as_deref())),
-        }))
+        })
     }
 
-    async fn delete_volume(
+    async fn delete_volume_call(
         &self,
-        request: Request<DeleteVolumeRequest>,
-    ) -> Result<Response<DeleteVolumeResponse>, Status> {
-        let req = request.into_inner();
+        req: DeleteVolumeRequest,
+    ) -> Result<DeleteVolumeResponse, Status> {
         if req.volume_id.is_empty() {
             return Err(required("DeleteVolume", "volume_id"));
         }
         let _guard = self.locks.lock(&format!("volume:{}", req.volume_id)).await;
         let meta = self.meta().await?;
         if self.volume(&meta, &req.volume_id).await?.is_none() {
-            return Ok(Response::new(DeleteVolumeResponse {}));
+            return Ok(DeleteVolumeResponse {});
         }
         cli::delete_volume(&meta, &req.volume_id)
             .await
             .map_err(from_store)?;
         tracing::info!(volume = %req.volume_id, "deleted");
-        Ok(Response::new(DeleteVolumeResponse {}))
+        Ok(DeleteVolumeResponse {})
+    }
+
+    async fn create_snapshot_call(
+        &self,
+        req: CreateSnapshotRequest,
+    ) -> Result<CreateSnapshotResponse, Status> {
+        if req.name.is_empty() {
+            return Err(required("CreateSnapshot", "name"));
+        }
+        if req.source_volume_id.is_empty() {
+            return Err(required("CreateSnapshot", "source_volume_id"));
+        }
+        cli::check_name(&req.name).map_err(|e| invalid_name("snapshot", e))?;
+        if !req.parameters.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "snapshots take no parameters (got {:?})",
+                req.parameters.keys().collect::<Vec<_>>()
+            )));
+        }
+        let _guard = self.locks.lock(&format!("snapshot:{}", req.name)).await;
+        let meta = self.meta().await?;
+        if let Some(existing) = meta
+            .snapshot(&req.name)
+            .await
+            .map_err(|e| from_store(e.into()))?
+        {
+            if existing.deleted || existing.volume != req.source_volume_id {
+                return Err(Status::already_exists(format!(
+                    "snapshot {:?} exists, of volume {:?}{}",
+                    req.name,
+                    existing.volume,
+                    if existing.deleted {
+                        " (deleted, but still read by clones)"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+            return Ok(CreateSnapshotResponse {
+                snapshot: Some(snapshot_message(&existing)),
+            });
+        }
+        if self.volume(&meta, &req.source_volume_id).await?.is_none() {
+            return Err(Status::not_found(format!(
+                "no volume named {:?}",
+                req.source_volume_id
+            )));
+        }
+        let record =
+            snapshots::create_snapshot(&meta, &req.source_volume_id, &req.name, SNAPSHOT_TIMEOUT)
+                .await
+                .map_err(from_store)?;
+        tracing::info!(snapshot = %record.name, volume = %record.volume, "snapshot created");
+        Ok(CreateSnapshotResponse {
+            snapshot: Some(snapshot_message(&record)),
+        })
+    }
+
+    async fn delete_snapshot_call(
+        &self,
+        req: DeleteSnapshotRequest,
+    ) -> Result<DeleteSnapshotResponse, Status> {
+        if req.snapshot_id.is_empty() {
+            return Err(required("DeleteSnapshot", "snapshot_id"));
+        }
+        let _guard = self
+            .locks
+            .lock(&format!("snapshot:{}", req.snapshot_id))
+            .await;
+        let meta = self.meta().await?;
+        if self.snapshot(&meta, &req.snapshot_id).await?.is_none() {
+            return Ok(DeleteSnapshotResponse {});
+        }
+        snapshots::delete_snapshot(&meta, &req.snapshot_id)
+            .await
+            .map_err(from_store)?;
+        tracing::info!(snapshot = %req.snapshot_id, "snapshot deleted");
+        Ok(DeleteSnapshotResponse {})
+    }
+
+    async fn controller_expand_volume_call(
+        &self,
+        req: ControllerExpandVolumeRequest,
+    ) -> Result<ControllerExpandVolumeResponse, Status> {
+        if req.volume_id.is_empty() {
+            return Err(required("ControllerExpandVolume", "volume_id"));
+        }
+        let Some(range) = req.capacity_range.as_ref() else {
+            return Err(required("ControllerExpandVolume", "capacity_range"));
+        };
+        let size = size_for(Some(range), 0)?;
+        let _guard = self.locks.lock(&format!("volume:{}", req.volume_id)).await;
+        let meta = self.meta().await?;
+        let record = self
+            .volume(&meta, &req.volume_id)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("no volume named {:?}", req.volume_id)))?;
+        if range.limit_bytes > 0 && record.size > range.limit_bytes as u64 {
+            return Err(Status::out_of_range(format!(
+                "volume {:?} is already {} bytes, more than the limit {}; volumes do not shrink",
+                req.volume_id, record.size, range.limit_bytes
+            )));
+        }
+        let record = if size > record.size {
+            let (_, grown) = cli::expand_volume(&meta, &req.volume_id, size)
+                .await
+                .map_err(from_store)?;
+            tracing::info!(volume = %req.volume_id, size = grown.size, "expanded");
+            grown
+        } else {
+            record
+        };
+        // A block volume grows by itself on its node (the attach process
+        // follows the control plane); a filesystem needs NodeExpandVolume.
+        let block = req
+            .volume_capability
+            .as_ref()
+            .is_some_and(|c| matches!(c.access_type, Some(AccessType::Block(_))));
+        Ok(ControllerExpandVolumeResponse {
+            capacity_bytes: record.size as i64,
+            node_expansion_required: !block,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Controller for ControllerService {
+    async fn create_volume(
+        &self,
+        request: Request<CreateVolumeRequest>,
+    ) -> Result<Response<CreateVolumeResponse>, Status> {
+        let this = self.clone();
+        run_to_completion(async move { this.create_volume_call(request.into_inner()).await }).await
+    }
+
+    async fn delete_volume(
+        &self,
+        request: Request<DeleteVolumeRequest>,
+    ) -> Result<Response<DeleteVolumeResponse>, Status> {
+        let this = self.clone();
+        run_to_completion(async move { this.delete_volume_call(request.into_inner()).await }).await
+    }
+
+    async fn create_snapshot(
+        &self,
+        request: Request<CreateSnapshotRequest>,
+    ) -> Result<Response<CreateSnapshotResponse>, Status> {
+        let this = self.clone();
+        run_to_completion(async move { this.create_snapshot_call(request.into_inner()).await })
+            .await
+    }
+
+    async fn delete_snapshot(
+        &self,
+        request: Request<DeleteSnapshotRequest>,
+    ) -> Result<Response<DeleteSnapshotResponse>, Status> {
+        let this = self.clone();
+        run_to_completion(async move { this.delete_snapshot_call(request.into_inner()).await })
+            .await
+    }
+
+    async fn controller_expand_volume(
+        &self,
+        request: Request<ControllerExpandVolumeRequest>,
+    ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
+        let this = self.clone();
+        run_to_completion(async move {
+            this.controller_expand_volume_call(request.into_inner())
+                .await
+        })
+        .await
     }
 
     async fn validate_volume_capabilities(
@@ -443,7 +633,7 @@ impl Controller for ControllerService {
         };
         Ok(Response::new(GetCapacityResponse {
             available_capacity: available,
-            maximum_volume_size: Some(available),
+            maximum_volume_size: Some(available.min(MAX_VOLUME_SIZE as i64)),
             minimum_volume_size: Some(BLOCK as i64),
         }))
     }
@@ -474,86 +664,6 @@ impl Controller for ControllerService {
         }))
     }
 
-    async fn create_snapshot(
-        &self,
-        request: Request<CreateSnapshotRequest>,
-    ) -> Result<Response<CreateSnapshotResponse>, Status> {
-        let req = request.into_inner();
-        if req.name.is_empty() {
-            return Err(required("CreateSnapshot", "name"));
-        }
-        if req.source_volume_id.is_empty() {
-            return Err(required("CreateSnapshot", "source_volume_id"));
-        }
-        cli::check_name(&req.name).map_err(|e| invalid_name("snapshot", e))?;
-        if !req.parameters.is_empty() {
-            return Err(Status::invalid_argument(format!(
-                "snapshots take no parameters (got {:?})",
-                req.parameters.keys().collect::<Vec<_>>()
-            )));
-        }
-        let _guard = self.locks.lock(&format!("snapshot:{}", req.name)).await;
-        let meta = self.meta().await?;
-        if let Some(existing) = meta
-            .snapshot(&req.name)
-            .await
-            .map_err(|e| from_store(e.into()))?
-        {
-            if existing.deleted || existing.volume != req.source_volume_id {
-                return Err(Status::already_exists(format!(
-                    "snapshot {:?} exists, of volume {:?}{}",
-                    req.name,
-                    existing.volume,
-                    if existing.deleted {
-                        " (deleted, but still read by clones)"
-                    } else {
-                        ""
-                    }
-                )));
-            }
-            return Ok(Response::new(CreateSnapshotResponse {
-                snapshot: Some(snapshot_message(&existing)),
-            }));
-        }
-        if self.volume(&meta, &req.source_volume_id).await?.is_none() {
-            return Err(Status::not_found(format!(
-                "no volume named {:?}",
-                req.source_volume_id
-            )));
-        }
-        let record =
-            snapshots::create_snapshot(&meta, &req.source_volume_id, &req.name, SNAPSHOT_TIMEOUT)
-                .await
-                .map_err(from_store)?;
-        tracing::info!(snapshot = %record.name, volume = %record.volume, "snapshot created");
-        Ok(Response::new(CreateSnapshotResponse {
-            snapshot: Some(snapshot_message(&record)),
-        }))
-    }
-
-    async fn delete_snapshot(
-        &self,
-        request: Request<DeleteSnapshotRequest>,
-    ) -> Result<Response<DeleteSnapshotResponse>, Status> {
-        let req = request.into_inner();
-        if req.snapshot_id.is_empty() {
-            return Err(required("DeleteSnapshot", "snapshot_id"));
-        }
-        let _guard = self
-            .locks
-            .lock(&format!("snapshot:{}", req.snapshot_id))
-            .await;
-        let meta = self.meta().await?;
-        if self.snapshot(&meta, &req.snapshot_id).await?.is_none() {
-            return Ok(Response::new(DeleteSnapshotResponse {}));
-        }
-        snapshots::delete_snapshot(&meta, &req.snapshot_id)
-            .await
-            .map_err(from_store)?;
-        tracing::info!(snapshot = %req.snapshot_id, "snapshot deleted");
-        Ok(Response::new(DeleteSnapshotResponse {}))
-    }
-
     async fn list_snapshots(
         &self,
         request: Request<ListSnapshotsRequest>,
@@ -577,45 +687,6 @@ impl Controller for ControllerService {
                 })
                 .collect(),
             next_token,
-        }))
-    }
-
-    async fn controller_expand_volume(
-        &self,
-        request: Request<ControllerExpandVolumeRequest>,
-    ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
-        let req = request.into_inner();
-        if req.volume_id.is_empty() {
-            return Err(required("ControllerExpandVolume", "volume_id"));
-        }
-        let Some(range) = req.capacity_range.as_ref() else {
-            return Err(required("ControllerExpandVolume", "capacity_range"));
-        };
-        let size = size_for(Some(range), 0)?;
-        let _guard = self.locks.lock(&format!("volume:{}", req.volume_id)).await;
-        let meta = self.meta().await?;
-        let record = self
-            .volume(&meta, &req.volume_id)
-            .await?
-            .ok_or_else(|| Status::not_found(format!("no volume named {:?}", req.volume_id)))?;
-        let record = if size > record.size {
-            let (_, grown) = cli::expand_volume(&meta, &req.volume_id, size)
-                .await
-                .map_err(from_store)?;
-            tracing::info!(volume = %req.volume_id, size = grown.size, "expanded");
-            grown
-        } else {
-            record
-        };
-        // A block volume grows by itself on its node (the attach process
-        // follows the control plane); a filesystem needs NodeExpandVolume.
-        let block = req
-            .volume_capability
-            .as_ref()
-            .is_some_and(|c| matches!(c.access_type, Some(AccessType::Block(_))));
-        Ok(Response::new(ControllerExpandVolumeResponse {
-            capacity_bytes: record.size as i64,
-            node_expansion_required: !block,
         }))
     }
 

@@ -56,6 +56,19 @@ impl Drop for Guard {
     }
 }
 
+/// Runs a call on a task of its own, to the end, even if its caller goes
+/// away (a deadline, a cancelled request): dropped halfway, a call would
+/// release its volume's lock while a mkfs, mount or attach it started goes
+/// on, and a retry could run into it.
+pub async fn run_to_completion<T: Send + 'static>(
+    call: impl std::future::Future<Output = Result<T, tonic::Status>> + Send + 'static,
+) -> Result<tonic::Response<T>, tonic::Status> {
+    tokio::spawn(call)
+        .await
+        .map_err(|e| tonic::Status::internal(format!("the call failed: {e}")))?
+        .map(tonic::Response::new)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

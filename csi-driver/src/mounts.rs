@@ -104,9 +104,31 @@ pub fn unmount(target: &Path) -> anyhow::Result<()> {
     run(Command::new("umount").arg(target))
 }
 
+/// Where the device `rdev` (`/dev/loopN`) is mounted: its filesystem
+/// (the mount's device number) or the device file itself (a bind mount of
+/// devtmpfs's `/loopN`).
+pub fn users_of(rdev: u64, device: &str) -> anyhow::Result<Vec<PathBuf>> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo")
+        .context("cannot read /proc/self/mountinfo")?;
+    let wanted = format!("{}:{}", libc::major(rdev), libc::minor(rdev));
+    let node = format!("/{}", device.trim_start_matches("/dev/"));
+    Ok(table
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let fs_type = line.split(" - ").nth(1)?.split(' ').next()?;
+            let on_device = fields.get(2) == Some(&wanted.as_str());
+            let device_file = fs_type == "devtmpfs" && fields.get(3) == Some(&node.as_str());
+            let mount_point = fields.get(4)?;
+            (on_device || device_file).then(|| PathBuf::from(unescape(mount_point)))
+        })
+        .collect())
+}
+
 /// The paths the plugin creates, mounts and removes: absolute, without
-/// `..`, and under its managed directory (kubelet's), also once symbolic
-/// links in the existing part are followed.
+/// `..`, under its managed directory (kubelet's), and without symbolic
+/// links in the part that exists. Returned normalized (no `.`, no repeated
+/// or trailing `/`), as the mount table spells paths.
 pub fn check_managed(root: &Path, path: &str, what: &str) -> Result<PathBuf, String> {
     let p = Path::new(path);
     if !p.is_absolute() || p.components().any(|c| matches!(c, Component::ParentDir)) {
@@ -114,30 +136,34 @@ pub fn check_managed(root: &Path, path: &str, what: &str) -> Result<PathBuf, Str
             "{what} {path:?} must be an absolute path without '..'"
         ));
     }
-    if !p.starts_with(root) || p == root {
+    let normal: PathBuf = p.components().collect();
+    if !normal.starts_with(root) || normal == root {
         return Err(format!(
             "{what} {path:?} is outside {}, the directory this plugin manages",
             root.display()
         ));
     }
-    // The deepest existing ancestor, with links followed, must stay inside.
-    let mut existing = p;
-    while !existing.exists() {
-        match existing.parent() {
-            Some(parent) => existing = parent,
-            None => break,
+    // Every existing component below the root must be what it says: a
+    // link could lead a mount or a new file anywhere.
+    let mut at = root.to_path_buf();
+    for part in normal
+        .strip_prefix(root)
+        .map_err(|e| e.to_string())?
+        .components()
+    {
+        at.push(part);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(format!(
+                    "{what} {path:?} goes through a symbolic link ({}); refused",
+                    at.display()
+                ))
+            }
+            Ok(_) => {}
+            Err(_) => break,
         }
     }
-    let real_root = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
-    if let Ok(real) = existing.canonicalize() {
-        if !real.starts_with(&real_root) {
-            return Err(format!(
-                "{what} {path:?} leads outside {} through a symbolic link",
-                root.display()
-            ));
-        }
-    }
-    Ok(p.to_path_buf())
+    Ok(normal)
 }
 
 #[cfg(test)]
@@ -166,5 +192,16 @@ mod tests {
         std::os::unix::fs::symlink("/etc", r.join("link")).unwrap();
         let through = format!("{}/link/x", r.display());
         assert!(check_managed(r, &through, "target_path").is_err());
+        // A dangling link is refused too (creating through it would land
+        // outside).
+        std::os::unix::fs::symlink("/nonexistent/x", r.join("dangling")).unwrap();
+        let dangling = format!("{}/dangling", r.display());
+        assert!(check_managed(r, &dangling, "target_path").is_err());
+        // Spelling is normalized as the mount table writes paths.
+        let spelled = format!("{}/pods//x/./mount/", r.display());
+        assert_eq!(
+            check_managed(r, &spelled, "target_path").unwrap(),
+            r.join("pods/x/mount")
+        );
     }
 }

@@ -23,10 +23,11 @@ use crate::capability::{self, Access};
 use crate::controller::{condition, CONTEXT_FS_TYPE};
 use crate::filesystem::{self, Content, Presented};
 use crate::identity::ControlPlane;
-use crate::locks::Locks;
+use crate::locks::{run_to_completion, Locks};
 use crate::mounts;
 use crate::status::{from_store, required};
 
+#[derive(Clone)]
 pub struct NodeService {
     pub control_plane: ControlPlane,
     pub locks: Locks,
@@ -51,6 +52,16 @@ fn internal(e: anyhow::Error) -> Status {
     Status::internal(format!("{e:#}"))
 }
 
+/// A volume id is a directory name under the run directory: only what a
+/// volume may be named.
+fn check_volume_id(call: &str, id: &str) -> Result<(), Status> {
+    if id.is_empty() {
+        return Err(required(call, "volume_id"));
+    }
+    tessera_store::cli::check_name(id)
+        .map_err(|e| Status::invalid_argument(format!("{call}: {e:#}")))
+}
+
 impl NodeService {
     fn managed(&self, path: &str, what: &str) -> Result<PathBuf, Status> {
         mounts::check_managed(&self.managed_dir, path, what).map_err(Status::invalid_argument)
@@ -61,6 +72,14 @@ impl NodeService {
     fn attached_device(&self, volume: &str) -> Option<String> {
         attach::clean_stale(&self.run_dir, volume);
         attach::read_state(&self.run_dir, volume).map(|s| s.device)
+    }
+
+    /// The device of the volume if its attach daemon runs here, read
+    /// without cleaning up (for calls that do not hold the volume's lock).
+    fn live_device(&self, volume: &str) -> Option<String> {
+        attach::read_state(&self.run_dir, volume)
+            .filter(|s| attach::attach_daemon_alive(s.pid))
+            .map(|s| s.device)
     }
 
     async fn volume_exists(&self, volume: &str) -> Result<(), Status> {
@@ -139,16 +158,12 @@ impl NodeService {
     }
 }
 
-#[tonic::async_trait]
-impl Node for NodeService {
-    async fn node_stage_volume(
+impl NodeService {
+    async fn node_stage_volume_call(
         &self,
-        request: Request<NodeStageVolumeRequest>,
-    ) -> Result<Response<NodeStageVolumeResponse>, Status> {
-        let req = request.into_inner();
-        if req.volume_id.is_empty() {
-            return Err(required("NodeStageVolume", "volume_id"));
-        }
+        req: NodeStageVolumeRequest,
+    ) -> Result<NodeStageVolumeResponse, Status> {
+        check_volume_id("NodeStageVolume", &req.volume_id)?;
         if req.staging_target_path.is_empty() {
             return Err(required("NodeStageVolume", "staging_target_path"));
         }
@@ -156,6 +171,11 @@ impl Node for NodeService {
             return Err(required("NodeStageVolume", "volume_capability"));
         };
         let access = capability::check(cap).map_err(Status::invalid_argument)?;
+        if access == Access::Block && capability::read_only(cap) {
+            return Err(Status::invalid_argument(
+                "read-only block access is not supported (a bind mount cannot stop writes through a device file)",
+            ));
+        }
         let staging = self.managed(&req.staging_target_path, "staging_target_path")?;
         let _guard = self.locks.lock(&format!("volume:{}", req.volume_id)).await;
         self.volume_exists(&req.volume_id).await?;
@@ -163,6 +183,20 @@ impl Node for NodeService {
             Some(device) => (device, false),
             None => {
                 let meta = self.control_plane.meta().await?;
+                // Attaching would fence a writer that still holds its
+                // lease on another node: its pod would get I/O errors. A
+                // lost node's lease lapses within seconds; then this works.
+                if let Some(other) = meta
+                    .attached(&req.volume_id)
+                    .await
+                    .map_err(|e| from_store(e.into()))?
+                    .filter(|a| a.host != self.node_id)
+                {
+                    return Err(Status::failed_precondition(format!(
+                        "volume {:?} is in use on node {} (its attach process {} holds a live lease); unstage it there first",
+                        req.volume_id, other.host, other.pid
+                    )));
+                }
                 let device = daemon::attach(
                     &meta,
                     &self.control_plane.endpoints,
@@ -179,15 +213,30 @@ impl Node for NodeService {
             }
         };
         let staged = match access {
-            Access::Block => Ok(()),
+            Access::Block => match mounts::is_mountpoint(&staging) {
+                Ok(true) => Err(Status::already_exists(format!(
+                    "volume {:?} is staged with a filesystem at {}; block access is incompatible",
+                    req.volume_id,
+                    staging.display()
+                ))),
+                Ok(false) => Ok(()),
+                Err(e) => Err(internal(e)),
+            },
             Access::Mount { fs_type, flags } => {
                 let fs_type = if !fs_type.is_empty() {
                     fs_type
                 } else {
-                    req.volume_context
+                    let from_class = req
+                        .volume_context
                         .get(CONTEXT_FS_TYPE)
-                        .cloned()
-                        .unwrap_or_else(|| capability::DEFAULT_FILESYSTEM.into())
+                        .map(String::as_str)
+                        .unwrap_or(capability::DEFAULT_FILESYSTEM);
+                    if !capability::FILESYSTEMS.contains(&from_class) {
+                        return Err(Status::invalid_argument(format!(
+                            "volume context {CONTEXT_FS_TYPE}={from_class:?}: not a supported filesystem"
+                        )));
+                    }
+                    from_class.to_string()
                 };
                 self.stage_filesystem(
                     &device,
@@ -208,29 +257,56 @@ impl Node for NodeService {
             return Err(e);
         }
         tracing::info!(volume = %req.volume_id, staging = %staging.display(), "staged");
-        Ok(Response::new(NodeStageVolumeResponse {}))
+        Ok(NodeStageVolumeResponse {})
     }
 
-    async fn node_unstage_volume(
+    async fn node_unstage_volume_call(
         &self,
-        request: Request<NodeUnstageVolumeRequest>,
-    ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
-        let req = request.into_inner();
-        if req.volume_id.is_empty() {
-            return Err(required("NodeUnstageVolume", "volume_id"));
-        }
+        req: NodeUnstageVolumeRequest,
+    ) -> Result<NodeUnstageVolumeResponse, Status> {
+        check_volume_id("NodeUnstageVolume", &req.volume_id)?;
         if req.staging_target_path.is_empty() {
             return Err(required("NodeUnstageVolume", "staging_target_path"));
         }
         let staging = self.managed(&req.staging_target_path, "staging_target_path")?;
         let _guard = self.locks.lock(&format!("volume:{}", req.volume_id)).await;
         let device = self.attached_device(&req.volume_id);
-        // The staging path is this volume's: whatever is mounted there
-        // (its filesystem, even if its attach daemon died) goes.
+        let rdev = device
+            .as_deref()
+            .map(filesystem::rdev)
+            .transpose()
+            .map_err(internal)?;
         let path = staging.clone();
+        let volume = req.volume_id.clone();
+        let dev = device.clone();
         blocking(move || {
             while mounts::is_mountpoint(&path)? {
+                // This volume's filesystem goes; so does a leftover when
+                // the volume is not attached here any more (its attach
+                // process died). Anything else is not ours to unmount.
+                let ours = rdev.is_none_or(|r| filesystem::presents(&path, r).is_some());
+                if !ours {
+                    anyhow::bail!(
+                        "{} holds something other than volume {volume:?}; not unmounting it",
+                        path.display()
+                    );
+                }
                 mounts::unmount(&path)?;
+            }
+            // Detaching under a mount would pull the device from under a
+            // filesystem in use: refuse while anything still mounts it.
+            if let (Some(r), Some(d)) = (rdev, dev.as_deref()) {
+                let users = mounts::users_of(r, d)?;
+                if !users.is_empty() {
+                    anyhow::bail!(
+                        "volume {volume:?} is still mounted at {} (unpublish it first)",
+                        users
+                            .iter()
+                            .map(|p| p.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
             }
             Ok(())
         })
@@ -240,17 +316,14 @@ impl Node for NodeService {
             self.detach(&req.volume_id).await?;
             tracing::info!(volume = %req.volume_id, "unstaged and detached");
         }
-        Ok(Response::new(NodeUnstageVolumeResponse {}))
+        Ok(NodeUnstageVolumeResponse {})
     }
 
-    async fn node_publish_volume(
+    async fn node_publish_volume_call(
         &self,
-        request: Request<NodePublishVolumeRequest>,
-    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
-        let req = request.into_inner();
-        if req.volume_id.is_empty() {
-            return Err(required("NodePublishVolume", "volume_id"));
-        }
+        req: NodePublishVolumeRequest,
+    ) -> Result<NodePublishVolumeResponse, Status> {
+        check_volume_id("NodePublishVolume", &req.volume_id)?;
         if req.target_path.is_empty() {
             return Err(required("NodePublishVolume", "target_path"));
         }
@@ -264,6 +337,11 @@ impl Node for NodeService {
         let target = self.managed(&req.target_path, "target_path")?;
         let staging = self.managed(&req.staging_target_path, "staging_target_path")?;
         let read_only = req.readonly || capability::read_only(cap);
+        if access == Access::Block && read_only {
+            return Err(Status::invalid_argument(
+                "read-only block access is not supported (a bind mount cannot stop writes through a device file)",
+            ));
+        }
         let _guard = self.locks.lock(&format!("volume:{}", req.volume_id)).await;
         let device = self.attached_device(&req.volume_id).ok_or_else(|| {
             Status::failed_precondition(format!(
@@ -289,7 +367,7 @@ impl Node for NodeService {
         };
         if mounts::is_mountpoint(&target).map_err(internal)? {
             return if filesystem::presents(&target, rdev) == Some(want) {
-                Ok(Response::new(NodePublishVolumeResponse {}))
+                Ok(NodePublishVolumeResponse {})
             } else {
                 Err(Status::already_exists(format!(
                     "something other than volume {:?} is mounted at {}",
@@ -318,17 +396,14 @@ impl Node for NodeService {
         .await
         .map_err(internal)?;
         tracing::info!(volume = %req.volume_id, target = %target.display(), read_only, "published");
-        Ok(Response::new(NodePublishVolumeResponse {}))
+        Ok(NodePublishVolumeResponse {})
     }
 
-    async fn node_unpublish_volume(
+    async fn node_unpublish_volume_call(
         &self,
-        request: Request<NodeUnpublishVolumeRequest>,
-    ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
-        let req = request.into_inner();
-        if req.volume_id.is_empty() {
-            return Err(required("NodeUnpublishVolume", "volume_id"));
-        }
+        req: NodeUnpublishVolumeRequest,
+    ) -> Result<NodeUnpublishVolumeResponse, Status> {
+        check_volume_id("NodeUnpublishVolume", &req.volume_id)?;
         if req.target_path.is_empty() {
             return Err(required("NodeUnpublishVolume", "target_path"));
         }
@@ -351,17 +426,14 @@ impl Node for NodeService {
         .await
         .map_err(internal)?;
         tracing::info!(volume = %req.volume_id, target = %target.display(), "unpublished");
-        Ok(Response::new(NodeUnpublishVolumeResponse {}))
+        Ok(NodeUnpublishVolumeResponse {})
     }
 
-    async fn node_get_volume_stats(
+    async fn node_get_volume_stats_call(
         &self,
-        request: Request<NodeGetVolumeStatsRequest>,
-    ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
-        let req = request.into_inner();
-        if req.volume_id.is_empty() {
-            return Err(required("NodeGetVolumeStats", "volume_id"));
-        }
+        req: NodeGetVolumeStatsRequest,
+    ) -> Result<NodeGetVolumeStatsResponse, Status> {
+        check_volume_id("NodeGetVolumeStats", &req.volume_id)?;
         if req.volume_path.is_empty() {
             return Err(required("NodeGetVolumeStats", "volume_path"));
         }
@@ -372,7 +444,7 @@ impl Node for NodeService {
                 req.volume_id, req.volume_path
             ))
         };
-        let device = self.attached_device(&req.volume_id).ok_or_else(not_here)?;
+        let device = self.live_device(&req.volume_id).ok_or_else(not_here)?;
         let rdev = filesystem::rdev(&device).map_err(internal)?;
         let path = PathBuf::from(&req.volume_path);
         let usage = match filesystem::presents(&path, rdev).ok_or_else(not_here)? {
@@ -399,20 +471,17 @@ impl Node for NodeService {
             }],
         };
         let meta = self.control_plane.meta().await?;
-        Ok(Response::new(NodeGetVolumeStatsResponse {
+        Ok(NodeGetVolumeStatsResponse {
             usage,
             volume_condition: Some(condition(&meta, &req.volume_id).await?),
-        }))
+        })
     }
 
-    async fn node_expand_volume(
+    async fn node_expand_volume_call(
         &self,
-        request: Request<NodeExpandVolumeRequest>,
-    ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
-        let req = request.into_inner();
-        if req.volume_id.is_empty() {
-            return Err(required("NodeExpandVolume", "volume_id"));
-        }
+        req: NodeExpandVolumeRequest,
+    ) -> Result<NodeExpandVolumeResponse, Status> {
+        check_volume_id("NodeExpandVolume", &req.volume_id)?;
         if req.volume_path.is_empty() {
             return Err(required("NodeExpandVolume", "volume_path"));
         }
@@ -470,9 +539,70 @@ impl Node for NodeService {
             .map_err(internal)?;
             tracing::info!(volume = %req.volume_id, size = wanted, "filesystem grown");
         }
-        Ok(Response::new(NodeExpandVolumeResponse {
+        Ok(NodeExpandVolumeResponse {
             capacity_bytes: filesystem::device_size(&device).map_err(internal)? as i64,
-        }))
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    async fn node_stage_volume(
+        &self,
+        request: Request<NodeStageVolumeRequest>,
+    ) -> Result<Response<NodeStageVolumeResponse>, Status> {
+        let this = self.clone();
+        run_to_completion(async move { this.node_stage_volume_call(request.into_inner()).await })
+            .await
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        request: Request<NodeUnstageVolumeRequest>,
+    ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
+        let this = self.clone();
+        run_to_completion(async move { this.node_unstage_volume_call(request.into_inner()).await })
+            .await
+    }
+
+    async fn node_publish_volume(
+        &self,
+        request: Request<NodePublishVolumeRequest>,
+    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
+        let this = self.clone();
+        run_to_completion(async move { this.node_publish_volume_call(request.into_inner()).await })
+            .await
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        request: Request<NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
+        let this = self.clone();
+        run_to_completion(
+            async move { this.node_unpublish_volume_call(request.into_inner()).await },
+        )
+        .await
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        request: Request<NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
+        let this = self.clone();
+        run_to_completion(
+            async move { this.node_get_volume_stats_call(request.into_inner()).await },
+        )
+        .await
+    }
+
+    async fn node_expand_volume(
+        &self,
+        request: Request<NodeExpandVolumeRequest>,
+    ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
+        let this = self.clone();
+        run_to_completion(async move { this.node_expand_volume_call(request.into_inner()).await })
+            .await
     }
 
     async fn node_get_capabilities(

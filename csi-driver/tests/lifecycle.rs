@@ -174,6 +174,28 @@ async fn a_volume_moves_to_another_node_and_survives_a_plugin_restart() {
         got.status.unwrap().published_node_ids,
         vec!["node-a".to_string()]
     );
+    // While node-a writes it, node-b may not take it over.
+    std::fs::create_dir_all(b.path("staging/pvc-move")).unwrap();
+    let err = b
+        .node()
+        .await
+        .node_stage_volume(stage_request(&b, "pvc-move", caps::mount("ext4")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("node-a"), "{err:?}");
+    // Unstaging under a published mount is refused and changes nothing.
+    let err = a
+        .node()
+        .await
+        .node_unstage_volume(NodeUnstageVolumeRequest {
+            volume_id: "pvc-move".into(),
+            staging_target_path: a.path("staging/pvc-move"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(checksum(&format!("{target}/data")), sum);
     unpublish_and_unstage(&a, "pvc-move").await;
     assert!(!Path::new(&target).exists(), "the target path is removed");
     assert!(
@@ -403,7 +425,6 @@ async fn staging_never_formats_what_it_cannot_read_or_does_not_know() {
     for i in 0..3 {
         cluster.kill_node(i);
     }
-    let staging = p.path("staging/pvc-safe");
     let err = p
         .node()
         .await
@@ -447,6 +468,7 @@ async fn staging_never_formats_what_it_cannot_read_or_does_not_know() {
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("not formatted"), "{err:?}");
+    let staging = p.path("staging/pvc-raw");
     assert!(!common::mounts_under(&p.dir)
         .iter()
         .any(|m| m.to_string_lossy() == staging));

@@ -429,6 +429,23 @@ pub fn loop_detach(device: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether loop `device` is still backed by `file`: a device number that
+/// was freed and taken by another attach since must be left alone.
+pub fn loop_backed_by(device: &str, file: &Path) -> bool {
+    let name = device.trim_start_matches("/dev/");
+    std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
+        .is_ok_and(|backing| Path::new(backing.trim_end()) == file)
+}
+
+/// Removes loop `device` if it is still the one on `file`; one that is
+/// gone (or now someone else's) is left as it is.
+pub fn loop_detach_own(device: &str, file: &Path) -> anyhow::Result<()> {
+    if !loop_backed_by(device, file) {
+        return Ok(());
+    }
+    loop_detach(device)
+}
+
 /// Grows a loop device to its backing file's size (after an expansion).
 pub fn loop_resize(device: &str) -> anyhow::Result<()> {
     let out = Command::new("losetup")
@@ -453,6 +470,13 @@ pub struct AttachState {
     pub mountpoint: PathBuf,
     pub epoch: u64,
     pub started: u64,
+}
+
+impl AttachState {
+    /// The file on the FUSE mount its loop device is put on.
+    pub fn file(&self) -> PathBuf {
+        self.mountpoint.join(FILE_NAME)
+    }
 }
 
 pub fn state_dir(run_dir: &Path, volume: &str) -> PathBuf {
@@ -485,18 +509,26 @@ pub fn process_alive(pid: u32) -> bool {
     pid > 0 && !matches!(state, Some('Z') | Some('X') | None)
 }
 
+/// Whether `pid` is a live attach daemon (not a process that got the
+/// number of a dead one).
+pub fn attach_daemon_alive(pid: u32) -> bool {
+    process_alive(pid)
+        && std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|cmd| cmd.split(|&b| b == 0).any(|arg| arg == b"attach-daemon"))
+}
+
 /// Clears what a dead attach daemon of `volume` left behind: its loop
 /// device, its FUSE mount, its state file.
 pub fn clean_stale(run_dir: &Path, volume: &str) {
     let Some(state) = read_state(run_dir, volume) else {
         return;
     };
-    if process_alive(state.pid) {
+    if attach_daemon_alive(state.pid) {
         return;
     }
     tracing::info!(volume, pid = state.pid, device = %state.device, "cleaning up after a dead attach process");
     if !state.device.is_empty() {
-        let _ = loop_detach(&state.device);
+        let _ = loop_detach_own(&state.device, &state.file());
     }
     unmount(&state.mountpoint);
     let _ = std::fs::remove_file(state_dir(run_dir, volume).join("state.json"));

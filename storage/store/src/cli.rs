@@ -91,6 +91,10 @@ pub fn check_name(name: &str) -> anyhow::Result<()> {
     if name.is_empty() || name.len() > 253 {
         bail!("invalid volume name {name:?}: 1 to 253 characters");
     }
+    // Names are directory names on the nodes that attach them.
+    if name == "." || name == ".." {
+        bail!("invalid volume name {name:?}");
+    }
     if !name
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
@@ -860,5 +864,6 @@ mod tests {
         assert!(check_name("pvc-1234.a_b").is_ok());
         assert!(check_name("").is_err());
         assert!(check_name("a/b").is_err());
+        assert!(check_name(".").is_err() && check_name("..").is_err());
     }
 }

@@ -170,11 +170,13 @@ pub fn detach(run_dir: &Path, target: &Target) -> anyhow::Result<()> {
     let Some(state) = attach::read_state(run_dir, name) else {
         bail!("{} is not attached on this machine", target.describe());
     };
-    attach::loop_detach(&state.device)?;
+    // SIGTERM goes to an attach daemon only, never to a process that
+    // reused a dead one's number (clean_stale above handled those).
+    attach::loop_detach_own(&state.device, &state.file())?;
     // SAFETY: a plain kill(2).
     unsafe { libc::kill(state.pid as libc::pid_t, libc::SIGTERM) };
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while attach::process_alive(state.pid) {
+    while attach::attach_daemon_alive(state.pid) {
         if std::time::Instant::now() > deadline {
             bail!(
                 "the attach daemon (process {}) did not stop within 60 s",
@@ -328,14 +330,7 @@ async fn serve(
     tracing::info!(target = %key, "detaching");
     // The loop device first (normally `volume detach` removed it already),
     // so nothing more arrives; then everything written is made durable.
-    if Path::new(&format!(
-        "/sys/block/{}",
-        device.trim_start_matches("/dev/")
-    ))
-    .exists()
-    {
-        let _ = attach::loop_detach(&device);
-    }
+    let _ = attach::loop_detach_own(&device, &mounted.file);
     let flushed = volume.close().await;
     drop(mounted);
     if let (Target::Volume(name), Some(lease)) = (target, lease) {
