@@ -22,7 +22,7 @@ bin="${CARGO_TARGET_DIR:-target}/$profile"
 dir=$(mktemp -d)
 pids=()
 cleanup() {
-  for v in v0g v1g v4g; do "$bin/tessera-store" volume detach "$v" --run-dir "$dir/run" >/dev/null 2>&1 || true; done
+  for v in "$dir"/run/*/; do [ -d "$v" ] && "$bin/tessera-store" volume detach "$(basename "$v")" --run-dir "$dir/run" >/dev/null 2>&1 || true; done
   for p in "${pids[@]}"; do { kill -9 "$p" && wait "$p"; } 2>/dev/null || true; done
   rm -rf "$dir"
 }
@@ -42,8 +42,11 @@ for i in 1 2 3 4 5 6; do
 done
 sleep 2
 S() { "$bin/tessera-store" "$@"; }
-# Volumes with 0, 1 and 4 GiB written (random data, through the device).
-sizes=(0 1 4)
+# Volumes with 0, 1 and 4 GiB written (random data, through the device);
+# SIZES="0 1" for a shorter run.
+read -r -a sizes <<< "${SIZES:-0 1 4}"
+first=${sizes[0]}
+last=${sizes[${#sizes[@]}-1]}
 for g in "${sizes[@]}"; do
   S volume create "v${g}g" --size 4GiB >/dev/null
   if [ "$g" -gt 0 ]; then
@@ -74,6 +77,6 @@ echo "snapshot create, median of $runs runs, ms ($profile build):"
 printf '  %-9s' "written"; for g in "${sizes[@]}"; do printf '%8s' "${g} GiB"; done; echo
 printf '  %-9s' detached; for g in "${sizes[@]}"; do printf '%8s' "${detached[$g]}"; done; echo
 printf '  %-9s' attached; for g in "${sizes[@]}"; do printf '%8s' "${attached[$g]}"; done; echo
-printf '  ratio 4 GiB / empty: detached %s, attached %s\n' \
-  "$(awk "BEGIN {printf \"%.2f\", ${detached[4]} / ${detached[0]}}")" \
-  "$(awk "BEGIN {printf \"%.2f\", ${attached[4]} / ${attached[0]}}")"
+printf '  ratio %s GiB / %s GiB written: detached %s, attached %s\n' "$last" "$first" \
+  "$(awk "BEGIN {printf \"%.2f\", ${detached[$last]} / ${detached[$first]}}")" \
+  "$(awk "BEGIN {printf \"%.2f\", ${attached[$last]} / ${attached[$first]}}")"

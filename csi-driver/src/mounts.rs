@@ -46,6 +46,24 @@ pub fn is_mountpoint(path: &Path) -> anyhow::Result<bool> {
     }))
 }
 
+/// Whether the (topmost) mount at `path` is read-only.
+pub fn is_read_only(path: &Path) -> anyhow::Result<bool> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo")
+        .context("cannot read /proc/self/mountinfo")?;
+    let wanted = path.to_string_lossy();
+    let options = table
+        .lines()
+        .filter(|line| {
+            line.split(' ')
+                .nth(4)
+                .is_some_and(|mount_point| unescape(mount_point) == wanted)
+        })
+        .next_back()
+        .and_then(|line| line.split(' ').nth(5).map(str::to_string))
+        .with_context(|| format!("{} is not a mount point", path.display()))?;
+    Ok(options.split(',').any(|o| o == "ro"))
+}
+
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let shown = format!("{cmd:?}");
     let out = cmd

@@ -366,14 +366,21 @@ impl NodeService {
             Access::Block => (Presented::Block, PathBuf::from(&device)),
         };
         if mounts::is_mountpoint(&target).map_err(internal)? {
-            return if filesystem::presents(&target, rdev) == Some(want) {
-                Ok(NodePublishVolumeResponse {})
-            } else {
+            return if filesystem::presents(&target, rdev) != Some(want) {
                 Err(Status::already_exists(format!(
                     "something other than volume {:?} is mounted at {}",
                     req.volume_id,
                     target.display()
                 )))
+            } else if mounts::is_read_only(&target).map_err(internal)? != read_only {
+                Err(Status::already_exists(format!(
+                    "volume {:?} is published at {} {}; this request asks for the other",
+                    req.volume_id,
+                    target.display(),
+                    if read_only { "read-write" } else { "read-only" }
+                )))
+            } else {
+                Ok(NodePublishVolumeResponse {})
             };
         }
         let path = target.clone();

@@ -606,6 +606,28 @@ async fn bad_input_gets_the_specs_codes_and_changes_nothing() {
         .await;
     assert_eq!(code(r), Code::InvalidArgument);
     let target = stage_and_publish(&p, "pvc-x", caps::mount("ext4")).await;
+    // The same publish again succeeds; read-only over a read-write one,
+    // or block over a staged filesystem, does not.
+    let again = |readonly: bool| NodePublishVolumeRequest {
+        volume_id: "pvc-x".into(),
+        staging_target_path: p.path("staging/pvc-x"),
+        target_path: target.clone(),
+        volume_capability: Some(caps::mount("ext4")),
+        readonly,
+        ..Default::default()
+    };
+    assert_eq!(code(node.node_publish_volume(again(false)).await), Code::Ok);
+    assert_eq!(
+        code(node.node_publish_volume(again(true)).await),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        code(
+            node.node_stage_volume(stage_request(&p, "pvc-x", caps::block()))
+                .await
+        ),
+        Code::AlreadyExists
+    );
     for bad in [
         outside.to_string_lossy().into_owned(),
         "/etc".into(),

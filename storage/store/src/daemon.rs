@@ -306,10 +306,31 @@ async fn serve(
     let mut int = signal(SignalKind::interrupt())?;
     let mut control = tokio::time::interval(CONTROL_INTERVAL);
     control.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Snapshot requests are answered as they arrive (the poll above is
+    // the fallback should the watch end).
+    let mut requests = match target {
+        Target::Volume(name) => meta.watch_snapshot_requests(name).await.ok(),
+        Target::Snapshot(_) => None,
+    };
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            changed = next_request(&mut requests) => {
+                if !changed {
+                    tracing::warn!("the snapshot request watch ended; polling only");
+                    requests = None;
+                    continue;
+                }
+                let attached = Attached {
+                    meta,
+                    volume: &volume,
+                    target,
+                    device: &device,
+                    file: &mounted.file,
+                };
+                attached.serve_snapshot_requests().await;
+            }
             _ = control.tick() => {
                 let attached = Attached {
                     meta,
@@ -341,6 +362,14 @@ async fn serve(
     flushed.context("the last flush failed")?;
     tracing::info!(target = %key, "detached");
     Ok(())
+}
+
+/// The next change to the snapshot requests; never, without a watch.
+async fn next_request(watch: &mut Option<crate::meta::SnapshotRequestWatch>) -> bool {
+    match watch {
+        Some(w) => w.changed().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// An attached volume as the control loop sees it.
@@ -377,6 +406,12 @@ impl Attached<'_> {
             }
             Err(e) => tracing::warn!(error = %e, "cannot refresh from the control plane"),
         }
+        self.serve_snapshot_requests().await;
+        grown
+    }
+
+    /// Takes the snapshots asked of this writer.
+    async fn serve_snapshot_requests(&self) {
         if let Target::Volume(name) = self.target {
             match self.meta.snapshot_requests(name).await {
                 Ok(asked) => {
@@ -387,7 +422,6 @@ impl Attached<'_> {
                 Err(e) => tracing::warn!(error = %e, "cannot read snapshot requests"),
             }
         }
-        grown
     }
 
     /// The FUSE file reports the new size at once (its attributes are not

@@ -22,7 +22,9 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+};
 use serde::{Deserialize, Serialize};
 
 const NODES: &str = "/tessera/store/nodes/";
@@ -68,6 +70,19 @@ pub enum MetaError {
     SnapshotExists(String),
     #[error("no snapshot named {0:?}")]
     NoSuchSnapshot(String),
+}
+
+/// See [`Meta::watch_snapshot_requests`].
+pub struct SnapshotRequestWatch {
+    stream: etcd_client::WatchStream,
+}
+
+impl SnapshotRequestWatch {
+    /// Waits for the next change; false once the watch has ended (the
+    /// caller then relies on polling alone).
+    pub async fn changed(&mut self) -> bool {
+        matches!(self.stream.message().await, Ok(Some(_)))
+    }
 }
 
 /// A storage node as it registers itself.
@@ -614,6 +629,24 @@ impl Meta {
                     .map(String::from)
             })
             .collect())
+    }
+
+    /// A wake-up whenever a snapshot request of `volume` changes, so its
+    /// writer answers at once instead of at its next poll.
+    pub async fn watch_snapshot_requests(
+        &self,
+        volume: &str,
+    ) -> Result<SnapshotRequestWatch, MetaError> {
+        let stream = self
+            .client
+            .clone()
+            .watch(
+                format!("{SNAPREQ}{volume}/"),
+                Some(WatchOptions::new().with_prefix()),
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(SnapshotRequestWatch { stream })
     }
 
     pub async fn clear_snapshot_request(&self, volume: &str, name: &str) -> Result<(), MetaError> {

@@ -108,7 +108,10 @@ pub async fn list_segment(
 }
 
 /// Shard `want` of a stripe, rebuilt from any k of the other shards
-/// (whole shards, every block's checksum checked on the way).
+/// (every block's checksum checked on the way). Whole shards first; when
+/// fewer than k of them read cleanly (other shards have rotten blocks of
+/// their own, in other rows), row by row, each row from any k shards
+/// whose block in that row is sound.
 pub async fn rebuild_shard(
     nodes: &[Peer],
     volume: u64,
@@ -124,65 +127,112 @@ pub async fn rebuild_shard(
         return Err(format!("a {k}+{} stripe on {} nodes", n - k, nodes.len()));
     }
     let codec = Codec::new(k, n - k).map_err(|e| e.to_string())?;
-    let mut asks: FuturesUnordered<_> = nodes
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != want)
-        .map(|(i, node)| {
-            let client = node.client.clone();
-            let name = node.name.clone();
-            async move {
-                let Some(mut client) = client else {
-                    return (i, Err(format!("{name}: no address known")));
-                };
+    let ask = Ask {
+        nodes,
+        codec: &codec,
+        volume,
+        segment,
+        stripe,
+        k,
+        want,
+    };
+    let whole = match ask.rows(0, rows).await {
+        Ok(data) => return Ok(data),
+        Err(e) => e,
+    };
+    if rows <= 1 {
+        return Err(whole);
+    }
+    let mut out = Vec::with_capacity(rows * BLOCK);
+    for row in 0..rows {
+        let data = ask
+            .rows(row, 1)
+            .await
+            .map_err(|e| format!("row {row}: {e} (whole shards: {whole})"))?;
+        out.extend_from_slice(&data);
+    }
+    Ok(out)
+}
+
+/// One rebuild's reads: rows of the other shards of a stripe.
+struct Ask<'a> {
+    nodes: &'a [Peer],
+    codec: &'a Codec,
+    volume: u64,
+    segment: u32,
+    stripe: Stripe,
+    k: usize,
+    want: usize,
+}
+
+impl Ask<'_> {
+    /// Rows `first..first + rows` of shard `want`, from any k others.
+    async fn rows(&self, first: usize, rows: usize) -> Result<Vec<u8>, String> {
+        let n = self.nodes.len();
+        let mut asks: FuturesUnordered<_> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != self.want)
+            .map(|(i, node)| {
+                let client = node.client.clone();
+                let name = node.name.clone();
                 let request = ReadRequest {
-                    volume,
-                    segment,
+                    volume: self.volume,
+                    segment: self.segment,
                     shard: i as u32,
-                    stripe: Some(stripe_id(stripe)),
-                    first_row: 0,
+                    stripe: Some(stripe_id(self.stripe)),
+                    first_row: first as u32,
                     rows: rows as u32,
                 };
-                let answer = match client.read(request).await {
-                    Ok(r) => {
-                        let r = r.into_inner();
-                        if r.data.len() == rows * BLOCK && block_crcs(&r.data) == r.crcs {
-                            Ok(r.data)
-                        } else {
-                            Err(format!("{name}: checksum mismatch on the wire"))
+                async move {
+                    let Some(mut client) = client else {
+                        return (i, Err(format!("{name}: no address known")));
+                    };
+                    let answer = match client.read(request).await {
+                        Ok(r) => {
+                            let r = r.into_inner();
+                            if r.data.len() == rows * BLOCK && block_crcs(&r.data) == r.crcs {
+                                Ok(r.data)
+                            } else {
+                                Err(format!("{name}: checksum mismatch on the wire"))
+                            }
                         }
-                    }
-                    Err(e) => Err(format!("{name}: {}", e.message())),
-                };
-                (i, answer)
-            }
-        })
-        .collect();
-    let mut pieces: Vec<Option<Vec<u8>>> = vec![None; n];
-    let mut got = 0;
-    let mut errors = Vec::new();
-    while let Some((i, answer)) = asks.next().await {
-        match answer {
-            Ok(data) => {
-                pieces[i] = Some(data);
-                got += 1;
-                if got == k {
-                    break;
+                        Err(e) => Err(format!("{name}: {}", e.message())),
+                    };
+                    (i, answer)
                 }
+            })
+            .collect();
+        let mut pieces: Vec<Option<Vec<u8>>> = vec![None; n];
+        let mut got = 0;
+        let mut errors = Vec::new();
+        while let Some((i, answer)) = asks.next().await {
+            match answer {
+                Ok(data) => {
+                    pieces[i] = Some(data);
+                    got += 1;
+                    if got == self.k {
+                        break;
+                    }
+                }
+                Err(e) => errors.push(e),
             }
-            Err(e) => errors.push(e),
         }
+        if got < self.k {
+            return Err(format!(
+                "only {got} of the {} shards needed could be read: {}",
+                self.k,
+                errors.join("; ")
+            ));
+        }
+        self.codec
+            .reconstruct(&mut pieces)
+            .map_err(|e| e.to_string())?;
+        pieces[self.want]
+            .take()
+            .ok_or_else(|| "reconstruction gave nothing".to_string())
     }
-    if got < k {
-        return Err(format!(
-            "only {got} of the {k} shards needed could be read: {}",
-            errors.join("; ")
-        ));
-    }
-    codec.reconstruct(&mut pieces).map_err(|e| e.to_string())?;
-    pieces[want]
-        .take()
-        .ok_or_else(|| "reconstruction gave nothing".to_string())
 }
 
 /// Paces work to `rate` bytes a second (0: unpaced).

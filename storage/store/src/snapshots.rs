@@ -75,6 +75,9 @@ async fn ask_writer(
     deadline: Instant,
 ) -> anyhow::Result<Option<SnapshotRecord>> {
     meta.request_snapshot(volume, name).await?;
+    // The writer answers within milliseconds (it watches requests): look
+    // soon, then back off.
+    let mut wait = Duration::from_millis(2);
     let outcome = loop {
         if let Some(snap) = meta.snapshot(name).await? {
             break Ok(Some(snap));
@@ -91,7 +94,8 @@ async fn ask_writer(
         if meta.attached(volume).await?.is_none() || Instant::now() >= deadline {
             break Ok(None);
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_millis(100));
     };
     meta.clear_snapshot_request(volume, name).await?;
     outcome
