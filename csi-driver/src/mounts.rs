@@ -53,12 +53,11 @@ pub fn is_read_only(path: &Path) -> anyhow::Result<bool> {
     let wanted = path.to_string_lossy();
     let options = table
         .lines()
-        .filter(|line| {
+        .rfind(|line| {
             line.split(' ')
                 .nth(4)
                 .is_some_and(|mount_point| unescape(mount_point) == wanted)
         })
-        .next_back()
         .and_then(|line| line.split(' ').nth(5).map(str::to_string))
         .with_context(|| format!("{} is not a mount point", path.display()))?;
     Ok(options.split(',').any(|o| o == "ro"))
