@@ -13,6 +13,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/prereqs.sh test
 . scripts/cache-env.sh
+# A test run builds each checkout once: incremental caches (tens of GB in a
+# shared target directory, one set per checkout path) would only fill the
+# disk.
+export CARGO_INCREMENTAL=0
 cargo build --workspace --all-targets
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
