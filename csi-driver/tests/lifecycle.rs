@@ -698,3 +698,23 @@ async fn bad_input_gets_the_specs_codes_and_changes_nothing() {
         .into_inner();
     assert!(left.entries.is_empty(), "{left:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_is_not_ready_while_the_control_plane_is_unreachable() {
+    let mut cluster = Cluster::start(ControlPlaneKind::Tessera, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let p = Plugin::start(&mut cluster, dir.path(), "node-a", "all");
+    let mut identity = p.identity().await;
+    let ready = identity.probe(ProbeRequest {}).await.unwrap().into_inner();
+    assert_eq!(ready.ready, Some(true));
+    cluster.kill_control_plane();
+    let ready = identity.probe(ProbeRequest {}).await.unwrap().into_inner();
+    assert_eq!(ready.ready, Some(false));
+    // The plugin itself still answers.
+    let info = identity
+        .get_plugin_info(GetPluginInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.name, "csi.tessera.dev");
+}

@@ -304,6 +304,11 @@ impl Cluster {
         self.nodes[i].proc.kill();
     }
 
+    /// SIGKILL the control plane.
+    pub fn kill_control_plane(&mut self) {
+        self.control.kill();
+    }
+
     /// Waits until `n` nodes are registered alive.
     pub fn wait_alive(&self, n: usize) {
         let deadline = Instant::now() + Duration::from_secs(30);
