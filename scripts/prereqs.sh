@@ -21,6 +21,8 @@ if [ "$want" = test ]; then
   command -v blkid >/dev/null 2>&1 || pkgs+=(util-linux)
   command -v mkfs.ext4 >/dev/null 2>&1 || pkgs+=(e2fsprogs)
   command -v mkfs.xfs >/dev/null 2>&1 || pkgs+=(xfsprogs)
+  # the volume benchmark's parser is tested on real fio output
+  command -v fio >/dev/null 2>&1 || pkgs+=(fio)
   # deploy/validate.sh: kubectl, and a venv for kubernetes-validate
   command -v kubectl >/dev/null 2>&1 || pkgs+=(kubernetes-client)
   python3 -c 'import ensurepip' >/dev/null 2>&1 || pkgs+=(python3-venv)

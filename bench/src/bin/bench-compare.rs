@@ -354,13 +354,7 @@ const END: &str = "<!-- bench-compare:end -->";
 
 /// Replaces the generated section of `path` (appends it the first time).
 fn write_section(path: &Path, section: &str) -> anyhow::Result<()> {
-    let old = std::fs::read_to_string(path).unwrap_or_default();
-    let block = format!("{START}\n{section}{END}");
-    let new = match (old.find(START), old.find(END)) {
-        (Some(a), Some(b)) if a < b => format!("{}{block}{}", &old[..a], &old[b + END.len()..]),
-        _ => format!("{old}\n{block}\n"),
-    };
-    std::fs::write(path, new).with_context(|| format!("cannot write {}", path.display()))
+    tessera_bench::sections::replace(path, START, END, section)
 }
 
 // The load runs in this process: the same allocator as tessera-bench.

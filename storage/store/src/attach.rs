@@ -154,6 +154,9 @@ impl Backend for LocalFile {
     }
 }
 
+/// FUSE_ASYNC_DIO (kernel ABI 7.22), spelled out: fuser exports the name
+/// only under a feature that would raise its whole ABI level.
+const FUSE_ASYNC_DIO: u64 = 1 << 15;
 const ROOT: u64 = 1;
 const FILE: u64 = 2;
 const FILE_NAME: &str = "volume";
@@ -201,6 +204,14 @@ impl Filesystem for DeviceFs {
         // queue's limit; FUSE's default is 128 KiB.
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_background(64);
+        // Without asynchronous direct I/O the kernel sends a direct I/O
+        // file's requests one at a time, so the loop device above would
+        // have one request in flight whatever its queue depth.
+        if config.add_capabilities(FUSE_ASYNC_DIO).is_err() {
+            tracing::warn!(
+                "this kernel's FUSE has no asynchronous direct I/O: one request at a time"
+            );
+        }
         Ok(())
     }
 

@@ -364,6 +364,27 @@ async fn serve(
     Ok(())
 }
 
+/// `attach-local`: a local file behind the attach path (FUSE file and
+/// loop device), until `stop`; prints the device on stdout. What this
+/// costs against a bare loop device is the attach path's own overhead.
+pub async fn serve_local(
+    file: &Path,
+    size: u64,
+    mountpoint: &Path,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let backend = attach::LocalFile::open(file, size)
+        .with_context(|| format!("cannot open {}", file.display()))?;
+    let mounted = attach::mount(Arc::new(backend), mountpoint)?;
+    let device = attach::loop_attach(&mounted.file, false)?;
+    println!("{device}");
+    std::io::stdout().flush()?;
+    stop.await;
+    let detached = attach::loop_detach_own(&device, &mounted.file);
+    drop(mounted);
+    detached
+}
+
 /// The next change to the snapshot requests; never, without a watch.
 async fn next_request(watch: &mut Option<crate::meta::SnapshotRequestWatch>) -> bool {
     match watch {

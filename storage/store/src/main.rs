@@ -81,6 +81,20 @@ enum Command {
         #[arg(long)]
         host: Option<String>,
     },
+    /// The attach path without the store: a local file served through the
+    /// same FUSE file and loop device (for benchmarks). Prints the device,
+    /// then serves until SIGTERM or SIGINT.
+    #[command(hide = true)]
+    AttachLocal {
+        /// The backing file (created, and sized to --size).
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// Where the FUSE file is mounted (created).
+        #[arg(long)]
+        mountpoint: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -341,6 +355,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             tessera_store::daemon::run(meta, target, run_dir, host, VolumeOptions::default()).await
         }
+        Command::AttachLocal {
+            file,
+            size,
+            mountpoint,
+        } => tessera_store::daemon::serve_local(&file, size, &mountpoint, shutdown()).await,
         Command::Volume(v) => volume(&endpoints, v).await,
         Command::Snapshot(s) => snapshot(&endpoints, s).await,
         Command::Node(n) => node_command(&endpoints, n).await,

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use tessera_proto::store::AppendRequest;
 
 use crate::codec::{block_crcs, BLOCK};
@@ -122,6 +123,9 @@ struct Repairer {
 }
 
 /// What one backfill pass did.
+/// Stripes one backfill rebuilds at once.
+const REBUILDS_IN_FLIGHT: usize = 8;
+
 struct Backfill {
     /// Shard bytes still missing on the node after it.
     left: u64,
@@ -325,47 +329,64 @@ impl Repairer {
         if !answered.get(i).copied().unwrap_or(false) {
             return Backfill { left, clean: false };
         }
-        let Some(mut target) = nodes[i].client.clone() else {
+        let Some(target) = nodes[i].client.clone() else {
             return Backfill { left, clean: false };
         };
         let mut clean = true;
-        for (stripe, (layout, _)) in missing {
-            let bytes = u64::from(layout.rows) * BLOCK as u64;
-            self.throttle.take(bytes).await;
-            let data = match rebuild_shard(&nodes, record.id, s as u32, stripe, &layout, i).await {
-                Ok(d) => d,
-                Err(why) => {
-                    // Discarded meanwhile, or too few shards reachable: the
-                    // next pass sees which.
-                    tracing::debug!(volume = %record.name, segment = s, shard = i, %why, "cannot rebuild a shard now");
-                    clean = false;
-                    continue;
-                }
+        let mut fenced = false;
+        let mut todo = missing.into_iter();
+        let mut in_flight = FuturesUnordered::new();
+        loop {
+            // Up to REBUILDS_IN_FLIGHT stripes at once: one at a time, a
+            // rebuild waits on k reads, then on the target's fdatasync.
+            while in_flight.len() < REBUILDS_IN_FLIGHT && !fenced {
+                let Some((stripe, (layout, _))) = todo.next() else {
+                    break;
+                };
+                let bytes = u64::from(layout.rows) * BLOCK as u64;
+                self.throttle.take(bytes).await;
+                let (nodes, mut target) = (&nodes, target.clone());
+                let (volume, epoch) = (record.id, record.epoch);
+                in_flight.push(async move {
+                    let data = rebuild_shard(nodes, volume, s as u32, stripe, &layout, i)
+                        .await
+                        .map_err(|why| (false, format!("cannot rebuild a shard now: {why}")))?;
+                    let request = AppendRequest {
+                        volume,
+                        segment: s as u32,
+                        shard: i as u32,
+                        stripe: Some(stripe_id(stripe)),
+                        crcs: block_crcs(&data),
+                        layout: Some(layout),
+                        data,
+                        // The writer's epoch as recorded: a newer writer
+                        // fences this pass, and the next one reads its epoch.
+                        writer_epoch: epoch,
+                    };
+                    match target.append(request).await {
+                        Ok(_) => Ok(bytes),
+                        Err(e) => Err((
+                            e.message().starts_with("fenced"),
+                            format!("cannot append a rebuilt shard now: {}", e.message()),
+                        )),
+                    }
+                });
+            }
+            let Some(outcome) = in_flight.next().await else {
+                break;
             };
-            let request = AppendRequest {
-                volume: record.id,
-                segment: s as u32,
-                shard: i as u32,
-                stripe: Some(stripe_id(stripe)),
-                layout: Some(layout.clone()),
-                crcs: block_crcs(&data),
-                data,
-                // The writer's epoch as recorded: a newer writer fences this
-                // pass, and the next one reads its epoch.
-                writer_epoch: record.epoch,
-            };
-            match target.append(request).await {
-                Ok(_) => {
+            match outcome {
+                Ok(bytes) => {
                     left -= bytes;
                     self.stats.bytes.fetch_add(bytes, Ordering::Relaxed);
                     self.stats.shards.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(e) => {
-                    tracing::debug!(volume = %record.name, segment = s, shard = i, error = %e.message(), "cannot append a rebuilt shard now");
+                Err((was_fenced, why)) => {
+                    // Discarded meanwhile, too few shards reachable, or a
+                    // newer writer: the next pass sees which.
+                    tracing::debug!(volume = %record.name, segment = s, shard = i, %why, "backfill");
                     clean = false;
-                    if e.message().starts_with("fenced") {
-                        break;
-                    }
+                    fenced |= was_fenced;
                 }
             }
         }
