@@ -27,6 +27,7 @@ dir=$(mktemp -d /var/tmp/tessera-csi-latency.XXXXXX)
 csi_pid=""
 cleanup() {
   set +e
+  trap '' INT TERM # a second Ctrl-C must not cut the cleanup short
   [ -n "$csi_pid" ] && { kill "$csi_pid" && wait "$csi_pid"; } 2>/dev/null
   release_under_dir
   stop_store_cluster

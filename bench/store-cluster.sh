@@ -47,11 +47,32 @@ alive_nodes() {
   "$store" node list -o json 2>/dev/null | grep -c '"alive": true' || true
 }
 
+# Waits (up to $2 s) until process $1 is gone or a zombie (nothing here
+# reaps daemons that were reparented to PID 1).
+wait_gone() {
+  local i
+  for i in $(seq $(($2 * 10))); do
+    local state
+    state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null || true)
+    [ -z "$state" ] || [ "$state" = Z ] && return 0
+    sleep 0.1
+  done
+  return 0
+}
+
 stop_store_cluster() {
   for v in "$dir"/run/*/; do
     if [ -f "$v/state.json" ]; then
       "$store" volume detach "$(basename "$v")" --run-dir "$dir/run" >/dev/null 2>&1 || true
     fi
+  done
+  # Attach daemons still starting (no state yet) run in sessions of their
+  # own, so an interrupt never reached them: stopped here, while the nodes
+  # they flush to are still up.
+  local daemon
+  for daemon in $(pgrep -f -- "attach-daemon .* --run-dir $dir/run" || true); do
+    kill -TERM "$daemon" 2>/dev/null || true
+    wait_gone "$daemon" 30
   done
   for p in "${node_pids[@]}" $cp_pid; do { kill -9 "$p" && wait "$p"; } 2>/dev/null || true; done
   node_pids=()

@@ -29,6 +29,7 @@ dir=$(mktemp -d /var/tmp/tessera-repair.XXXXXX)
 . bench/store-cluster.sh
 cleanup() {
   set +e
+  trap '' INT TERM # a second Ctrl-C must not cut the cleanup short
   stop_store_cluster
   release_under_dir
   rm -rf "$dir"
@@ -65,7 +66,7 @@ wait "${node_pids[7]}" 2>/dev/null || true
 t_dead="" t_repairing="" t_done=""
 while :; do
   status=$(S repair status -o json 2>/dev/null || true)
-  state=$(printf '%s' "$status" | grep -o '"state": "[a-z]*"' | cut -d'"' -f4)
+  state=$(printf '%s' "$status" | grep -o '"state": "[a-z]*"' | cut -d'"' -f4 || true)
   t=$(now)
   [ -z "$t_dead" ] && [ -n "$state" ] && [ "$state" != healthy ] && t_dead=$t
   [ -z "$t_repairing" ] && [ "$state" = repairing ] && t_repairing=$t

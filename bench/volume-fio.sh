@@ -84,15 +84,22 @@ teardown_gluster() {
   [ -n "$gl_loop" ] && losetup -d "$gl_loop" 2>/dev/null || true
   gl_loop=""
   if mountpoint -q "$dir/gl/mnt" 2>/dev/null; then umount "$dir/gl/mnt" || umount -l "$dir/gl/mnt"; fi
-  if [ -f "$dir/gl/glusterd.pid" ]; then
+  # Only what this run started: its glusterd (by its own volfile), the
+  # bricks and self-heal daemon of its volume, its FUSE client.
+  local glusterd
+  glusterd=$(pgrep -f -- "glusterd -f $dir/gl/glusterd.vol" || true)
+  if [ -n "$glusterd" ]; then
     gluster --mode=script volume stop "$gl_vol" force >/dev/null 2>&1 || true
     gluster --mode=script volume delete "$gl_vol" >/dev/null 2>&1 || true
-    kill "$(cat "$dir/gl/glusterd.pid")" 2>/dev/null || true
-    rm -f "$dir/gl/glusterd.pid"
   fi
-  # Brick and self-heal processes glusterd started for our volume.
-  pkill -f "glusterfsd.*$gl_vol\." 2>/dev/null || true
-  pkill -f "glusterfs.*shd/$gl_vol" 2>/dev/null || true
+  local p
+  for p in $glusterd \
+    $(pgrep -f -- "--volfile-id $gl_vol\.$gl_ip" || true) \
+    $(pgrep -f -- "--volfile-id shd/$gl_vol -" || true) \
+    $(pgrep -f -- "--volfile-id=/$gl_vol $dir/gl/mnt" || true); do
+    kill "$p" 2>/dev/null || true
+    wait_gone "$p" 10
+  done
   ip netns del "$gl_ns" 2>/dev/null || true
   ip link del "$gl_host" 2>/dev/null || true
   rm -rf "/var/run/gluster/vols/$gl_vol" "$dir/gl"
@@ -100,6 +107,7 @@ teardown_gluster() {
 
 cleanup() {
   set +e
+  trap '' INT TERM # a second Ctrl-C must not cut the cleanup short
   teardown_gluster
   teardown_tessera
   teardown_attach
@@ -160,6 +168,12 @@ run_tessera() {
 }
 
 run_gluster() {
+  # The gluster CLI talks to whichever glusterd owns the machine's socket:
+  # with another one running, ours would not be the one asked.
+  if pgrep -x glusterd >/dev/null; then
+    echo "volume-fio: a glusterd is already running here; stop it to measure GlusterFS (skipped)" >&2
+    return 0
+  fi
   mkdir -p "$dir/gl/wd" "$dir/gl/mnt"
   ip netns add "$gl_ns"
   ip link add "$gl_host" type veth peer name "$gl_peer"
@@ -185,7 +199,7 @@ run_gluster() {
   truncate -s "$size" "$dir/gl/mnt/disk"
   gl_loop=$(losetup --find --show --direct-io=on --sector-size 4096 "$dir/gl/mnt/disk")
   local pids
-  mapfile -t pids < <(pgrep -f "glusterfsd.*$gl_vol\.|glusterfs.*volfile-id=/$gl_vol")
+  mapfile -t pids < <(pgrep -f -- "--volfile-id $gl_vol\.$gl_ip|--volfile-id=/$gl_vol $dir/gl/mnt")
   measure gluster "$gl_loop" "${pids[@]}"
   teardown_gluster
 }
@@ -201,7 +215,7 @@ preamble="## Data plane: volume I/O with fio, side by side ($(date -u +%Y-%m-%d)
 
 \`RUNTIME=$runtime SIZE=$size bench/volume-fio.sh\` on this machine (2 cores, one
 virtio disk): each device filled, then each job $runtime s after a 2 s warm-up over
-its first $size (fio 3.33, libaio, direct I/O). Latencies are completion
+its first $size ($(fio --version), libaio, direct I/O). Latencies are completion
 latencies; the sync job's are the write's plus its fsync's. Server CPU is
 the user + system time of the processes serving the device (the FUSE
 process for (b); the six nodes and the attach daemon for (c); the six

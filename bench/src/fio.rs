@@ -95,6 +95,11 @@ impl Job {
         if self.fsync_each {
             args.push("--fsync=1".into());
         }
+        if self.rw.contains("write") {
+            // What a write job buffered is made durable inside the job, so
+            // its cost is not charged to the next one.
+            args.push("--end_fsync=1".into());
+        }
         args
     }
 }
@@ -131,7 +136,11 @@ pub fn parse(output: &str) -> Result<Measured, FioError> {
     let start = output
         .find('{')
         .ok_or_else(|| FioError::Shape("no JSON object".into()))?;
-    let doc: Value = serde_json::from_str(&output[start..])?;
+    // The first JSON value; whatever fio prints after it is not ours.
+    let doc: Value = serde_json::Deserializer::from_str(&output[start..])
+        .into_iter::<Value>()
+        .next()
+        .ok_or_else(|| FioError::Shape("no JSON object".into()))??;
     let job = doc
         .get("jobs")
         .and_then(|j| j.get(0))
@@ -167,12 +176,21 @@ pub fn parse(output: &str) -> Result<Measured, FioError> {
         let write = percentile(clat, p)
             .ok_or_else(|| FioError::Shape(format!("no {dir} clat percentile {p}")))?;
         // With --fsync=1 each op waits for its fsync too: fio reports
-        // those apart, under "sync".
-        let sync = job
+        // those apart, under "sync" (a job that synced must have them).
+        let synced = job
+            .get("sync")
+            .and_then(|s| s.get("total_ios"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        let sync = match job
             .get("sync")
             .and_then(|s| s.get("lat_ns"))
             .and_then(|l| percentile(l, p))
-            .unwrap_or(0.0);
+        {
+            Some(ns) => ns,
+            None if synced == 0 => 0.0,
+            None => return Err(FioError::Shape(format!("no sync latency percentile {p}"))),
+        };
         Ok::<f64, FioError>((write + sync) / 1000.0)
     };
     Ok(Measured {
@@ -361,6 +379,20 @@ mod tests {
         ));
         assert!(parse("fio: pid=0, err=2/file:filesetup.c").is_err());
         assert!(parse(r#"{"jobs":[]}"#).is_err());
+        // A job that synced without sync latencies: an error, not a zero.
+        let no_sync_lat = SYNC_JOB.replace(
+            r#""percentile" : { "50.000000" : 250000, "99.000000" : 900000 }"#,
+            r#""N" : 0"#,
+        );
+        assert!(
+            matches!(parse(&no_sync_lat), Err(FioError::Shape(_))),
+            "{no_sync_lat}"
+        );
+        // Trailing output after the JSON is ignored.
+        assert_eq!(
+            parse(&format!("{SYNC_JOB}\nfio: trailing note")).unwrap(),
+            parse(SYNC_JOB).unwrap()
+        );
         // Latency percentiles missing: an error, not a zero.
         assert!(
             parse(r#"{"jobs":[{"error":0,"write":{"io_bytes":1,"bw_bytes":1,"iops":1}}]}"#)

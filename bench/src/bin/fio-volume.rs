@@ -91,11 +91,16 @@ fn main() -> anyhow::Result<()> {
                     j.describe,
                     runtime + ramp
                 );
-                let cpu_before = cpu_of(&pid)?;
-                let out = Command::new("fio")
+                let fio = Command::new("fio")
                     .args(j.fio_args(&device, &size, runtime, ramp))
-                    .output()
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
                     .context("cannot run fio (apt-get install fio)")?;
+                // fio counts bytes after its warm-up only: so does the CPU.
+                std::thread::sleep(std::time::Duration::from_secs(ramp.into()));
+                let cpu_before = cpu_of(&pid)?;
+                let out = fio.wait_with_output().context("fio")?;
                 let cpu_used = cpu_of(&pid)? - cpu_before;
                 let text = String::from_utf8_lossy(&out.stdout);
                 if !out.status.success() {

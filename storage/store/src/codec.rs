@@ -26,6 +26,8 @@ pub enum CodecError {
     BadCode { k: usize, m: usize },
     #[error("too few shards to rebuild the stripe: {present} of the {needed} needed")]
     TooFewShards { present: usize, needed: usize },
+    #[error("a block of {0} bytes; blocks are {BLOCK}")]
+    BadBlock(usize),
     #[error("erasure code: {0:?}")]
     Rs(reed_solomon_erasure::Error),
 }
@@ -63,7 +65,9 @@ impl Codec {
         let len = rows * BLOCK;
         let mut shards: Vec<Vec<u8>> = (0..self.k).map(|_| Vec::with_capacity(len)).collect();
         for (i, block) in blocks.iter().enumerate() {
-            debug_assert_eq!(block.len(), BLOCK);
+            if block.len() != BLOCK {
+                return Err(CodecError::BadBlock(block.len()));
+            }
             let (shard, _) = position(i, rows);
             shards[shard].extend_from_slice(block);
         }

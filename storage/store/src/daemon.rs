@@ -365,23 +365,30 @@ async fn serve(
 }
 
 /// `attach-local`: a local file behind the attach path (FUSE file and
-/// loop device), until `stop`; prints the device on stdout. What this
-/// costs against a bare loop device is the attach path's own overhead.
-pub async fn serve_local(
-    file: &Path,
-    size: u64,
-    mountpoint: &Path,
-    stop: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
+/// loop device), until SIGTERM or SIGINT; prints the device on stdout.
+/// What this costs against a bare loop device is the attach path's own
+/// overhead.
+pub async fn serve_local(file: &Path, size: u64, mountpoint: &Path) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Handlers first: a SIGTERM during start-up must still clean up.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let backend = attach::LocalFile::open(file, size)
         .with_context(|| format!("cannot open {}", file.display()))?;
     let mounted = attach::mount(Arc::new(backend), mountpoint)?;
     let device = attach::loop_attach(&mounted.file, false)?;
-    println!("{device}");
-    std::io::stdout().flush()?;
-    stop.await;
+    let mut out = std::io::stdout();
+    let reported = writeln!(out, "{device}").and_then(|()| out.flush());
+    if reported.is_ok() {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    }
+    // The loop device goes on every path, or the mount could not go.
     let detached = attach::loop_detach_own(&device, &mounted.file);
     drop(mounted);
+    reported.context("cannot report the device")?;
     detached
 }
 

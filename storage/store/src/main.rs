@@ -359,7 +359,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             file,
             size,
             mountpoint,
-        } => tessera_store::daemon::serve_local(&file, size, &mountpoint, shutdown()).await,
+        } => tessera_store::daemon::serve_local(&file, size, &mountpoint).await,
         Command::Volume(v) => volume(&endpoints, v).await,
         Command::Snapshot(s) => snapshot(&endpoints, s).await,
         Command::Node(n) => node_command(&endpoints, n).await,

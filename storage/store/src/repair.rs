@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::stream::{FuturesUnordered, StreamExt};
 use tessera_proto::store::AppendRequest;
 
 use crate::codec::{block_crcs, BLOCK};
@@ -122,10 +121,10 @@ struct Repairer {
     window: VecDeque<(Instant, u64)>,
 }
 
-/// What one backfill pass did.
 /// Stripes one backfill rebuilds at once.
 const REBUILDS_IN_FLIGHT: usize = 8;
 
+/// What one backfill pass did.
 struct Backfill {
     /// Shard bytes still missing on the node after it.
     left: u64,
@@ -335,7 +334,10 @@ impl Repairer {
         let mut clean = true;
         let mut fenced = false;
         let mut todo = missing.into_iter();
-        let mut in_flight = FuturesUnordered::new();
+        // Rebuilds run as tasks of their own, so they go on while this
+        // loop waits for the throttle.
+        let peers = Arc::new(nodes);
+        let mut in_flight = tokio::task::JoinSet::new();
         loop {
             // Up to REBUILDS_IN_FLIGHT stripes at once: one at a time, a
             // rebuild waits on k reads, then on the target's fdatasync.
@@ -345,10 +347,10 @@ impl Repairer {
                 };
                 let bytes = u64::from(layout.rows) * BLOCK as u64;
                 self.throttle.take(bytes).await;
-                let (nodes, mut target) = (&nodes, target.clone());
+                let (peers, mut target) = (peers.clone(), target.clone());
                 let (volume, epoch) = (record.id, record.epoch);
-                in_flight.push(async move {
-                    let data = rebuild_shard(nodes, volume, s as u32, stripe, &layout, i)
+                in_flight.spawn(async move {
+                    let data = rebuild_shard(&peers, volume, s as u32, stripe, &layout, i)
                         .await
                         .map_err(|why| (false, format!("cannot rebuild a shard now: {why}")))?;
                     let request = AppendRequest {
@@ -372,9 +374,11 @@ impl Repairer {
                     }
                 });
             }
-            let Some(outcome) = in_flight.next().await else {
+            let Some(joined) = in_flight.join_next().await else {
                 break;
             };
+            let outcome =
+                joined.unwrap_or_else(|e| Err((false, format!("a rebuild task failed: {e}"))));
             match outcome {
                 Ok(bytes) => {
                     left -= bytes;

@@ -1095,16 +1095,17 @@ impl Volume {
             let block = at / BLOCK as u64;
             let within = (at % BLOCK as u64) as usize;
             let take = (BLOCK - within).min(rest.len());
-            let content = if within == 0 && take == BLOCK {
-                Arc::new(rest[..BLOCK].to_vec())
+            if within == 0 && take == BLOCK {
+                self.put_block(block, Arc::new(rest[..BLOCK].to_vec()))?;
             } else {
-                // A partial block: read it, patch it, write it whole.
+                // A partial block: read it, patch it, write it whole, all
+                // under the lock: another partial write of the block must
+                // read this one's result, not what was there before it.
                 let _one_at_a_time = self.inner.partial.lock().await;
                 let mut old = self.read(block * BLOCK as u64, BLOCK).await?;
                 old[within..within + take].copy_from_slice(&rest[..take]);
-                Arc::new(old)
-            };
-            self.put_block(block, content)?;
+                self.put_block(block, Arc::new(old))?;
+            }
             at += take as u64;
             rest = &rest[take..];
         }
