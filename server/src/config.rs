@@ -11,6 +11,12 @@ use clap::{Arg, ArgAction, ArgMatches, CommandFactory, FromArgMatches, Parser, S
 
 /// The etcd API version Tessera reports (kube-apiserver gates features on it).
 pub const ETCD_VERSION: &str = "3.5.16";
+
+/// The cluster version etcd derives from its server version: major.minor.
+pub fn cluster_version() -> &'static str {
+    let end = ETCD_VERSION.rfind('.').unwrap_or(ETCD_VERSION.len());
+    &ETCD_VERSION[..end]
+}
 /// The cluster version reported next to it.
 pub const ETCD_CLUSTER_VERSION: &str = "3.5.0";
 
@@ -164,6 +170,21 @@ pub struct Config {
     #[arg(long, env = "ETCD_LOG_LEVEL", default_value = "info",
           value_parser = ["debug", "info", "warn", "error", "panic", "fatal"])]
     pub log_level: String,
+    /// Logger: only 'zap' (structured logging), as in etcd 3.5.
+    #[arg(long, env = "ETCD_LOGGER", default_value = "zap")]
+    pub logger: String,
+    /// Where logs go: 'default' (stderr), 'stderr', 'stdout', or file
+    /// paths (appended to); comma-separated.
+    #[arg(
+        long,
+        env = "ETCD_LOG_OUTPUTS",
+        default_value = "default",
+        value_delimiter = ','
+    )]
+    pub log_outputs: Vec<String>,
+    /// Log format: 'json' (zap's, as etcd) or 'console' (readable).
+    #[arg(long, env = "ETCD_LOG_FORMAT", default_value = "json")]
+    pub log_format: String,
     /// Print the version and exit.
     #[arg(long, env = "ETCD_VERSION", num_args = 0..=1, default_missing_value = "true",
           value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
@@ -239,10 +260,7 @@ pub const ACCEPTED_NOT_ACTED_ON: &[(&str, bool)] = &[
     ("initial-election-tick-advance", true),
     ("listen-client-http-urls", false),
     ("listen-metrics-urls", false),
-    ("log-format", false),
-    ("log-outputs", false),
     ("log-rotation-config-json", false),
-    ("logger", false),
     ("max-snapshots", false),
     ("max-wals", false),
     ("metrics", false),

@@ -11,6 +11,7 @@ pub mod h2_authority;
 pub mod http;
 pub mod lease_expiry;
 pub mod lessor;
+pub mod logging;
 pub mod members;
 pub mod metrics;
 pub mod mvcc;

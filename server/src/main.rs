@@ -31,7 +31,17 @@ fn main() -> ExitCode {
         println!("etcd API Version: {ETCD_VERSION}");
         return ExitCode::SUCCESS;
     }
-    init_logging(&cfg.log_level);
+    let logging = tessera_server::logging::init(&tessera_server::logging::LogOptions {
+        logger: &cfg.logger,
+        level: &cfg.log_level,
+        format: &cfg.log_format,
+        outputs: &cfg.log_outputs,
+    });
+    if let Err(e) = logging {
+        // etcd's wording for a bad logging flag.
+        eprintln!("tessera: error verifying flags, {e}. See 'tessera --help'.");
+        return ExitCode::FAILURE;
+    }
     tessera_storage::failpoint::announce();
     for flag in &parsed.ignored_flags {
         tracing::warn!(flag = %format!("--{flag}"), "flag accepted for etcd compatibility but not acted on by Tessera yet");
@@ -45,19 +55,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(level: &str) {
-    let level = match level {
-        "panic" | "fatal" => "error",
-        other => other,
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},openraft=warn")));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 fn run(cfg: Config) -> anyhow::Result<()> {
     cfg.validate()?;
     if let Some(Tool::SnapshotRestore { file }) = &cfg.command {
@@ -66,6 +63,14 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    tracing::info!(
+        etcd_version = ETCD_VERSION,
+        tessera_version = env!("CARGO_PKG_VERSION"),
+        name = %cfg.name,
+        data_dir = %cfg.data_dir().display(),
+        "starting an etcd server"
+    );
+    let (name, data_dir) = (cfg.name.clone(), cfg.data_dir());
     runtime.block_on(async move {
         let node = Node::start(cfg).await?;
         if let Some(policy) = node.config.auto_compaction()? {
@@ -73,23 +78,26 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         }
         tessera_server::server::serve(node.clone(), shutdown_signal()).await?;
         node.raft.shutdown().await.context("raft shutdown")?;
+        tracing::info!(name = %name, data_dir = %data_dir.display(), "closed etcd server");
         Ok(())
     })
 }
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
+    let received = match signal(SignalKind::terminate()) {
         Ok(mut term) => {
             tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => "terminated",
+                _ = tokio::signal::ctrl_c() => "interrupt",
             }
         }
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
+            "interrupt"
         }
-    }
+    };
+    tracing::info!(signal = received, "received signal; shutting down");
 }
 
 /// `tessera snapshot-restore FILE --data-dir DIR`: a new member whose state is

@@ -429,7 +429,20 @@ impl Node {
                     .await
                 {
                     Ok(_) => {
-                        tracing::info!(name = %attrs.name, "published member attributes");
+                        tracing::info!(
+                            local_member_id = %format!("{:x}", self.member_id),
+                            local_member_attributes = %format!("{{Name:{} ClientURLs:[{}]}}", attrs.name, attrs.client_urls.join(" ")),
+                            "published local member to cluster through raft"
+                        );
+                        // Tessera's cluster version is fixed (one binary
+                        // version): it is in force once the member is in.
+                        let version = crate::config::cluster_version();
+                        tracing::info!(
+                            local_member_id = %format!("{:x}", self.member_id),
+                            cluster_version = %version,
+                            "set initial cluster version"
+                        );
+                        tracing::info!(cluster_version = %version, "enabled capabilities for version");
                         return;
                     }
                     Err(e) => {
@@ -513,10 +526,26 @@ impl Node {
                     (m.current_leader, m.current_term)
                 };
                 if Some(now) != last {
-                    let (leader, _) = now;
-                    if leader.is_some() && last.is_none_or(|(before, _)| before != leader) {
-                        self.metrics.inc(&self.metrics.leader_changes);
-                        tracing::info!(?leader, "leader changed");
+                    let (leader, term) = now;
+                    let before = last.and_then(|(before, _)| before);
+                    match leader {
+                        Some(l) if before != Some(l) => {
+                            self.metrics.inc(&self.metrics.leader_changes);
+                            // etcd's raft logger's words.
+                            tracing::info!(
+                                "raft.node: {:x} elected leader {l:x} at term {term}",
+                                self.member_id
+                            );
+                        }
+                        None => {
+                            if let Some(b) = before {
+                                tracing::info!(
+                                    "raft.node: {:x} lost leader {b:x} at term {term}",
+                                    self.member_id
+                                );
+                            }
+                        }
+                        _ => {}
                     }
                     if leader == Some(self.member_id) {
                         if let Some(delay) =

@@ -278,7 +278,7 @@ pub async fn serve(node: Arc<Node>) -> anyhow::Result<()> {
             }
             _ => {
                 crate::tls::warn_unused(&tls_files, &listen.url);
-                tracing::info!(%addr, "serving peer traffic insecurely");
+                tracing::info!(address = %addr, "serving peer traffic");
                 // `Server::tcp_nodelay` covers only listeners tonic binds
                 // itself: without it here, Nagle held a member's small
                 // AppendEntries replies until the delayed ACK (40 ms).

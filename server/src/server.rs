@@ -203,13 +203,13 @@ pub async fn serve(
         let app = app.clone();
         let task = match (&tls, listen.tls) {
             (Some(config), true) => {
-                tracing::info!(%addr, client_cert_auth = tls_files.requires_client_cert(), "serving client traffic over TLS (gRPC and HTTP)");
+                tracing::info!(address = %addr, client_cert_auth = tls_files.requires_client_cert(), "serving client traffic securely");
                 let listener = crate::tls::TlsListener::new(listener, config.clone())?;
                 serve_on(listener, app, max_streams, stopped)
             }
             _ => {
                 crate::tls::warn_unused(&tls_files, &listen.url);
-                tracing::info!(%addr, "serving client traffic insecurely (gRPC and HTTP)");
+                tracing::info!(address = %addr, "serving client traffic insecurely; this is strongly discouraged!");
                 serve_on(
                     crate::tls::PlainListener(listener),
                     app,
@@ -222,7 +222,7 @@ pub async fn serve(
     }
     tracing::info!("ready to serve client requests");
     shutdown.await;
-    tracing::info!("shutting down");
+    tracing::info!(name = %node.config.name, "closing etcd server");
     let _ = stop_tx.send(true);
     for t in tasks {
         t.await

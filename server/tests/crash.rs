@@ -63,7 +63,7 @@ async fn acknowledged_puts_survive_sigkill_across_snapshots_and_purges() {
     let log = without_colors(&server.log());
     let recovered = log.lines().rfind(|l| l.contains("raft log recovered"));
     assert!(
-        recovered.is_some_and(|l| l.contains("purged=Some")),
+        recovered.is_some_and(|l| l.contains("\"purged\":\"Some")),
         "the restart did not find a purged log:\n{log}"
     );
     for expected in [
