@@ -91,33 +91,38 @@ pub fn db_dir(data_dir: &Path) -> std::path::PathBuf {
     data_dir.join("member").join("db")
 }
 
-/// A stable non-zero 64-bit id from `parts`.
-fn stable_id(parts: &[&str]) -> u64 {
-    let joined = parts.join("\u{0}");
-    let hi = crc32c::crc32c(joined.as_bytes()) as u64;
-    let lo = crc32c::crc32c_append(0x9E37_79B9, joined.as_bytes()) as u64;
-    (hi << 32 | lo).max(1)
+/// The first 8 bytes of the SHA-1 of `bytes`, big-endian: how etcd turns
+/// its inputs into ids.
+fn sha1_id(bytes: &[u8]) -> u64 {
+    let digest = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, bytes);
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest.as_ref()[..8]);
+    // 0 means "no member" to etcd's clients (and to ours): never an id.
+    u64::from_be_bytes(first).max(1)
 }
 
-/// A member's id from its sorted peer URLs and the cluster token (plus, for
-/// members added at runtime, a salt), as etcd derives them.
-pub fn member_id(sorted_peer_urls: &[String], token: &str, salt: Option<u64>) -> u64 {
-    let salt = salt.map(|s| s.to_string());
-    let mut parts: Vec<&str> = sorted_peer_urls.iter().map(String::as_str).collect();
-    parts.push(token);
-    if let Some(s) = &salt {
-        parts.push(s);
+/// A member's id exactly as etcd computes it (`computeMemberId`): SHA-1 of
+/// its sorted peer URLs joined, then the cluster token, then, for members
+/// added at runtime, the Unix time in seconds. The same flags give the
+/// same ids on etcd and Tessera.
+pub fn member_id(peer_urls: &[String], token: &str, added_at: Option<u64>) -> u64 {
+    let mut urls = peer_urls.to_vec();
+    urls.sort();
+    let mut bytes = urls.concat().into_bytes();
+    bytes.extend_from_slice(token.as_bytes());
+    if let Some(t) = added_at {
+        bytes.extend_from_slice(t.to_string().as_bytes());
     }
-    stable_id(&parts)
+    sha1_id(&bytes)
 }
 
-/// The cluster id from the initial members' ids.
-fn cluster_id(member_ids: &[u64], token: &str) -> u64 {
-    let mut hex: Vec<String> = member_ids.iter().map(|id| format!("{id:016x}")).collect();
-    hex.sort();
-    let mut parts: Vec<&str> = hex.iter().map(String::as_str).collect();
-    parts.push(token);
-    stable_id(&parts)
+/// The cluster id as etcd computes it (`genID`): SHA-1 of the initial
+/// members' ids, sorted, each 8 bytes big-endian.
+fn cluster_id(member_ids: &[u64]) -> u64 {
+    let mut ids = member_ids.to_vec();
+    ids.sort_unstable();
+    let bytes: Vec<u8> = ids.iter().flat_map(|id| id.to_be_bytes()).collect();
+    sha1_id(&bytes)
 }
 
 fn read_identity(db: &DB) -> anyhow::Result<Option<Identity>> {
@@ -230,7 +235,7 @@ async fn load_or_create_identity(
             .context("this member is not in --initial-cluster")?;
         Identity {
             member_id: ids[mine],
-            cluster_id: cluster_id(&ids, token),
+            cluster_id: cluster_id(&ids),
         }
     };
     write_identity(db, &identity)?;
@@ -1099,4 +1104,26 @@ pub fn raft_write_error(e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> 
 pub fn internal(e: StoreError) -> Status {
     tracing::error!(error = %e, "storage failure");
     Status::internal(e.to_string())
+}
+
+#[cfg(test)]
+mod id_tests {
+    use super::*;
+
+    /// Ids Debian's etcd 3.4.23 logged for one member on
+    /// http://127.0.0.1:23800 with the default token.
+    #[test]
+    fn ids_are_derived_as_etcd_derives_them() {
+        let id = member_id(&["http://127.0.0.1:23800".into()], "etcd-cluster", None);
+        assert_eq!(id, 0x2e12_59d4_15f2_a040);
+        assert_eq!(cluster_id(&[id]), 0x0482_76a8_f75b_6a87);
+        // URL order does not matter; the token and a runtime salt do.
+        let two = ["http://b:2".to_string(), "http://a:1".to_string()];
+        let mut sorted = two.clone();
+        sorted.sort();
+        assert_eq!(member_id(&two, "t", None), member_id(&sorted, "t", None));
+        assert_ne!(member_id(&two, "t", None), member_id(&two, "u", None));
+        assert_ne!(member_id(&two, "t", None), member_id(&two, "t", Some(1)));
+        assert_eq!(cluster_id(&[3, 1, 2]), cluster_id(&[1, 2, 3]));
+    }
 }

@@ -311,3 +311,76 @@ async fn periodic_auto_compaction_compacts_old_history() {
         "4\n"
     );
 }
+
+/// The member id and cluster id a process logs at start (etcd: "starting
+/// local member"; Tessera: "opened backend"), as hex strings; the process
+/// is killed once they are seen (the other members never start).
+fn logged_ids(program: &str, args: &[String]) -> (String, String) {
+    use std::io::BufRead;
+    let mut child = Command::new(program)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            let member = v.get("local-member-id").or_else(|| v.get("member-id"));
+            if let (Some(m), Some(c)) = (member, v.get("cluster-id")) {
+                let _ = tx.send((
+                    m.as_str().unwrap().to_string(),
+                    c.as_str().unwrap().to_string(),
+                ));
+                return;
+            }
+        }
+    });
+    let ids = rx.recv_timeout(std::time::Duration::from_secs(30));
+    let _ = child.kill();
+    let _ = child.wait();
+    ids.unwrap_or_else(|_| panic!("{program} logged no member and cluster id"))
+}
+
+#[test]
+fn member_and_cluster_ids_are_etcds_for_the_same_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let peers: Vec<u16> = (0..3).map(|_| common::free_port()).collect();
+    let client = common::free_port();
+    let initial = peers
+        .iter()
+        .zip(["a", "b", "c"])
+        .map(|(p, n)| format!("{n}=http://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let args = |data: &str| {
+        vec![
+            "--name=b".to_string(),
+            format!("--data-dir={}", dir.path().join(data).display()),
+            format!("--initial-cluster={initial}"),
+            "--initial-cluster-token=ids-like-etcd".to_string(),
+            format!(
+                "--initial-advertise-peer-urls=http://127.0.0.1:{}",
+                peers[1]
+            ),
+            format!("--listen-peer-urls=http://127.0.0.1:{}", peers[1]),
+            format!("--listen-client-urls=http://127.0.0.1:{client}"),
+            format!("--advertise-client-urls=http://127.0.0.1:{client}"),
+        ]
+    };
+    let mut etcd_args = args("etcd");
+    etcd_args.extend([
+        "--logger=zap".to_string(),
+        "--log-outputs=stderr".to_string(),
+    ]);
+    let from_etcd = logged_ids("etcd", &etcd_args);
+    let from_tessera = logged_ids(TESSERA, &args("tessera"));
+    assert_eq!(from_tessera, from_etcd);
+}

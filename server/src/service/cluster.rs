@@ -102,10 +102,11 @@ impl ClusterService {
 
     pub async fn add_on_leader(&self, r: MemberAddRequest) -> Result<MemberAddResponse, Status> {
         let urls = self.checked_urls(&r.peer_ur_ls, None)?;
-        let salt = std::time::SystemTime::now()
+        // etcd salts a runtime member's id with the Unix time in seconds.
+        let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        let id = member_id(&urls, &self.node.config.initial_cluster_token, Some(salt));
+            .map_or(0, |d| d.as_secs());
+        let id = member_id(&urls, &self.node.config.initial_cluster_token, Some(now));
         let node = BasicNode {
             addr: urls.join(","),
         };
