@@ -20,27 +20,19 @@ else
 fi
 bin="${CARGO_TARGET_DIR:-target}/$profile"
 dir=$(mktemp -d)
-pids=()
+tessera="$bin/tessera"
+store="$bin/tessera-store"
+. bench/store-cluster.sh
 cleanup() {
-  for v in "$dir"/run/*/; do [ -d "$v" ] && "$bin/tessera-store" volume detach "$(basename "$v")" --run-dir "$dir/run" >/dev/null 2>&1 || true; done
-  for p in "${pids[@]}"; do { kill -9 "$p" && wait "$p"; } 2>/dev/null || true; done
+  set +e
+  trap '' INT TERM
+  stop_store_cluster
+  release_under_dir
   rm -rf "$dir"
 }
 trap cleanup EXIT
-port=$((23000 + RANDOM % 2000))
-export TESSERA_ENDPOINTS="http://127.0.0.1:$port"
-"$bin/tessera" --name cp --data-dir "$dir/cp" --listen-client-urls "$TESSERA_ENDPOINTS" \
-  --advertise-client-urls "$TESSERA_ENDPOINTS" --listen-peer-urls "http://127.0.0.1:$((port + 1))" \
-  --initial-advertise-peer-urls "http://127.0.0.1:$((port + 1))" \
-  --initial-cluster "cp=http://127.0.0.1:$((port + 1))" >"$dir/cp.log" 2>&1 &
-pids+=($!)
-sleep 1
-for i in 1 2 3 4 5 6; do
-  "$bin/tessera-store" serve --name "n$i" --data-dir "$dir/n$i" \
-    --listen "127.0.0.1:$((port + 10 + i))" --zone "z$((i % 3))" >"$dir/n$i.log" 2>&1 &
-  pids+=($!)
-done
-sleep 2
+trap 'exit 130' INT TERM
+start_store_cluster 6
 S() { "$bin/tessera-store" "$@"; }
 # Volumes with 0, 1 and 4 GiB written (random data, through the device);
 # SIZES="0 1" for a shorter run.

@@ -312,6 +312,13 @@ async fn serve(
         Target::Volume(name) => meta.watch_snapshot_requests(name).await.ok(),
         Target::Snapshot(_) => None,
     };
+    let attached = Attached {
+        meta,
+        volume: &volume,
+        target,
+        device: &device,
+        file: &mounted.file,
+    };
     loop {
         tokio::select! {
             _ = term.recv() => break,
@@ -322,23 +329,9 @@ async fn serve(
                     requests = None;
                     continue;
                 }
-                let attached = Attached {
-                    meta,
-                    volume: &volume,
-                    target,
-                    device: &device,
-                    file: &mounted.file,
-                };
                 attached.serve_snapshot_requests().await;
             }
             _ = control.tick() => {
-                let attached = Attached {
-                    meta,
-                    volume: &volume,
-                    target,
-                    device: &device,
-                    file: &mounted.file,
-                };
                 if let Some(size) = attached.follow_control_plane().await {
                     record.size = size;
                     if let (Target::Volume(name), Some(lease)) = (target, &lease) {
