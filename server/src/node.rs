@@ -40,6 +40,8 @@ use crate::watch_hub::WatchHub;
 
 /// How long a proposal may wait for commit and apply before etcd's timeout error.
 const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(7);
+/// How long a request waits for the Authenticate entry its token names.
+const TOKEN_APPLY_WAIT: Duration = Duration::from_secs(5);
 /// How often the Raft log's memory is checked against its limit.
 const LOG_MEMORY_CHECK: Duration = Duration::from_millis(500);
 /// How long a database size read for the quota check stays current.
@@ -863,6 +865,36 @@ impl Node {
             }
             Err(e) => Err(Status::unavailable(format!("read index: {e}"))),
         }
+    }
+
+    /// etcd's `isValidSimpleToken`: a simple token names the log index of
+    /// the Authenticate entry that made it, and a member that has not
+    /// applied that entry yet waits for it before judging the token. So a
+    /// client that authenticated through another member, or re-authenticated
+    /// after this one restarted, is not told `invalid auth token` while this
+    /// member catches up. This returns that index when it is not applied
+    /// yet; [`Node::wait_token_entry`] waits for it.
+    pub fn unapplied_token_index(&self, headers: &axum::http::HeaderMap) -> Option<u64> {
+        let token = headers
+            .get("token")
+            .or_else(|| headers.get("authorization"))?
+            .to_str()
+            .ok()?;
+        let index = self.auth.simple_token_index(token)?;
+        let applied = self
+            .raft
+            .metrics()
+            .borrow()
+            .last_applied
+            .map_or(0, |l| l.index);
+        (index > applied).then_some(index)
+    }
+
+    /// Waits for a token's Authenticate entry (see
+    /// [`Node::unapplied_token_index`]), for [`TOKEN_APPLY_WAIT`] at most:
+    /// the token is judged afterwards either way.
+    pub async fn wait_token_entry(&self, index: u64) {
+        let _ = tokio::time::timeout(TOKEN_APPLY_WAIT, self.wait_applied(index)).await;
     }
 
     /// Waits until this member's state machine has applied `index`.

@@ -35,6 +35,7 @@ pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 /// axum's routes for everything else.
 #[derive(Clone)]
 pub struct App {
+    node: Arc<Node>,
     kv: KvUnary,
     routes: axum::Router,
 }
@@ -62,10 +63,11 @@ pub fn app(node: Arc<Node>) -> App {
     // The KV unary calls take their own path (`kv_unary`), which hands
     // tonic's KV service whatever it does not serve itself.
     let routes = grpc
-        .merge(crate::http::router(node))
+        .merge(crate::http::router(node.clone()))
         .merge(crate::gateway::router(recipes))
         .fallback(unknown_path);
     App {
+        node: node.clone(),
         kv: KvUnary::new(kv, max_recv),
         routes,
     }
@@ -126,7 +128,9 @@ where
             let app = app.clone();
             let service = hyper::service::service_fn(
                 move |mut req: axum::http::Request<hyper::body::Incoming>| {
-                    match Method::of_path(req.uri().path()) {
+                    let token_entry = app.node.unapplied_token_index(req.headers());
+                    let node = token_entry.map(|_| app.node.clone());
+                    let handler = match Method::of_path(req.uri().path()) {
                         // Given the connection directly: an extension costs
                         // the request a map allocation (1.5% of a member's
                         // CPU under a put load).
@@ -140,6 +144,12 @@ where
                                 app.routes.clone().oneshot(req.map(axum::body::Body::new)),
                             )
                         }
+                    };
+                    async move {
+                        if let (Some(index), Some(node)) = (token_entry, node) {
+                            node.wait_token_entry(index).await;
+                        }
+                        handler.await
                     }
                 },
             );

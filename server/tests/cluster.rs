@@ -276,3 +276,153 @@ async fn etcdctl_membership_workflow() {
     );
     assert_eq!(stdout(&put).trim(), "OK", "{}", stderr(&put));
 }
+
+/// etcd's documented way to grow a cluster: `member add` a voter that has
+/// not started yet answers at once, the cluster keeps serving with 3 of 4
+/// up, and the new member then joins with `--initial-cluster-state existing`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn voter_added_before_it_starts_is_answered_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster::start(3, dir.path(), &[]).await;
+    let endpoints = c.endpoints();
+    let ctl = |args: &[&str]| etcdctl(&endpoints, args, None);
+    assert_eq!(stdout(&ctl(&["put", "before", "1"])).trim(), "OK");
+
+    let mut m4 = Member::new("m4", dir.path());
+    let peer_flag = format!("--peer-urls={}", m4.peer_url());
+    // Until m4 starts, its peer port takes connections and never answers,
+    // like a host that is up but not running etcd yet.
+    let silent = std::net::TcpListener::bind(("127.0.0.1", m4.peer_port)).unwrap();
+    // Asked of a follower, which forwards it to the leader.
+    let leader = c.wait_leader(Duration::from_secs(10)).await;
+    let follower = c.members[(leader + 1) % 3].endpoint();
+    let started = Instant::now();
+    let added = etcdctl(&follower, &["member", "add", "m4", &peer_flag], None);
+    let took = started.elapsed();
+    assert!(added.status.success(), "{}", stderr(&added));
+    assert!(took < Duration::from_secs(3), "member add took {took:?}");
+    let out = stdout(&added);
+    assert!(out.contains(" added to cluster "), "{out}");
+    let id = out.split_whitespace().nth(1).unwrap().to_string();
+    let list = stdout(&ctl(&["member", "list"]));
+    let line = list
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .unwrap_or_else(|| panic!("{id} missing:\n{list}"));
+    assert!(
+        line.contains("unstarted") && line.ends_with("false"),
+        "{line}"
+    );
+
+    // Three of four voters are a quorum: writes go on.
+    for i in 0..5 {
+        let put = ctl(&["put", &format!("while-unstarted/{i}"), "v"]);
+        assert_eq!(stdout(&put).trim(), "OK", "{}", stderr(&put));
+    }
+
+    // The new member starts the way etcdctl told and catches up.
+    let initial_cluster = quoted_value(&out, "ETCD_INITIAL_CLUSTER").to_string();
+    drop(silent);
+    m4.configure(&initial_cluster, "existing", &[]);
+    m4.spawn();
+    m4.wait_serving().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = etcdctl(
+            &m4.endpoint(),
+            &[
+                "get",
+                "while-unstarted/",
+                "--prefix",
+                "--keys-only",
+                "--consistency=s",
+            ],
+            None,
+        );
+        if stdout(&got).lines().filter(|l| !l.is_empty()).count() == 5 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "m4 never caught up: {}",
+            stdout(&got)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let list = stdout(&ctl(&["member", "list"]));
+    let line = member_line(&list, "m4").unwrap_or_else(|| panic!("m4 missing:\n{list}"));
+    assert!(line.starts_with(&id) && line.contains("started"), "{line}");
+    let put = etcdctl(&m4.endpoint(), &["put", "after", "join"], None);
+    assert_eq!(stdout(&put).trim(), "OK", "{}", stderr(&put));
+}
+
+/// A simple token names the log index of the Authenticate entry that made
+/// it; a member that has not applied that entry yet waits for it instead of
+/// answering `invalid auth token` (etcd's `isValidSimpleToken`). A client
+/// that re-authenticates through one member and writes through another that
+/// was paused, or has just restarted, is served at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_behind_waits_for_the_authenticate_entry_of_a_token() {
+    use tessera_proto::etcdserverpb::auth_client::AuthClient;
+    use tessera_proto::etcdserverpb::kv_client::KvClient;
+    use tessera_proto::etcdserverpb::{AuthenticateRequest, PutRequest};
+
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster::start(3, dir.path(), &[]).await;
+    let endpoints = c.endpoints();
+    // Status needs a user once auth is on: find the leader first.
+    let leader = c.wait_leader(Duration::from_secs(10)).await;
+    for args in [
+        &["user", "add", "root:rootpw"][..],
+        &["user", "grant-role", "root", "root"],
+        &["auth", "enable"],
+    ] {
+        let out = etcdctl(&endpoints, args, None);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    }
+    let behind = &c.members[(leader + 1) % 3];
+    let serving = &c.members[(leader + 2) % 3];
+
+    // The token is made while `behind` is paused: it has not applied it.
+    behind.signal("STOP");
+    let token = AuthClient::new(common::channel(&serving.url()))
+        .authenticate(AuthenticateRequest {
+            name: "root".into(),
+            password: "rootpw".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+
+    // The put reaches `behind` first thing after it resumes, before the
+    // leader's next append: it must wait for the entry, not refuse.
+    let mut put = tonic::Request::new(PutRequest {
+        key: b"with-token".to_vec(),
+        value: b"v".to_vec(),
+        ..Default::default()
+    });
+    put.metadata_mut().insert("token", token.parse().unwrap());
+    let mut kv = KvClient::new(common::channel(&behind.url()));
+    let pending = tokio::spawn(async move { kv.put(put).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    behind.signal("CONT");
+    let answer = tokio::time::timeout(Duration::from_secs(10), pending)
+        .await
+        .expect("put never answered")
+        .unwrap();
+    assert!(answer.is_ok(), "{answer:?}");
+
+    // A token that no Authenticate entry made is still refused.
+    let mut kv = KvClient::new(common::channel(&behind.url()));
+    let mut stale = tonic::Request::new(PutRequest {
+        key: b"k".to_vec(),
+        ..Default::default()
+    });
+    stale
+        .metadata_mut()
+        .insert("token", "AbCdEfGhIjKlMnOp.1".parse().unwrap());
+    let err = kv.put(stale).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    assert_eq!(err.message(), "etcdserver: invalid auth token");
+}

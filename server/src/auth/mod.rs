@@ -158,6 +158,15 @@ impl Auth {
         }
     }
 
+    /// The log index of the Authenticate entry that made `token`, when
+    /// tokens are simple ones.
+    pub fn simple_token_index(&self, token: &str) -> Option<u64> {
+        match &self.tokens {
+            TokenProvider::Simple(_) => tokens::SimpleTokens::index_of(token),
+            TokenProvider::Jwt(_) => None,
+        }
+    }
+
     /// A token prefix for a new Authenticate proposal (empty for JWT).
     pub fn new_token_prefix(&self) -> String {
         match &self.tokens {

@@ -79,6 +79,12 @@ impl SimpleTokens {
         self.lock().clear();
     }
 
+    /// The log index a simple token was made at: etcd's tokens are
+    /// `prefix.index`, the index of the Authenticate entry that made them.
+    pub fn index_of(token: &str) -> Option<u64> {
+        token.rsplit_once('.')?.1.parse().ok()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
         // A panic while holding this lock cannot leave the map inconsistent.
         self.tokens
@@ -108,5 +114,8 @@ mod tests {
         t.invalidate_user("alice");
         assert!(t.user_of(&a).is_none());
         assert!(t.user_of("nonsense").is_none());
+        assert_eq!(SimpleTokens::index_of(&a), Some(7));
+        assert_eq!(SimpleTokens::index_of("nonsense"), None);
+        assert_eq!(SimpleTokens::index_of("abc.x"), None);
     }
 }

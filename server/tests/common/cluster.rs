@@ -90,6 +90,11 @@ impl Member {
         }
     }
 
+    /// Sends `signal` to the running process (`STOP`, `CONT`, ...).
+    pub fn signal(&self, signal: &str) {
+        self.child.as_ref().expect("not running").signal(signal);
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }

@@ -57,6 +57,14 @@ impl Process {
         self.child.try_wait().unwrap()
     }
 
+    /// Sends `signal` (a name such as `STOP` or `CONT`).
+    pub fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill -{signal} failed");
+    }
+
     /// SIGTERM; returns how long the process took to exit, or None when it
     /// was still running after `within` (it is then left to `kill`).
     pub fn terminate(&mut self, within: Duration) -> Option<Duration> {
