@@ -154,6 +154,23 @@ pub struct Config {
     #[arg(long, env = "ETCD_PEER_CLIENT_CERT_AUTH", num_args = 0..=1, default_missing_value = "true",
           value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
     pub peer_client_cert_auth: bool,
+    /// Client TLS with a generated self-signed certificate (in <data-dir>/fixtures/client).
+    #[arg(long, env = "ETCD_AUTO_TLS", num_args = 0..=1, default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
+    pub auto_tls: bool,
+    /// Peer TLS with generated self-signed certificates (in <data-dir>/fixtures/peer); peers' certificates are not verified.
+    #[arg(long, env = "ETCD_PEER_AUTO_TLS", num_args = 0..=1, default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
+    pub peer_auto_tls: bool,
+    /// Validity of the auto-TLS certificates, in years.
+    #[arg(long, env = "ETCD_SELF_SIGNED_CERT_VALIDITY", default_value_t = 1)]
+    pub self_signed_cert_validity: u32,
+    /// Path to the client certificate revocation list file.
+    #[arg(long, env = "ETCD_CLIENT_CRL_FILE")]
+    pub client_crl_file: Option<PathBuf>,
+    /// Path to the peer certificate revocation list file.
+    #[arg(long, env = "ETCD_PEER_CRL_FILE")]
+    pub peer_crl_file: Option<PathBuf>,
     /// Comma-separated list of supported TLS cipher suites (Go's names; TLS 1.2 only, as in etcd).
     #[arg(long, env = "ETCD_CIPHER_SUITES", default_value = "")]
     pub cipher_suites: String,
@@ -206,13 +223,11 @@ pub enum Tool {
 /// etcd 3.5 server flags Tessera accepts but does not act on yet, and whether
 /// each is a boolean switch. Passing one logs a warning naming it.
 pub const ACCEPTED_NOT_ACTED_ON: &[(&str, bool)] = &[
-    ("auto-tls", true),
     ("backend-batch-interval", false),
     ("backend-batch-limit", false),
     ("backend-bbolt-freelist-type", false),
     ("client-cert-allowed-hostname", false),
     ("client-cert-file", false),
-    ("client-crl-file", false),
     ("client-key-file", false),
     ("config-file", false),
     ("cors", false),
@@ -264,10 +279,8 @@ pub const ACCEPTED_NOT_ACTED_ON: &[(&str, bool)] = &[
     ("max-snapshots", false),
     ("max-wals", false),
     ("metrics", false),
-    ("peer-auto-tls", true),
     ("peer-cert-allowed-cn", false),
     ("peer-cert-allowed-hostname", false),
-    ("peer-crl-file", false),
     ("pre-vote", true),
     ("proxy", false),
     ("proxy-dial-timeout", false),
@@ -275,7 +288,6 @@ pub const ACCEPTED_NOT_ACTED_ON: &[(&str, bool)] = &[
     ("proxy-read-timeout", false),
     ("proxy-refresh-interval", false),
     ("proxy-write-timeout", false),
-    ("self-signed-cert-validity", false),
     ("socket-reuse-address", true),
     ("socket-reuse-port", true),
     ("strict-reconfig-check", true),
@@ -365,26 +377,88 @@ impl Config {
             .collect()
     }
 
-    /// The client-side TLS files (`--cert-file`, `--key-file`, `--trusted-ca-file`).
+    /// The client-side TLS files (`--cert-file`, `--key-file`,
+    /// `--trusted-ca-file`), or with `--auto-tls` and no certificate given,
+    /// the generated ones (see [`Config::make_self_certs`]).
     pub fn client_tls(&self) -> TlsFiles {
-        TlsFiles {
+        let files = TlsFiles {
             cert_file: given(&self.cert_file),
             key_file: given(&self.key_file),
             trusted_ca_file: given(&self.trusted_ca_file),
             client_cert_auth: self.client_cert_auth,
+            self_cert: false,
+            crl_file: given(&self.client_crl_file),
             flags: crate::tls::CLIENT_FLAGS,
-        }
+        };
+        self.with_self_cert(files, self.auto_tls, "client")
     }
 
-    /// The peer-side TLS files (`--peer-cert-file`, ...).
+    /// The peer-side TLS files (`--peer-cert-file`, ...), or the generated
+    /// ones for `--peer-auto-tls`.
     pub fn peer_tls(&self) -> TlsFiles {
-        TlsFiles {
+        let files = TlsFiles {
             cert_file: given(&self.peer_cert_file),
             key_file: given(&self.peer_key_file),
             trusted_ca_file: given(&self.peer_trusted_ca_file),
             client_cert_auth: self.peer_client_cert_auth,
+            self_cert: false,
+            crl_file: given(&self.peer_crl_file),
             flags: crate::tls::PEER_FLAGS,
+        };
+        self.with_self_cert(files, self.peer_auto_tls, "peer")
+    }
+
+    /// etcd uses the self-signed certificate only when no certificate or
+    /// key file is given ("ignoring ... auto TLS since certs given").
+    fn with_self_cert(&self, mut files: TlsFiles, auto: bool, side: &str) -> TlsFiles {
+        if auto && files.cert_file.is_none() && files.key_file.is_none() {
+            let (cert, key) = crate::auto_tls::paths(&self.self_cert_dir(side));
+            files.cert_file = Some(cert);
+            files.key_file = Some(key);
+            files.self_cert = true;
         }
+        files
+    }
+
+    fn self_cert_dir(&self, side: &str) -> PathBuf {
+        self.data_dir().join("fixtures").join(side)
+    }
+
+    /// Generates (or finds) the `--auto-tls` and `--peer-auto-tls`
+    /// certificates in the data directory, as etcd does at start.
+    pub fn make_self_certs(&self) -> Result<(), crate::auto_tls::AutoTlsError> {
+        for (auto, side, files, listen, peer) in [
+            (
+                self.auto_tls,
+                "client",
+                self.client_tls(),
+                &self.listen_client_urls,
+                false,
+            ),
+            (
+                self.peer_auto_tls,
+                "peer",
+                self.peer_tls(),
+                &self.listen_peer_urls,
+                true,
+            ),
+        ] {
+            if !auto {
+                continue;
+            }
+            if !files.self_cert {
+                tracing::warn!("ignoring {side} auto TLS since certs given");
+                continue;
+            }
+            let urls: Vec<String> = split_urls(listen).map(str::to_string).collect();
+            crate::auto_tls::self_cert(
+                &self.self_cert_dir(side),
+                &urls,
+                self.self_signed_cert_validity,
+                peer,
+            )?;
+        }
+        Ok(())
     }
 
     /// `--cipher-suites`, split.
@@ -498,9 +572,14 @@ impl Config {
                 )));
             }
         }
-        if self.uses_peer_tls()? && peer.trusted_ca_file.is_none() {
+        if self.uses_peer_tls()? && peer.trusted_ca_file.is_none() && !peer.self_cert {
             return Err(ConfigError(
-                "https peer URLs need --peer-trusted-ca-file to verify the other members".into(),
+                "https peer URLs need --peer-trusted-ca-file (or --peer-auto-tls) to verify the other members".into(),
+            ));
+        }
+        if (self.auto_tls || self.peer_auto_tls) && self.self_signed_cert_validity == 0 {
+            return Err(ConfigError(
+                crate::auto_tls::AutoTlsError::ZeroValidity.to_string(),
             ));
         }
         for (files, flags) in [
@@ -513,16 +592,20 @@ impl Config {
         }
         let provider = crate::tls::provider(&self.cipher_suite_names())
             .map_err(|e| ConfigError(format!("--cipher-suites: {e}")))?;
-        // Read and check the files now, before anything touches the disk.
+        // Read and check the files now, before anything touches the disk
+        // (generated certificates do not exist yet: they are made, and
+        // read, at start).
         let tls_err = |e: crate::tls::TlsError| ConfigError(e.to_string());
-        if self.client_listen_addrs()?.iter().any(|a| a.tls) {
+        if self.client_listen_addrs()?.iter().any(|a| a.tls) && !client.self_cert {
             crate::tls::server_config(&client, provider.clone()).map_err(tls_err)?;
         }
-        if self.peer_listen_addrs()?.iter().any(|a| a.tls) {
-            crate::tls::server_config(&peer, provider).map_err(tls_err)?;
-        }
-        if self.uses_peer_tls()? {
-            crate::tls::peer_client_config(&peer).map_err(tls_err)?;
+        if !peer.self_cert {
+            if self.peer_listen_addrs()?.iter().any(|a| a.tls) {
+                crate::tls::server_config(&peer, provider.clone()).map_err(tls_err)?;
+            }
+            if self.uses_peer_tls()? {
+                crate::tls::peer_client_config(&peer, provider).map_err(tls_err)?;
+            }
         }
         Ok(())
     }
@@ -763,10 +846,8 @@ mod tests {
     #[test]
     fn ignored_flags_are_accepted_and_reported() {
         let p = parse(&["--enable-pprof", "--max-wals=3", "--auto-tls=true"]).unwrap();
-        assert_eq!(
-            p.ignored_flags,
-            vec!["auto-tls", "enable-pprof", "max-wals"]
-        );
+        assert_eq!(p.ignored_flags, vec!["enable-pprof", "max-wals"]);
+        assert!(p.config.auto_tls);
     }
 
     #[test]

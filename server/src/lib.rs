@@ -2,6 +2,8 @@
 
 pub mod alarms;
 pub mod auth;
+pub mod auto_tls;
+pub mod cert_verify;
 pub mod compactor;
 pub mod config;
 pub mod db;

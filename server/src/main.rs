@@ -70,6 +70,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         data_dir = %cfg.data_dir().display(),
         "starting an etcd server"
     );
+    cfg.make_self_certs()?;
     let (name, data_dir) = (cfg.name.clone(), cfg.data_dir());
     runtime.block_on(async move {
         let node = Node::start(cfg).await?;

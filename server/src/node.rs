@@ -263,7 +263,11 @@ impl Node {
         let data_dir = config.data_dir();
         let db = open_data_dir(&data_dir)?;
         let peer_tls = if config.uses_peer_tls()? {
-            Some(crate::tls::peer_client_config(&config.peer_tls())?)
+            let provider = crate::tls::provider(&config.cipher_suite_names())?;
+            Some(crate::tls::peer_client_config(
+                &config.peer_tls(),
+                provider,
+            )?)
         } else {
             None
         };

@@ -21,7 +21,7 @@ use tessera_proto::tessera::{
     Blob, ForwardRequest, IndexReply, MembersRequest, MembersResponse, PeerMember, ProposeReply,
     RaftBatchResult,
 };
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use crate::node::Node;
@@ -50,11 +50,11 @@ const MAX_PEER_MESSAGE: usize = 512 << 20;
 pub struct PeerClients {
     channels: Arc<Mutex<HashMap<String, PeerClient<Channel>>>>,
     /// How `https://` peer URLs are dialled (`--peer-*` TLS files).
-    tls: Option<ClientTlsConfig>,
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl PeerClients {
-    pub fn new(tls: Option<ClientTlsConfig>) -> Self {
+    pub fn new(tls: Option<Arc<rustls::ClientConfig>>) -> Self {
         PeerClients {
             channels: Arc::default(),
             tls,
@@ -70,16 +70,38 @@ impl PeerClients {
                 return Ok(c.clone());
             }
         }
-        let mut endpoint = Endpoint::from_shared(url.clone())?
+        // TLS is ours, not tonic's (whose configuration cannot take the
+        // verifier etcd's rules need): tonic is given the plain URL and a
+        // connector that makes the TLS connection.
+        let tls_host = url
+            .strip_prefix("https://")
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|authority| authority.rsplit_once(':'))
+            .map(|(host, _)| {
+                host.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string()
+            });
+        let dial_url = match (&tls_host, url.strip_prefix("https://")) {
+            (Some(_), Some(rest)) => format!("http://{rest}"),
+            _ => url.clone(),
+        };
+        let endpoint = Endpoint::from_shared(dial_url)?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10));
-        if url.starts_with("https://") {
-            if let Some(tls) = &self.tls {
-                endpoint = endpoint.tls_config(tls.clone())?;
+        let channel = match (tls_host, &self.tls) {
+            (Some(host), Some(config)) => {
+                let connector = TlsConnector {
+                    config: config.clone(),
+                    host,
+                };
+                endpoint.connect_with_connector_lazy(tower::service_fn(move |uri| {
+                    connector.clone().connect(uri)
+                }))
             }
-        }
-        let channel = endpoint.connect_lazy();
+            _ => endpoint.connect_lazy(),
+        };
         let client = PeerClient::new(channel)
             .max_decoding_message_size(MAX_PEER_MESSAGE)
             .max_encoding_message_size(MAX_PEER_MESSAGE);
@@ -87,6 +109,33 @@ impl PeerClients {
             map.insert(url, client.clone());
         }
         Ok(client)
+    }
+}
+
+/// Dials one `https://` peer URL: TCP, then TLS with the member's peer
+/// client configuration, checking the certificate against the URL's host.
+#[derive(Clone)]
+struct TlsConnector {
+    config: Arc<rustls::ClientConfig>,
+    host: String,
+}
+
+impl TlsConnector {
+    async fn connect(
+        self,
+        uri: tonic::codegen::http::Uri,
+    ) -> std::io::Result<
+        hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    > {
+        let port = uri.port_u16().unwrap_or(443);
+        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), port)).await?;
+        tcp.set_nodelay(true)?;
+        let name = rustls::pki_types::ServerName::try_from(self.host.clone())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let tls = tokio_rustls::TlsConnector::from(self.config)
+            .connect(name, tcp)
+            .await?;
+        Ok(hyper_util::rt::TokioIo::new(tls))
     }
 }
 
@@ -272,8 +321,12 @@ pub async fn serve(node: Arc<Node>) -> anyhow::Result<()> {
         let serving = match (&tls, listen.tls) {
             (Some(config), true) => {
                 tracing::info!(%addr, peer_client_cert_auth = tls_files.requires_client_cert(), "serving peer traffic over TLS");
-                let incoming =
-                    crate::tls::TlsListener::new(listener, config.clone())?.into_stream();
+                let incoming = crate::tls::TlsListener::new(
+                    listener,
+                    config.clone(),
+                    tls_files.crl_file.clone(),
+                )?
+                .into_stream();
                 tokio::spawn(server.serve_with_incoming(incoming))
             }
             _ => {

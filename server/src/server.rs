@@ -214,7 +214,11 @@ pub async fn serve(
         let task = match (&tls, listen.tls) {
             (Some(config), true) => {
                 tracing::info!(address = %addr, client_cert_auth = tls_files.requires_client_cert(), "serving client traffic securely");
-                let listener = crate::tls::TlsListener::new(listener, config.clone())?;
+                let listener = crate::tls::TlsListener::new(
+                    listener,
+                    config.clone(),
+                    tls_files.crl_file.clone(),
+                )?;
                 serve_on(listener, app, max_streams, stopped)
             }
             _ => {

@@ -358,25 +358,7 @@ async fn three_members_replicate_over_peer_tls() {
     }
     // A write through each member (forwarded to the leader over peer TLS)
     // reaches every member (replicated over peer TLS).
-    for (i, m) in cluster.members.iter().enumerate() {
-        let mut c = m.client().await;
-        c.put(format!("k{i}"), "v", None).await.unwrap();
-    }
-    for m in &cluster.members {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let mut c = m.client().await;
-            let opts = etcd_client::GetOptions::new()
-                .with_prefix()
-                .with_serializable();
-            let n = c.get("k", Some(opts)).await.unwrap().kvs().len();
-            if n == 3 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{} has {n} of 3 keys", m.name);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+    replicates(&cluster).await;
     // The peer port serves a client with a certificate from the CA and
     // refuses one without. TLS 1.2, where the refusal ends the handshake
     // itself (in TLS 1.3 it arrives after the client may have hung up).
@@ -407,4 +389,189 @@ async fn three_members_replicate_over_peer_tls() {
         .output()
         .unwrap();
     assert!(!plain.status.success(), "peer port answered plaintext");
+}
+
+/// Certificates Go accepts and webpki alone would not, and CRLs: the same
+/// etcdctl commands against etcd and tessera.
+fn go_rules_scenario(kind: Kind, dir: &Path) -> Vec<String> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut seen = Vec::new();
+
+    // A self-signed certificate that is its own CA, given as the trusted CA
+    // and as both the server's and the client's certificate.
+    let (own, own_key) = common::pki::self_signed_ca_leaf(&dir.join("own"), "member");
+    let server = rt.block_on(Server::start_tls(
+        kind,
+        &dir.join(format!("{kind:?}-own-ca")),
+        &[
+            &flag("cert-file", &own),
+            &flag("key-file", &own_key),
+            &flag("trusted-ca-file", &own),
+            "--client-cert-auth",
+        ],
+    ));
+    let as_own = vec![
+        flag("cacert", &own),
+        flag("cert", &own),
+        flag("key", &own_key),
+    ];
+    wait_healthy(&server, &as_own);
+    let put = etcdctl_with(&server, &as_own, &["put", "k", "v"]);
+    seen.push(format!("self-signed CA as leaf: {}", outcome(&put)));
+    drop(server);
+
+    // A CRL revoking one of two client certificates of the CA.
+    let pki = Pki::new(&dir.join(format!("{kind:?}-crl-pki")), "crl test CA");
+    let server_cert = pki.issue("server", "server");
+    let good = pki.issue("good", "good-client");
+    let revoked = pki.issue("revoked", "revoked-client");
+    let crl = pki.revoke(&revoked.0, "crl.pem");
+    let server = rt.block_on(Server::start_tls(
+        kind,
+        &dir.join(format!("{kind:?}-crl")),
+        &[
+            &flag("cert-file", &server_cert.0),
+            &flag("key-file", &server_cert.1),
+            &flag("trusted-ca-file", &pki.ca_file()),
+            "--client-cert-auth",
+            &flag("client-crl-file", &crl),
+        ],
+    ));
+    let client = |(crt, key): &(PathBuf, PathBuf)| {
+        vec![
+            flag("cacert", &pki.ca_file()),
+            flag("cert", crt),
+            flag("key", key),
+        ]
+    };
+    wait_healthy(&server, &client(&good));
+    let put = etcdctl_with(&server, &client(&good), &["put", "k", "v"]);
+    seen.push(format!("client not in the CRL: {}", outcome(&put)));
+    let put = etcdctl_with(
+        &server,
+        &client(&revoked),
+        &["--dial-timeout=2s", "--command-timeout=3s", "put", "k", "v"],
+    );
+    seen.push(format!("client in the CRL: {}", outcome(&put)));
+
+    // --auto-tls: a generated certificate in the data directory; clients
+    // that skip verification get in, others are refused.
+    let server = rt.block_on(Server::start_tls(
+        kind,
+        &dir.join(format!("{kind:?}-auto")),
+        &["--auto-tls"],
+    ));
+    let skip = vec![
+        "--insecure-transport=false".to_string(),
+        "--insecure-skip-tls-verify".to_string(),
+    ];
+    wait_healthy(&server, &skip);
+    let put = etcdctl_with(&server, &skip, &["put", "k", "v"]);
+    seen.push(format!(
+        "auto TLS, skipping verification: {}",
+        outcome(&put)
+    ));
+    let get = etcdctl_with(
+        &server,
+        &["--insecure-transport=false".to_string()],
+        &["--dial-timeout=2s", "--command-timeout=3s", "get", "k"],
+    );
+    seen.push(format!("auto TLS, verifying: {}", outcome(&get)));
+    let fixtures = server.data_dir.join("fixtures/client");
+    seen.push(format!(
+        "auto TLS files: cert={} key={}",
+        fixtures.join("cert.pem").exists(),
+        fixtures.join("key.pem").exists()
+    ));
+    seen
+}
+
+#[test]
+fn go_certificate_rules_crls_and_auto_tls_match_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = go_rules_scenario(Kind::Etcd, dir.path());
+    let tessera = go_rules_scenario(Kind::Tessera, dir.path());
+    assert_eq!(tessera, etcd);
+    assert_eq!(
+        tessera,
+        vec![
+            "self-signed CA as leaf: ok: OK",
+            "client not in the CRL: ok: OK",
+            "client in the CRL: refused",
+            "auto TLS, skipping verification: ok: OK",
+            "auto TLS, verifying: refused",
+            "auto TLS files: cert=true key=true",
+        ]
+    );
+}
+
+/// Writes through every member reach every member.
+async fn replicates(cluster: &Cluster) {
+    for (i, m) in cluster.members.iter().enumerate() {
+        let mut c = m.client().await;
+        c.put(format!("k{i}"), "v", None).await.unwrap();
+    }
+    for m in &cluster.members {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut c = m.client().await;
+            let opts = etcd_client::GetOptions::new()
+                .with_prefix()
+                .with_serializable();
+            let n = c.get("k", Some(opts)).await.unwrap().kvs().len();
+            if n == cluster.members.len() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{} has {n} keys", m.name);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// etcd's own flags for peer auto TLS (`--peer-auto-tls`, https peer URLs,
+/// no certificate files) form a cluster: each member makes its certificate
+/// in its data directory and accepts the others' without a CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_forms_with_peer_auto_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start_peer_tls(3, dir.path(), &["--peer-auto-tls"]).await;
+    replicates(&cluster).await;
+    for m in &cluster.members {
+        let cert = dir.path().join(&m.name).join("fixtures/peer/cert.pem");
+        assert!(cert.exists(), "{} has no {}", m.name, cert.display());
+        assert!(
+            m.log().contains("serving peer traffic over TLS"),
+            "{}",
+            m.log()
+        );
+    }
+    // The peer port speaks TLS with the generated certificate.
+    let out = Command::new("openssl")
+        .args(["s_client", "-connect"])
+        .arg(format!("127.0.0.1:{}", cluster.members[0].peer_port))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(stdout(&out).contains("O = etcd"), "{}", stdout(&out));
+}
+
+/// A cluster whose members share one self-signed certificate that is its
+/// own CA, given as peer certificate and peer trusted CA, with peer client
+/// certificate authentication: Go's rules accept it, so does Tessera.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_forms_with_a_self_signed_ca_as_member_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (own, own_key) = common::pki::self_signed_ca_leaf(&dir.path().join("own"), "member");
+    let cluster = Cluster::start_peer_tls(
+        3,
+        dir.path(),
+        &[
+            &flag("peer-cert-file", &own),
+            &flag("peer-key-file", &own_key),
+            &flag("peer-trusted-ca-file", &own),
+            "--peer-client-cert-auth",
+        ],
+    )
+    .await;
+    replicates(&cluster).await;
 }

@@ -74,3 +74,64 @@ impl Pki {
 pub fn flag(name: &str, path: &Path) -> String {
     format!("--{name}={}", path.display())
 }
+
+impl Pki {
+    /// A certificate revocation list, signed by this CA, revoking the
+    /// certificate in `crt`; written as `name` (PEM).
+    pub fn revoke(&self, crt: &Path, name: &str) -> PathBuf {
+        let pem = std::fs::read(crt).unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+        let serial = pem.parse_x509().unwrap().raw_serial().to_vec();
+        let now = time::OffsetDateTime::now_utc();
+        let crl = rcgen::CertificateRevocationListParams {
+            this_update: now,
+            next_update: now + time::Duration::days(1),
+            crl_number: rcgen::SerialNumber::from_slice(&[1]),
+            issuing_distribution_point: None,
+            revoked_certs: vec![rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(&serial),
+                revocation_time: now,
+                reason_code: None,
+                invalidity_date: None,
+            }],
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&self.ca, &self.ca_key)
+        .unwrap();
+        let path = self.dir.join(name);
+        std::fs::write(&path, crl.pem().unwrap()).unwrap();
+        path
+    }
+}
+
+/// A self-signed certificate that is its own CA (`CA:TRUE`), valid for
+/// loopback and for servers and clients: the kind small clusters give as
+/// both the trusted CA and the member's (or client's) certificate.
+pub fn self_signed_ca_leaf(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.distinguished_name.push(DnType::CommonName, name);
+    p.subject_alt_names = vec![
+        SanType::DnsName("localhost".try_into().unwrap()),
+        SanType::IpAddress("127.0.0.1".parse().unwrap()),
+    ];
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let cert = p.self_signed(&key).unwrap();
+    let (crt, k) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&crt, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    (crt, k)
+}
