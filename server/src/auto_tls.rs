@@ -1,13 +1,15 @@
 //! `--auto-tls` and `--peer-auto-tls`: self-signed certificates generated
 //! in the data directory, as etcd's `transport.SelfCert` makes them
 //! (`fixtures/client` and `fixtures/peer`, `cert.pem` and `key.pem`, reused
-//! when both exist). Organization "etcd", a random 128-bit serial, the
-//! listen URLs' hosts as IP or DNS subject alternative names, digital
-//! signature and key encipherment, server (and, for peers, client) auth,
+//! when both exist, in directories of mode 0700). Organization "etcd", a
+//! random 128-bit serial, the listen URLs' hosts as IP or DNS subject
+//! alternative names, digital signature and key encipherment, server auth,
 //! not a CA, valid `--self-signed-cert-validity` years from now.
 //!
-//! One difference: etcd uses an ECDSA P-521 key; ring (rustls's provider
-//! here) cannot sign with P-521, so the key is P-256.
+//! Differences: etcd uses an ECDSA P-521 key, which ring (rustls's provider
+//! here) cannot sign with, so the key is P-256; and the key file holds it as
+//! PKCS#8 (`PRIVATE KEY`) where etcd writes SEC1 (`EC PRIVATE KEY`). Both
+//! read either.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -21,6 +23,8 @@ use rcgen::{
 pub enum AutoTlsError {
     #[error("selfSignedCertValidity is invalid,it should be greater than 0")]
     ZeroValidity,
+    #[error("--self-signed-cert-validity {0} is too large (at most {MAX_VALIDITY_YEARS} years)")]
+    TooLong(u32),
     #[error("cannot create cert directory {path}: {error}")]
     Dir {
         path: PathBuf,
@@ -35,31 +39,54 @@ pub enum AutoTlsError {
     Generate(#[from] rcgen::Error),
 }
 
+/// Far beyond any sensible certificate, well within the date type's range.
+const MAX_VALIDITY_YEARS: u32 = 1000;
+
+/// Refuses validities etcd refuses (0) and ones no date can hold.
+pub fn check_validity(years: u32) -> Result<(), AutoTlsError> {
+    match years {
+        0 => Err(AutoTlsError::ZeroValidity),
+        y if y > MAX_VALIDITY_YEARS => Err(AutoTlsError::TooLong(y)),
+        _ => Ok(()),
+    }
+}
+
 /// Where a self-signed certificate and key live in `dir`.
 pub fn paths(dir: &Path) -> (PathBuf, PathBuf) {
     (dir.join("cert.pem"), dir.join("key.pem"))
 }
 
 /// Makes (or reuses) the self-signed certificate in `dir` for the hosts of
-/// `listen_urls`; `peer` adds client auth to its key usages. Returns the
-/// certificate and key paths.
+/// `listen_urls`. Returns the certificate and key paths.
 pub fn self_cert(
     dir: &Path,
     listen_urls: &[String],
     validity_years: u32,
-    peer: bool,
 ) -> Result<(PathBuf, PathBuf), AutoTlsError> {
-    if validity_years == 0 {
-        return Err(AutoTlsError::ZeroValidity);
-    }
+    check_validity(validity_years)?;
     let (cert_path, key_path) = paths(dir);
     if cert_path.exists() && key_path.exists() {
         return Ok((cert_path, key_path));
     }
-    std::fs::create_dir_all(dir).map_err(|error| AutoTlsError::Dir {
+    let dir_err = |error| AutoTlsError::Dir {
         path: dir.to_path_buf(),
         error,
-    })?;
+    };
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(dir_err)?;
+    }
+    // A certificate left without its key goes first: otherwise a crash
+    // after the new key is in place would leave a pair that does not match,
+    // and every later start would reuse it.
+    if cert_path.exists() {
+        std::fs::remove_file(&cert_path).map_err(dir_err)?;
+        sync_dir(dir).map_err(dir_err)?;
+    }
 
     let mut params = CertificateParams::default();
     let mut name = DistinguishedName::new();
@@ -74,11 +101,6 @@ pub fn self_cert(
         KeyUsagePurpose::DigitalSignature,
     ];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    if peer {
-        params
-            .extended_key_usages
-            .push(ExtendedKeyUsagePurpose::ClientAuth);
-    }
     params.is_ca = IsCa::ExplicitNoCa;
     for host in listen_urls.iter().filter_map(|u| url_host(u)) {
         let san = match host.parse() {
@@ -132,11 +154,13 @@ fn write_durably(path: &Path, bytes: &[u8], mode: u32) -> Result<(), AutoTlsErro
     f.sync_all().map_err(err)?;
     std::fs::rename(&tmp, path).map_err(err)?;
     if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(err)?;
+        sync_dir(dir).map_err(err)?;
     }
     Ok(())
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
@@ -152,7 +176,7 @@ mod tests {
             "https://node1.example:2381".to_string(),
             "https://[::1]:2380".to_string(),
         ];
-        let (cert_path, key_path) = self_cert(&fixtures, &urls, 2, true).unwrap();
+        let (cert_path, key_path) = self_cert(&fixtures, &urls, 2).unwrap();
         let pem = std::fs::read(&cert_path).unwrap();
         let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
         let cert = pem.parse_x509().unwrap();
@@ -171,7 +195,7 @@ mod tests {
             "{names:?}"
         );
         let eku = cert.extended_key_usage().unwrap().unwrap().value;
-        assert!(eku.server_auth && eku.client_auth);
+        assert!(eku.server_auth && !eku.client_auth);
         assert!(!cert.is_ca());
         let days = (cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp())
             / 86_400;
@@ -182,13 +206,24 @@ mod tests {
 
         // Both files there: reused as they are.
         let before = std::fs::read(&cert_path).unwrap();
-        let again = self_cert(&fixtures, &urls, 1, true).unwrap();
-        assert_eq!(again, (cert_path.clone(), key_path));
+        let again = self_cert(&fixtures, &urls, 1).unwrap();
+        assert_eq!(again, (cert_path.clone(), key_path.clone()));
         assert_eq!(std::fs::read(&cert_path).unwrap(), before);
+        let dir_mode = std::fs::metadata(&fixtures).unwrap().permissions().mode();
+        assert_eq!(dir_mode & 0o777, 0o700);
         assert!(matches!(
-            self_cert(&dir.path().join("other"), &urls, 0, false),
+            self_cert(&dir.path().join("other"), &urls, 0),
             Err(AutoTlsError::ZeroValidity)
         ));
+        assert!(matches!(
+            self_cert(&dir.path().join("other"), &urls, u32::MAX),
+            Err(AutoTlsError::TooLong(_))
+        ));
+
+        // A certificate without its key: both are made again.
+        std::fs::remove_file(&key_path).unwrap();
+        self_cert(&fixtures, &urls, 1).unwrap();
+        assert_ne!(std::fs::read(&cert_path).unwrap(), before);
     }
 
     #[test]

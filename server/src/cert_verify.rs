@@ -218,6 +218,8 @@ pub enum CrlError {
     Parse(String),
     #[error("transport: certificate serial {0} revoked")]
     Revoked(String),
+    #[error("a certificate of the chain cannot be parsed to check it against the CRL")]
+    BadCertificate,
 }
 
 /// The revoked serial numbers (big-endian bytes, no leading zeros) of
@@ -257,7 +259,7 @@ pub fn check_crl(path: &Path, chain: &[CertificateDer<'_>]) -> Result<(), CrlErr
     let revoked = revoked_serials(path)?;
     for cert in chain {
         let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
-            continue;
+            return Err(CrlError::BadCertificate);
         };
         let serial = trimmed(parsed.raw_serial());
         if revoked.contains(&serial) {

@@ -154,6 +154,14 @@ pub struct Config {
     #[arg(long, env = "ETCD_PEER_CLIENT_CERT_AUTH", num_args = 0..=1, default_missing_value = "true",
           value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
     pub peer_client_cert_auth: bool,
+    /// Compare this member's data with its peers' before serving clients, and refuse to start on a mismatch.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_INITIAL_CORRUPT_CHECK", num_args = 0..=1, default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
+    pub experimental_initial_corrupt_check: bool,
+    /// How often the leader compares the members' data (0: never); a mismatch raises the CORRUPT alarm.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_CORRUPT_CHECK_TIME", default_value = "0s",
+          value_parser = parse_duration_or_zero)]
+    pub experimental_corrupt_check_time: Duration,
     /// Client TLS with a generated self-signed certificate (in <data-dir>/fixtures/client).
     #[arg(long, env = "ETCD_AUTO_TLS", num_args = 0..=1, default_missing_value = "true",
           value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
@@ -247,7 +255,6 @@ pub const ACCEPTED_NOT_ACTED_ON: &[(&str, bool)] = &[
     ("experimental-compact-hash-check-time", false),
     ("experimental-compaction-batch-limit", false),
     ("experimental-compaction-sleep-interval", false),
-    ("experimental-corrupt-check-time", false),
     ("experimental-distributed-tracing-address", false),
     ("experimental-distributed-tracing-instance-id", false),
     ("experimental-distributed-tracing-sampling-rate", false),
@@ -257,7 +264,6 @@ pub const ACCEPTED_NOT_ACTED_ON: &[(&str, bool)] = &[
     ("experimental-enable-lease-checkpoint", true),
     ("experimental-enable-lease-checkpoint-persist", true),
     ("experimental-enable-v2v3", false),
-    ("experimental-initial-corrupt-check", true),
     ("experimental-max-learners", false),
     ("experimental-memory-mlock", true),
     ("experimental-peer-skip-client-san-verification", true),
@@ -409,15 +415,26 @@ impl Config {
     }
 
     /// etcd uses the self-signed certificate only when no certificate or
-    /// key file is given ("ignoring ... auto TLS since certs given").
-    fn with_self_cert(&self, mut files: TlsFiles, auto: bool, side: &str) -> TlsFiles {
-        if auto && files.cert_file.is_none() && files.key_file.is_none() {
-            let (cert, key) = crate::auto_tls::paths(&self.self_cert_dir(side));
-            files.cert_file = Some(cert);
-            files.key_file = Some(key);
-            files.self_cert = true;
+    /// key file is given ("ignoring ... auto TLS since certs given"), and
+    /// then replaces that side's TLS settings wholesale: no trusted CA, no
+    /// client certificate authentication, no CRL.
+    fn with_self_cert(&self, files: TlsFiles, auto: bool, side: &str) -> TlsFiles {
+        if !auto || files.cert_file.is_some() || files.key_file.is_some() {
+            return files;
         }
-        files
+        let (cert, key) = crate::auto_tls::paths(&self.self_cert_dir(side));
+        TlsFiles {
+            cert_file: Some(cert),
+            key_file: Some(key),
+            self_cert: true,
+            flags: files.flags,
+            ..TlsFiles::default()
+        }
+    }
+
+    /// `--client-cert-auth` as it applies: etcd drops it under `--auto-tls`.
+    pub fn uses_client_cert_auth(&self) -> bool {
+        self.client_tls().client_cert_auth
     }
 
     fn self_cert_dir(&self, side: &str) -> PathBuf {
@@ -427,22 +444,21 @@ impl Config {
     /// Generates (or finds) the `--auto-tls` and `--peer-auto-tls`
     /// certificates in the data directory, as etcd does at start.
     pub fn make_self_certs(&self) -> Result<(), crate::auto_tls::AutoTlsError> {
-        for (auto, side, files, listen, peer) in [
+        let sides = [
             (
                 self.auto_tls,
                 "client",
                 self.client_tls(),
                 &self.listen_client_urls,
-                false,
             ),
             (
                 self.peer_auto_tls,
                 "peer",
                 self.peer_tls(),
                 &self.listen_peer_urls,
-                true,
             ),
-        ] {
+        ];
+        for (auto, side, files, listen) in sides {
             if !auto {
                 continue;
             }
@@ -455,7 +471,6 @@ impl Config {
                 &self.self_cert_dir(side),
                 &urls,
                 self.self_signed_cert_validity,
-                peer,
             )?;
         }
         Ok(())
@@ -577,10 +592,9 @@ impl Config {
                 "https peer URLs need --peer-trusted-ca-file (or --peer-auto-tls) to verify the other members".into(),
             ));
         }
-        if (self.auto_tls || self.peer_auto_tls) && self.self_signed_cert_validity == 0 {
-            return Err(ConfigError(
-                crate::auto_tls::AutoTlsError::ZeroValidity.to_string(),
-            ));
+        if self.auto_tls || self.peer_auto_tls {
+            crate::auto_tls::check_validity(self.self_signed_cert_validity)
+                .map_err(|e| ConfigError(e.to_string()))?;
         }
         for (files, flags) in [
             (&client, "--cert-file and --key-file"),
@@ -747,6 +761,14 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         rest = tail;
     }
     Some(total)
+}
+
+/// A Go duration where zero (`0`, `0s`) is allowed and means "off".
+fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(s).ok_or_else(|| format!("invalid duration {s:?} (expected e.g. 5m, 30s, 0s)"))
 }
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {

@@ -6,6 +6,7 @@ pub mod auto_tls;
 pub mod cert_verify;
 pub mod compactor;
 pub mod config;
+pub mod corruption;
 pub mod db;
 pub mod errors;
 pub mod gateway;

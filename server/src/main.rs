@@ -74,6 +74,13 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     let (name, data_dir) = (cfg.name.clone(), cfg.data_dir());
     runtime.block_on(async move {
         let node = Node::start(cfg).await?;
+        if node.config.experimental_initial_corrupt_check {
+            tessera_server::corruption::initial_check(&node).await?;
+        }
+        let check_every = node.config.experimental_corrupt_check_time;
+        if !check_every.is_zero() {
+            tessera_server::corruption::spawn_periodic(node.clone(), check_every);
+        }
         if let Some(policy) = node.config.auto_compaction()? {
             tessera_server::compactor::spawn(node.clone(), policy);
         }

@@ -12,7 +12,9 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, SnapshotPolicy};
 use prost::Message;
 use rocksdb::DB;
-use tessera_proto::etcdserverpb::{alarm_request, AlarmRequest, AlarmType, ResponseHeader};
+use tessera_proto::etcdserverpb::{
+    alarm_request, AlarmRequest, AlarmType, HashKvResponse, ResponseHeader,
+};
 use tessera_proto::tessera::{
     raft_command::Request, raft_result::Response, IndexReply, MemberAttributes, MembersRequest,
     ProposeReply, RaftCommand, RaftResult,
@@ -42,6 +44,8 @@ use crate::watch_hub::WatchHub;
 const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(7);
 /// How long a request waits for the Authenticate entry its token names.
 const TOKEN_APPLY_WAIT: Duration = Duration::from_secs(5);
+/// How many requests may wait so at once; others are judged at once.
+const MAX_TOKEN_WAITERS: usize = 64;
 /// How often the Raft log's memory is checked against its limit.
 const LOG_MEMORY_CHECK: Duration = Duration::from_millis(500);
 /// How long a database size read for the quota check stays current.
@@ -81,6 +85,9 @@ pub struct Node {
     appended: Arc<ProposalWatch>,
     /// When the database size was last read, and what it was.
     quota_size: Mutex<Option<(Instant, u64)>>,
+    /// Bounds the requests waiting for their token's Authenticate entry
+    /// (each is woken on every Raft metrics change while it waits).
+    token_waiters: tokio::sync::Semaphore,
 }
 
 /// The directory of the Raft snapshot file under a data dir (as etcd's).
@@ -290,7 +297,7 @@ impl Node {
             )
             .map_err(|e| anyhow::anyhow!(e))?,
             bcrypt_cost: config.bcrypt_cost(),
-            client_cert_auth: config.client_cert_auth,
+            client_cert_auth: config.uses_client_cert_auth(),
         });
         tracing::info!(
             name = %config.name,
@@ -377,6 +384,7 @@ impl Node {
             proposal_ids: AtomicU64::new(rand::random()),
             appended: log.proposals(),
             quota_size: Mutex::new(None),
+            token_waiters: tokio::sync::Semaphore::new(MAX_TOKEN_WAITERS),
         });
 
         let initial = node.config.initial_members()?;
@@ -885,6 +893,9 @@ impl Node {
             .to_str()
             .ok()?;
         let index = self.auth.simple_token_index(token)?;
+        if !self.auth.store.view().enabled() {
+            return None;
+        }
         let applied = self
             .raft
             .metrics()
@@ -895,9 +906,13 @@ impl Node {
     }
 
     /// Waits for a token's Authenticate entry (see
-    /// [`Node::unapplied_token_index`]), for [`TOKEN_APPLY_WAIT`] at most:
-    /// the token is judged afterwards either way.
+    /// [`Node::unapplied_token_index`]), for [`TOKEN_APPLY_WAIT`] at most
+    /// and only while fewer than [`MAX_TOKEN_WAITERS`] requests wait: the
+    /// token is judged afterwards either way.
     pub async fn wait_token_entry(&self, index: u64) {
+        let Ok(_permit) = self.token_waiters.try_acquire() else {
+            return;
+        };
         let _ = tokio::time::timeout(TOKEN_APPLY_WAIT, self.wait_applied(index)).await;
     }
 
@@ -1047,6 +1062,41 @@ impl Node {
         }
     }
 
+    /// This member's HashKV at `revision` (0: the current one), as the
+    /// Maintenance service and the corruption checks ask it.
+    pub async fn local_hash_kv(&self, revision: i64) -> Result<HashKvResponse, Status> {
+        let store = self.store.clone();
+        let (hash, current, compact_revision) =
+            tokio::task::spawn_blocking(move || store.hash_kv(revision))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(HashKvResponse {
+            header: self.header(current),
+            hash,
+            compact_revision,
+        })
+    }
+
+    /// Proposes raising `alarm` for `member` (unless it is already raised).
+    pub async fn raise_alarm(&self, member: u64, alarm: AlarmType) -> Result<(), Status> {
+        if self
+            .alarms
+            .list(alarm)
+            .iter()
+            .any(|a| a.member_id == member)
+        {
+            return Ok(());
+        }
+        let raise = AlarmRequest {
+            action: alarm_request::AlarmAction::Activate as i32,
+            member_id: member,
+            alarm: alarm as i32,
+        };
+        self.propose_internal(Request::Alarm(raise)).await?;
+        Ok(())
+    }
+
     /// etcd's quota check before a write is proposed: past the quota, raise
     /// the NOSPACE alarm and refuse.
     pub async fn check_quota(&self, cost: usize) -> Result<(), Status> {
@@ -1058,12 +1108,7 @@ impl Node {
         }
         if !self.alarms.is_active(AlarmType::Nospace) {
             tracing::warn!(quota, "database space exceeded; raising NOSPACE alarm");
-            let raise = AlarmRequest {
-                action: alarm_request::AlarmAction::Activate as i32,
-                member_id: self.member_id,
-                alarm: AlarmType::Nospace as i32,
-            };
-            self.propose_internal(Request::Alarm(raise)).await?;
+            self.raise_alarm(self.member_id, AlarmType::Nospace).await?;
         }
         Err(EtcdError::NoSpace.into())
     }

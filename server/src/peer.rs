@@ -12,8 +12,8 @@ use prost::Message;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tessera_proto::etcdserverpb::{
-    LeaseKeepAliveRequest, LeaseTimeToLiveRequest, MemberAddRequest, MemberPromoteRequest,
-    MemberRemoveRequest, MemberUpdateRequest,
+    HashKvRequest, LeaseKeepAliveRequest, LeaseTimeToLiveRequest, MemberAddRequest,
+    MemberPromoteRequest, MemberRemoveRequest, MemberUpdateRequest,
 };
 use tessera_proto::tessera::peer_client::PeerClient;
 use tessera_proto::tessera::peer_server::{Peer, PeerServer};
@@ -40,6 +40,9 @@ pub mod method {
     pub const LEASE_TIME_TO_LIVE: &str = "lease_time_to_live";
     /// Sent by the leader to a move-leader target: start an election now.
     pub const TIMEOUT_NOW: &str = "timeout_now";
+    /// A member's HashKV at a revision, for the corruption checks (etcd's
+    /// peer `/members/hashkv`).
+    pub const HASH_KV: &str = "hash_kv";
 }
 
 /// Raft messages and snapshot chunks can be large; client limits do not apply.
@@ -72,35 +75,31 @@ impl PeerClients {
         }
         // TLS is ours, not tonic's (whose configuration cannot take the
         // verifier etcd's rules need): tonic is given the plain URL and a
-        // connector that makes the TLS connection.
-        let tls_host = url
+        // connector that makes the TLS connection. Without peer TLS, tonic
+        // keeps the https URL and refuses to dial it.
+        let tls = url
             .strip_prefix("https://")
-            .and_then(|rest| rest.split('/').next())
-            .and_then(|authority| authority.rsplit_once(':'))
-            .map(|(host, _)| {
-                host.trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .to_string()
+            .zip(self.tls.clone())
+            .and_then(|(rest, config)| {
+                let host = rest.split('/').next()?.rsplit_once(':')?.0;
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                Some((format!("http://{rest}"), host.to_string(), config))
             });
-        let dial_url = match (&tls_host, url.strip_prefix("https://")) {
-            (Some(_), Some(rest)) => format!("http://{rest}"),
-            _ => url.clone(),
-        };
-        let endpoint = Endpoint::from_shared(dial_url)?
-            .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10));
-        let channel = match (tls_host, &self.tls) {
-            (Some(host), Some(config)) => {
-                let connector = TlsConnector {
-                    config: config.clone(),
-                    host,
-                };
+        let channel = match tls {
+            Some((dial_url, host, config)) => {
+                let endpoint = Endpoint::from_shared(dial_url)?
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(10));
+                let connector = TlsConnector { config, host };
                 endpoint.connect_with_connector_lazy(tower::service_fn(move |uri| {
                     connector.clone().connect(uri)
                 }))
             }
-            _ => endpoint.connect_lazy(),
+            None => Endpoint::from_shared(url.clone())?
+                .connect_timeout(PEER_CONNECT_TIMEOUT)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .connect_lazy(),
         };
         let client = PeerClient::new(channel)
             .max_decoding_message_size(MAX_PEER_MESSAGE)
@@ -112,6 +111,9 @@ impl PeerClients {
     }
 }
 
+/// How long connecting to a peer (TCP, and TLS on `https://` URLs) may take.
+const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Dials one `https://` peer URL: TCP, then TLS with the member's peer
 /// client configuration, checking the certificate against the URL's host.
 #[derive(Clone)]
@@ -120,22 +122,35 @@ struct TlsConnector {
     host: String,
 }
 
+/// A connection to a peer that could not be made: no request was sent on
+/// it, so whatever was to be sent never reached the peer.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot connect to peer: {0}")]
+pub struct PeerConnectFailed(std::io::Error);
+
 impl TlsConnector {
     async fn connect(
         self,
         uri: tonic::codegen::http::Uri,
-    ) -> std::io::Result<
+    ) -> Result<
         hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+        PeerConnectFailed,
     > {
         let port = uri.port_u16().unwrap_or(443);
-        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), port)).await?;
-        tcp.set_nodelay(true)?;
-        let name = rustls::pki_types::ServerName::try_from(self.host.clone())
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-        let tls = tokio_rustls::TlsConnector::from(self.config)
-            .connect(name, tcp)
-            .await?;
-        Ok(hyper_util::rt::TokioIo::new(tls))
+        let connect = async {
+            let tcp = tokio::net::TcpStream::connect((self.host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            let name = rustls::pki_types::ServerName::try_from(self.host.clone())
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            tokio_rustls::TlsConnector::from(self.config)
+                .connect(name, tcp)
+                .await
+        };
+        match tokio::time::timeout(PEER_CONNECT_TIMEOUT, connect).await {
+            Ok(Ok(tls)) => Ok(hyper_util::rt::TokioIo::new(tls)),
+            Ok(Err(e)) => Err(PeerConnectFailed(e)),
+            Err(_) => Err(PeerConnectFailed(std::io::ErrorKind::TimedOut.into())),
+        }
     }
 }
 
@@ -147,6 +162,9 @@ impl TlsConnector {
 pub fn never_reached_peer(status: &Status) -> bool {
     let mut source = std::error::Error::source(status);
     while let Some(e) = source {
+        if e.downcast_ref::<PeerConnectFailed>().is_some() {
+            return true;
+        }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             if matches!(
                 io.kind(),
@@ -253,6 +271,12 @@ impl Peer for PeerService {
                 handle(&body, |_: MembersRequest| async move {
                     node.campaign_now().await?;
                     Ok(IndexReply { index: 0 })
+                })
+                .await?
+            }
+            method::HASH_KV => {
+                handle(&body, |r: HashKvRequest| async move {
+                    node.local_hash_kv(r.revision).await
                 })
                 .await?
             }

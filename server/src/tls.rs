@@ -483,12 +483,27 @@ async fn accept_loop(
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(conn)) => {
                     let chain = conn.get_ref().1.peer_certificates().unwrap_or_default();
-                    if let (Some(crl), false) = (&crl_file, chain.is_empty()) {
-                        if let Err(e) = crate::cert_verify::check_crl(crl, chain) {
-                            tracing::warn!(%remote, error = %e, "rejected connection");
-                            return;
+                    if let (Some(crl), false) = (crl_file, chain.is_empty()) {
+                        // Read from disk at every connection, as etcd does.
+                        let owned: Vec<CertificateDer<'static>> =
+                            chain.iter().map(|c| c.clone().into_owned()).collect();
+                        let checked = tokio::task::spawn_blocking(move || {
+                            crate::cert_verify::check_crl(&crl, &owned)
+                        })
+                        .await;
+                        match checked {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => {
+                                tracing::warn!(%remote, error = %e, "rejected connection");
+                                return;
+                            }
+                            Err(e) => {
+                                tracing::warn!(%remote, error = %e, "rejected connection: CRL check failed");
+                                return;
+                            }
                         }
                     }
+                    let chain = conn.get_ref().1.peer_certificates().unwrap_or_default();
                     let common_name = chain.first().and_then(common_name);
                     let info = ClientConn {
                         remote,

@@ -394,7 +394,9 @@ impl StateMachine {
         p: &PutRequest,
     ) -> Result<Result<Response, EtcdError>, StorageError> {
         self.metrics.inc(&self.metrics.puts);
-        let outcome = if self.alarms.is_active(AlarmType::Nospace) {
+        let outcome = if self.alarms.is_active(AlarmType::Corrupt) {
+            Err(EtcdError::Corrupt)
+        } else if self.alarms.is_active(AlarmType::Nospace) {
             Err(EtcdError::NoSpace)
         } else {
             // A put fails only before it writes anything, so a refused one
@@ -457,6 +459,12 @@ impl StateMachine {
         request: Request,
     ) -> Result<Result<Response, EtcdError>, StorageError> {
         let nospace = || self.alarms.is_active(AlarmType::Nospace);
+        // etcd's applierV3Corrupt: with the CORRUPT alarm raised, every
+        // write is refused (reads are served).
+        if self.alarms.is_active(AlarmType::Corrupt) && refused_when_corrupt(&request) {
+            self.apply_noop(at, None)?;
+            return Ok(Err(EtcdError::Corrupt));
+        }
         Ok(match request {
             // A put outside a run (a leased one with auth on) is a run of one.
             Request::Put(p) => {
@@ -783,6 +791,20 @@ fn decode_meta<T: serde::de::DeserializeOwned>(
         .map(|raw| bincode::deserialize(raw))
         .transpose()
         .map_err(|e| storage_io_error(true, e))
+}
+
+/// The requests etcd's `applierV3Corrupt` refuses: every write to the
+/// keys, leases or compaction; alarms, auth and membership go on.
+fn refused_when_corrupt(request: &Request) -> bool {
+    match request {
+        Request::Put(_)
+        | Request::DeleteRange(_)
+        | Request::Compaction(_)
+        | Request::LeaseGrant(_)
+        | Request::LeaseRevoke(_) => true,
+        Request::Txn(t) => !apply::is_txn_read_only(t),
+        _ => false,
+    }
 }
 
 #[cfg(test)]

@@ -189,16 +189,7 @@ impl Maintenance for MaintenanceService {
     ) -> Result<Response<HashKvResponse>, Status> {
         self.require_admin(&req)?;
         let rev = req.into_inner().revision;
-        let store = self.node.store.clone();
-        let (hash, cur, compact) = tokio::task::spawn_blocking(move || store.hash_kv(rev))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(internal)??;
-        Ok(Response::new(HashKvResponse {
-            header: self.node.header(cur),
-            hash,
-            compact_revision: compact,
-        }))
+        Ok(Response::new(self.node.local_hash_kv(rev).await?))
     }
 
     /// Not implemented; root only first, as every maintenance call that

@@ -20,7 +20,7 @@ pub struct Member {
     /// `http` or `https` for the peer URL.
     pub peer_scheme: &'static str,
     /// Everything after the binary name.
-    args: Vec<String>,
+    pub args: Vec<String>,
     /// Environment variables set for the process (failpoints, say).
     pub env: Vec<(String, String)>,
     child: Option<Process>,
@@ -87,6 +87,31 @@ impl Member {
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             c.kill();
+        }
+    }
+
+    /// SIGTERM, and waits (20 s at most) until the process has exited.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            if c.terminate(Duration::from_secs(20)).is_none() {
+                c.kill();
+            }
+        }
+    }
+
+    /// Waits up to `within` for the process to exit on its own.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            let status = self.child.as_mut().and_then(Process::exited);
+            if status.is_some() {
+                self.child = None;
+                return status;
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
