@@ -154,6 +154,14 @@ pub struct Config {
     #[arg(long, env = "ETCD_PEER_CLIENT_CERT_AUTH", num_args = 0..=1, default_missing_value = "true",
           value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
     pub peer_client_cert_auth: bool,
+    /// How many old versions a compaction deletes per batch in the background.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_COMPACTION_BATCH_LIMIT", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub experimental_compaction_batch_limit: u32,
+    /// The pause between two batches of a compaction.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_COMPACTION_SLEEP_INTERVAL", default_value = "10ms",
+          value_parser = parse_duration_or_zero)]
+    pub experimental_compaction_sleep_interval: Duration,
     /// Compare this member's data with its peers' before serving clients, and refuse to start on a mismatch.
     #[arg(long, env = "ETCD_EXPERIMENTAL_INITIAL_CORRUPT_CHECK", num_args = 0..=1, default_missing_value = "true",
           value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
@@ -253,8 +261,6 @@ pub const ACCEPTED_NOT_ACTED_ON: &[(&str, bool)] = &[
     ("experimental-bootstrap-defrag-threshold-megabytes", false),
     ("experimental-compact-hash-check-enabled", true),
     ("experimental-compact-hash-check-time", false),
-    ("experimental-compaction-batch-limit", false),
-    ("experimental-compaction-sleep-interval", false),
     ("experimental-distributed-tracing-address", false),
     ("experimental-distributed-tracing-instance-id", false),
     ("experimental-distributed-tracing-sampling-rate", false),

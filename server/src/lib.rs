@@ -3,12 +3,14 @@
 pub mod alarms;
 pub mod auth;
 pub mod auto_tls;
+pub mod background_compaction;
 pub mod cert_verify;
 pub mod compactor;
 pub mod config;
 pub mod corruption;
 pub mod db;
 pub mod errors;
+pub mod etcd_snapshot;
 pub mod gateway;
 pub mod h2_authority;
 pub mod http;

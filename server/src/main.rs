@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use tessera_server::config::{self, Config, Tool, ETCD_VERSION};
+use tessera_server::etcd_snapshot;
 use tessera_server::node::{open_data_dir, Node};
 use tessera_server::raft::state_machine::{META_APPLIED, META_MEMBERSHIP, META_PARTIAL};
 
@@ -110,7 +111,14 @@ async fn shutdown_signal() {
 
 /// `tessera snapshot-restore FILE --data-dir DIR`: a new member whose state is
 /// the snapshot's key space (revisions included) and whose Raft log is fresh.
+/// `tessera snapshot-restore FILE`: a snapshot saved from etcd (a bbolt
+/// database, with or without etcd's SHA-256 trailer) or from Tessera's own
+/// earlier format, restored into an empty data directory. The state is
+/// built in a staging directory inside it (`.restoring`) and its `member`
+/// directory moved into place at the end, so a refused file leaves nothing
+/// behind (and a data directory that is a mount point works).
 fn restore(cfg: &Config, file: &std::path::Path) -> anyhow::Result<()> {
+    use std::io::Read;
     let data_dir = cfg.data_dir();
     if data_dir.exists() && std::fs::read_dir(&data_dir)?.next().is_some() {
         anyhow::bail!(
@@ -118,14 +126,73 @@ fn restore(cfg: &Config, file: &std::path::Path) -> anyhow::Result<()> {
             data_dir.display()
         );
     }
-    let data = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let db = open_data_dir(&data_dir)?;
-    let dump = tessera_server::snapshot::without_stream_trailer(&data)
-        .with_context(|| format!("cannot restore {}", file.display()))?;
-    tessera_server::snapshot::restore(&db, dump, |k| {
-        k == META_APPLIED || k == META_MEMBERSHIP || k == META_PARTIAL
-    })
-    .with_context(|| format!("cannot restore {}", file.display()))?;
-    println!("restored {} into {}", file.display(), data_dir.display());
-    Ok(())
+    let cannot = || format!("cannot restore {}", file.display());
+    let mut f =
+        std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let len = f.metadata()?.len();
+    let mut head = Vec::with_capacity(64);
+    (&mut f).take(64).read_to_end(&mut head)?;
+    // Checked before anything is created.
+    let db_len = if etcd_snapshot::is_bbolt(&head) {
+        let db_len = etcd_snapshot::checked_db_len(&mut f, len).with_context(cannot)?;
+        if db_len == len {
+            eprintln!(
+                "{} has no SHA-256 trailer: its integrity is not checked",
+                file.display()
+            );
+        }
+        Some(db_len)
+    } else {
+        None
+    };
+    let created = !data_dir.exists();
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    let staging = data_dir.join(".restoring");
+    let restored = (|| -> anyhow::Result<String> {
+        let db = open_data_dir(&staging)?;
+        let what = if let Some(db_len) = db_len {
+            let reader = etcd_snapshot::bbolt::Reader::open(f, db_len)?;
+            let s = etcd_snapshot::import(&db, &reader)?;
+            format!(
+                "etcd snapshot: revision {}, compacted at {}, {} versions, {} leases, {} users, {} roles",
+                s.revision, s.compact_revision, s.versions, s.leases, s.users, s.roles
+            )
+        } else {
+            let data = std::fs::read(file)?;
+            let dump = tessera_server::snapshot::without_stream_trailer(&data)?;
+            tessera_server::snapshot::restore(&db, dump, |k| {
+                k == META_APPLIED || k == META_MEMBERSHIP || k == META_PARTIAL
+            })?;
+            "Tessera snapshot".to_string()
+        };
+        drop(db);
+        std::fs::rename(staging.join("member"), data_dir.join("member"))?;
+        std::fs::remove_dir_all(&staging)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+        std::fs::File::open(&data_dir)?.sync_all()?;
+        Ok(what)
+    })();
+    match restored {
+        Ok(what) => {
+            println!(
+                "restored {} into {} ({what})",
+                file.display(),
+                data_dir.display()
+            );
+            Ok(())
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            let _ = std::fs::remove_dir_all(data_dir.join("member"));
+            if created {
+                let _ = std::fs::remove_dir(&data_dir);
+            }
+            Err(e).with_context(cannot)
+        }
+    }
 }

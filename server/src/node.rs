@@ -281,6 +281,13 @@ impl Node {
         let peers = PeerClients::new(peer_tls);
         let identity = load_or_create_identity(&db, &config, &peers).await?;
         let store = Arc::new(Store::open(db.clone())?);
+        crate::background_compaction::spawn(
+            store.clone(),
+            crate::background_compaction::Pace {
+                batch_limit: config.experimental_compaction_batch_limit as usize,
+                pause: config.experimental_compaction_sleep_interval,
+            },
+        );
         let alarms = Arc::new(Alarms::load(&db)?);
         let metrics = Arc::new(Metrics::default());
         let hub = Arc::new(WatchHub::default());

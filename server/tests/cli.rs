@@ -252,7 +252,10 @@ async fn hashes_are_stable_across_restart() {
             .success());
     }
     assert!(server.etcdctl(&["del", "k3"]).status.success());
-    assert!(server.etcdctl(&["compaction", "10"]).status.success());
+    assert!(server
+        .etcdctl(&["compaction", "10", "--physical"])
+        .status
+        .success());
     let hashes = |m: &mut tessera_proto::etcdserverpb::maintenance_client::MaintenanceClient<
         tonic::transport::Channel,
     >| {

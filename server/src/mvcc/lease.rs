@@ -36,6 +36,34 @@ fn attachment_key(id: i64, key: &[u8]) -> Vec<u8> {
     k
 }
 
+/// Stages lease `id` with its granted TTL (a restored history).
+pub fn stage_lease(
+    db: &rocksdb::DB,
+    batch: &mut rocksdb::WriteBatch,
+    id: i64,
+    ttl: i64,
+) -> Result<(), StoreError> {
+    let cf = db
+        .cf_handle(CF_LEASE)
+        .ok_or(StoreError::MissingColumnFamily(CF_LEASE))?;
+    batch.put_cf(cf, record_key(id), ttl.to_be_bytes());
+    Ok(())
+}
+
+/// Stages the attachment of `key`'s live version to lease `id`.
+pub fn stage_attachment(
+    db: &rocksdb::DB,
+    batch: &mut rocksdb::WriteBatch,
+    id: i64,
+    key: &[u8],
+) -> Result<(), StoreError> {
+    let cf = db
+        .cf_handle(CF_LEASE)
+        .ok_or(StoreError::MissingColumnFamily(CF_LEASE))?;
+    batch.put_cf(cf, attachment_key(id, key), []);
+    Ok(())
+}
+
 fn decode_ttl(raw: &[u8]) -> Result<i64, StoreError> {
     let b: [u8; 8] = raw
         .try_into()

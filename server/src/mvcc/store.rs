@@ -21,6 +21,10 @@ use crate::db::{CF_KV, CF_LATEST, CF_LEASE, CF_META, CF_REV};
 
 const META_CURRENT_REV: &[u8] = b"current_rev";
 const META_COMPACT_REV: &[u8] = b"compact_rev";
+/// The compacted revision whose old versions are all deleted (etcd's
+/// `finishedCompactRev`); below [`META_COMPACT_REV`] while a compaction
+/// runs in the background.
+const META_FINISHED_COMPACT_REV: &[u8] = b"finished_compact_rev";
 
 /// etcd starts a new store at revision 1; the first write creates revision 2.
 pub const INITIAL_REVISION: i64 = 1;
@@ -54,6 +58,13 @@ pub struct Store {
     /// snapshot; commits hold it exclusively while they write and publish the
     /// new revisions, so a view's revisions always match its snapshot.
     view_lock: RwLock<()>,
+    /// Wakes the background compaction (`background_compaction`).
+    compaction_wanted: tokio::sync::Notify,
+    /// Counts installed snapshots: a compaction pass that sees it change
+    /// starts over on the new state.
+    installs: std::sync::atomic::AtomicU64,
+    /// The finished compacted revision, for `--physical` compactions.
+    compaction_done: tokio::sync::watch::Sender<i64>,
 }
 
 impl Store {
@@ -63,8 +74,12 @@ impl Store {
             current_rev: AtomicI64::new(INITIAL_REVISION),
             compact_rev: AtomicI64::new(NEVER_COMPACTED),
             view_lock: RwLock::new(()),
+            compaction_wanted: tokio::sync::Notify::new(),
+            installs: std::sync::atomic::AtomicU64::new(0),
+            compaction_done: tokio::sync::watch::Sender::new(NEVER_COMPACTED),
         };
         store.reload()?;
+        store.publish_finished_compaction()?;
         Ok(store)
     }
 
@@ -102,7 +117,14 @@ impl Store {
         opts.set_sync(true);
         let _w = self.view_lock.write().unwrap_or_else(|p| p.into_inner());
         self.db.write_opt(batch, &opts)?;
+        self.installs.fetch_add(1, Ordering::SeqCst);
+        self.compaction_wanted.notify_one();
         self.load_revisions()
+    }
+
+    /// How many snapshots were installed under this store so far.
+    pub fn installs(&self) -> u64 {
+        self.installs.load(Ordering::SeqCst)
     }
 
     /// Makes everything written so far durable (RocksDB's WAL synced): done
@@ -249,30 +271,92 @@ impl Store {
         Ok(())
     }
 
-    /// Physically compacts history at `rev` (already validated with
-    /// [`Store::check_compact`]): every version at or below `rev` is removed
-    /// except each key's newest one, which stays unless it is a tombstone.
-    /// The new compacted revision and `extra` are written in the same batch.
-    pub fn compact(
+    /// Schedules compaction at `rev` (already validated with
+    /// [`Store::check_compact`]), as etcd does: the new compacted revision is
+    /// written (with `extra`, in the same batch) and published at once, so
+    /// reads below it are refused from now on; the old versions are deleted
+    /// afterwards, in bounded batches ([`Store::compact_step`]), by the
+    /// background compaction, which also resumes it after a restart.
+    pub fn schedule_compact(
         &self,
         rev: i64,
         extra: impl FnOnce(&mut WriteBatch) -> Result<(), StoreError>,
-    ) -> Result<usize, StoreError> {
+    ) -> Result<(), StoreError> {
+        let meta = self.cf(CF_META)?;
+        let mut batch = WriteBatch::default();
+        if self.meta_i64(META_FINISHED_COMPACT_REV)?.is_none() {
+            // Data from before background compaction: every compaction
+            // there was ran to its end when it was applied.
+            batch.put_cf(
+                meta,
+                META_FINISHED_COMPACT_REV,
+                self.compact_rev().to_be_bytes(),
+            );
+        }
+        batch.put_cf(meta, META_COMPACT_REV, rev.to_be_bytes());
+        extra(&mut batch)?;
+        self.write_and_publish(batch, None, Some(rev))?;
+        self.compaction_wanted.notify_one();
+        Ok(())
+    }
+
+    /// The revision of a compaction whose old versions are not all deleted
+    /// yet, if there is one.
+    pub fn compaction_pending(&self) -> Result<Option<i64>, StoreError> {
+        let scheduled = self.compact_rev();
+        let finished = self
+            .meta_i64(META_FINISHED_COMPACT_REV)?
+            .unwrap_or(scheduled);
+        Ok((finished < scheduled).then_some(scheduled))
+    }
+
+    /// Resolves when a compaction has been scheduled (or a second has
+    /// passed: a snapshot installed under the store may hold one too).
+    pub async fn compaction_wanted(&self) {
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            self.compaction_wanted.notified(),
+        )
+        .await;
+    }
+
+    /// One bounded batch of the compaction at `rev`, from `kv` key `from`
+    /// on: every version at or below `rev` is removed except each key's
+    /// newest one, which stays unless it is a tombstone. Stops at a key
+    /// boundary once about `limit` versions are removed (or eight times as
+    /// many looked at), since which version a key keeps depends on its
+    /// newer ones. Returns how many were removed and where the next batch
+    /// starts (None when the compaction is done).
+    ///
+    /// Safe while writes go on: they only add versions above `rev`, which
+    /// change nothing this decides, and readers never look below `rev`.
+    pub fn compact_step(
+        &self,
+        rev: i64,
+        from: &[u8],
+        limit: usize,
+    ) -> Result<(usize, Option<Vec<u8>>), StoreError> {
         let kv = self.cf(CF_KV)?;
         let rev_cf = self.cf(CF_REV)?;
         let mut batch = WriteBatch::default();
-        let mut removed = 0usize;
+        let (mut removed, mut examined) = (0usize, 0usize);
+        let mut next = None;
         let mut it = self.db.raw_iterator_cf(kv);
-        it.seek_to_first();
+        it.seek(from);
         let mut current_prefix: Vec<u8> = Vec::new();
         let mut kept_one = false;
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
             let (prefix, _, r) =
                 split_version_key(k).ok_or_else(|| StoreError::Corrupt("kv key".into()))?;
             if prefix != current_prefix.as_slice() {
+                if removed >= limit || examined >= limit.saturating_mul(8) {
+                    next = Some(k.to_vec());
+                    break;
+                }
                 current_prefix = prefix.to_vec();
                 kept_one = false;
             }
+            examined += 1;
             if r.main <= rev {
                 if kept_one || v.first() == Some(&TAG_TOMBSTONE) {
                     batch.delete_cf(kv, k);
@@ -284,9 +368,73 @@ impl Store {
             it.next();
         }
         it.status()?;
-        batch.put_cf(self.cf(CF_META)?, META_COMPACT_REV, rev.to_be_bytes());
-        extra(&mut batch)?;
-        self.write_and_publish(batch, None, Some(rev))?;
+        drop(it);
+        if removed > 0 {
+            // Not synced: a crash before the end repeats the compaction.
+            let mut opts = WriteOptions::default();
+            opts.set_sync(false);
+            self.db.write_opt(batch, &opts)?;
+        }
+        Ok((removed, next))
+    }
+
+    /// Records that the compaction at `rev` has deleted everything it had
+    /// to, and tells whoever waits for it (see [`Store::wait_compacted`]).
+    pub fn finish_compaction(&self, rev: i64) -> Result<(), StoreError> {
+        if self
+            .meta_i64(META_FINISHED_COMPACT_REV)?
+            .unwrap_or(i64::MIN)
+            >= rev
+        {
+            return self.publish_finished_compaction();
+        }
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            self.cf(CF_META)?,
+            META_FINISHED_COMPACT_REV,
+            rev.to_be_bytes(),
+        );
+        let mut opts = WriteOptions::default();
+        opts.set_sync(false);
+        self.db.write_opt(batch, &opts)?;
+        self.publish_finished_compaction()
+    }
+
+    /// Publishes the finished compacted revision on disk (it changes with a
+    /// finished compaction, and with an installed snapshot).
+    pub fn publish_finished_compaction(&self) -> Result<(), StoreError> {
+        let finished = self
+            .meta_i64(META_FINISHED_COMPACT_REV)?
+            .unwrap_or_else(|| self.compact_rev());
+        self.compaction_done.send_if_modified(|f| {
+            let changed = *f != finished;
+            *f = finished;
+            changed
+        });
+        Ok(())
+    }
+
+    /// Waits until the compaction at `rev` (or a later one) has deleted
+    /// everything it had to on this member: etcd's `--physical`.
+    pub async fn wait_compacted(&self, rev: i64) {
+        let mut done = self.compaction_done.subscribe();
+        let _ = done.wait_for(|&f| f >= rev).await;
+    }
+
+    /// Compacts at `rev` to the end, in the caller's thread (tests).
+    #[cfg(test)]
+    pub fn compact_now(&self, rev: i64) -> Result<usize, StoreError> {
+        self.schedule_compact(rev, |_| Ok(()))?;
+        let (mut removed, mut from) = (0, Vec::new());
+        loop {
+            let (n, next) = self.compact_step(rev, &from, 2)?;
+            removed += n;
+            match next {
+                Some(k) => from = k,
+                None => break,
+            }
+        }
+        self.finish_compaction(rev)?;
         Ok(removed)
     }
 
@@ -381,6 +529,121 @@ impl Store {
         crc = crc32c::crc32c_append(crc, &view.compact_rev.to_be_bytes());
         Ok((crc, view.rev))
     }
+}
+
+/// One version of the history, as [`ReadView::for_each_version`] gives it.
+pub struct Version<'v> {
+    pub rev: Revision,
+    pub user_key: &'v [u8],
+    /// The version's KeyValue without its key; None for a tombstone.
+    pub value: Option<KeyValue>,
+}
+
+impl ReadView<'_> {
+    /// The compacted revision whose deletion had finished when the view was
+    /// taken (equal to `compact_rev` unless a compaction was running).
+    pub fn finished_compact_rev(&self) -> Result<i64, StoreError> {
+        let raw = self.db.get_pinned_cf_opt(
+            self.cf(CF_META)?,
+            META_FINISHED_COMPACT_REV,
+            &self.read_opts(),
+        )?;
+        Ok(match raw {
+            Some(v) => i64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("finished compacted revision".into()))?,
+            ),
+            None => self.compact_rev,
+        })
+    }
+
+    /// Every stored version, in revision order (as etcd's `key` bucket
+    /// holds them).
+    pub fn for_each_version(
+        &self,
+        mut f: impl FnMut(Version<'_>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let kv_cf = self.cf(CF_KV)?;
+        let mut it = self
+            .db
+            .raw_iterator_cf_opt(self.cf(CF_REV)?, self.read_opts());
+        it.seek_to_first();
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let rev = parse_rev_key(k).ok_or_else(|| StoreError::Corrupt("rev key".into()))?;
+            let user_key = v.get(1..).unwrap_or_default();
+            let stored = self
+                .db
+                .get_pinned_cf_opt(kv_cf, version_key(user_key, rev), &self.read_opts())?
+                .ok_or_else(|| {
+                    StoreError::Corrupt("indexed revision without its version".into())
+                })?;
+            let value = match stored.first() {
+                Some(&TAG_PUT) => Some(KeyValue::decode(&stored[1..])?),
+                Some(&TAG_TOMBSTONE) => None,
+                _ => return Err(StoreError::Corrupt("version tag".into())),
+            };
+            f(Version {
+                rev,
+                user_key,
+                value,
+            })?;
+            it.next();
+        }
+        it.status()?;
+        Ok(())
+    }
+}
+
+/// Stages, into `batch`, one version of a history being restored (a
+/// snapshot from etcd): the version, and its entry in the revision index.
+/// `value` is the KeyValue without its key; None for a tombstone.
+pub fn stage_version(
+    db: &DB,
+    batch: &mut WriteBatch,
+    user_key: &[u8],
+    rev: Revision,
+    value: Option<&KeyValue>,
+) -> Result<(), StoreError> {
+    let cf = |name| {
+        db.cf_handle(name)
+            .ok_or(StoreError::MissingColumnFamily(name))
+    };
+    let (tag, stored) = match value {
+        Some(kv) => {
+            let mut stored = Vec::with_capacity(kv.encoded_len() + 1);
+            stored.push(TAG_PUT);
+            kv.encode(&mut stored)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            (TAG_PUT, stored)
+        }
+        None => (TAG_TOMBSTONE, vec![TAG_TOMBSTONE]),
+    };
+    batch.put_cf(cf(CF_KV)?, version_key(user_key, rev), stored);
+    let mut entry = Vec::with_capacity(user_key.len() + 1);
+    entry.push(tag);
+    entry.extend_from_slice(user_key);
+    batch.put_cf(cf(CF_REV)?, rev_key(rev), entry);
+    Ok(())
+}
+
+/// Stages the revisions of a restored history: its current revision, its
+/// compacted revision, and how far that compaction has deleted (the
+/// background compaction finishes the rest).
+pub fn stage_revisions(
+    db: &DB,
+    batch: &mut WriteBatch,
+    current: i64,
+    compacted: i64,
+    finished: i64,
+) -> Result<(), StoreError> {
+    let meta = db
+        .cf_handle(CF_META)
+        .ok_or(StoreError::MissingColumnFamily(CF_META))?;
+    batch.put_cf(meta, META_CURRENT_REV, current.to_be_bytes());
+    batch.put_cf(meta, META_COMPACT_REV, compacted.to_be_bytes());
+    batch.put_cf(meta, META_FINISHED_COMPACT_REV, finished.to_be_bytes());
+    Ok(())
 }
 
 /// A point-in-time view of the store.
@@ -1100,7 +1363,7 @@ pub(crate) mod tests {
         s.commit(t, |_| Ok(())).unwrap();
         del(s, "c\0d");
         let rev = s.current_rev() - 1;
-        s.compact(rev, |_| Ok(())).unwrap();
+        s.compact_now(rev).unwrap();
         put(s, "a", "3");
     }
 
@@ -1164,7 +1427,24 @@ pub(crate) mod tests {
         put(&s, "c", "y"); // 6
         assert_eq!(raw_versions(&s), 5);
         s.check_compact(5).unwrap();
-        s.compact(5, |_| Ok(())).unwrap();
+        assert_eq!(s.compaction_pending().unwrap(), None);
+        s.schedule_compact(5, |_| Ok(())).unwrap();
+        assert_eq!(s.compact_rev(), 5, "reads below 5 refused at once");
+        assert_eq!(raw_versions(&s), 5, "nothing deleted yet");
+        assert_eq!(s.compaction_pending().unwrap(), Some(5));
+        // Batches of one: a key's versions are never split between batches.
+        let (mut from, mut batches) = (Vec::new(), 0);
+        loop {
+            let (_, next) = s.compact_step(5, &from, 1).unwrap();
+            batches += 1;
+            match next {
+                Some(k) => from = k,
+                None => break,
+            }
+        }
+        assert!(batches > 1, "{batches}");
+        s.finish_compaction(5).unwrap();
+        assert_eq!(s.compaction_pending().unwrap(), None);
         assert_eq!(raw_versions(&s), 2, "a@3 and c@6 remain");
         assert_eq!(s.compact_rev(), 5);
         assert_eq!(value_at(&s, "a", 5).as_deref(), Some("2"));

@@ -494,11 +494,10 @@ impl StateMachine {
                     Err(e)
                 }
                 Ok(()) => {
-                    let removed = self
-                        .store
-                        .compact(c.revision, |b| self.stage_applied(b, at, None))
+                    self.store
+                        .schedule_compact(c.revision, |b| self.stage_applied(b, at, None))
                         .map_err(store_err)?;
-                    tracing::info!(revision = c.revision, removed, "compacted history");
+                    tracing::info!(revision = c.revision, "scheduled compaction");
                     Ok(Response::Compaction(CompactionResponse {
                         header: header(self.store.current_rev()),
                     }))

@@ -183,9 +183,14 @@ impl KvService {
         // Root only, as in etcd since its auth hardening (kvServer.Compact):
         // compaction erases history every reader depends on.
         self.node.auth.store.view().check_admin(who)?;
-        // Compaction is applied synchronously, so `physical` needs no extra wait.
+        let (rev, physical) = (c.revision, c.physical);
         match self.node.propose_as(who, Cmd::Compaction(c)).await? {
             Res::Compaction(mut resp) => {
+                // The old versions are deleted in the background; `physical`
+                // answers once this member has deleted them, as in etcd.
+                if physical {
+                    self.node.store.wait_compacted(rev).await;
+                }
                 resp.header = self.node.header(resp.header.map_or(0, |h| h.revision));
                 Ok(resp)
             }

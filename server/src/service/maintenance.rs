@@ -22,7 +22,7 @@ use crate::config::ETCD_VERSION;
 use crate::db::{self, STATE_MACHINE_CFS};
 use crate::errors::EtcdError;
 use crate::node::{internal, Node};
-use crate::snapshot;
+use crate::{etcd_snapshot, snapshot};
 
 /// Snapshot stream chunk size (etcd sends 32 KiB blobs).
 const SNAPSHOT_CHUNK: usize = 32 * 1024;
@@ -35,6 +35,25 @@ pub struct MaintenanceService {
 }
 
 impl MaintenanceService {
+    /// The members as etcd's `members` bucket holds them.
+    fn etcd_members(&self) -> Vec<etcd_snapshot::EtcdMember> {
+        let attrs = crate::members::load_all(self.node.store.db()).unwrap_or_default();
+        self.node
+            .membership()
+            .into_iter()
+            .map(|m| {
+                let a = attrs.get(&m.id);
+                etcd_snapshot::EtcdMember {
+                    id: m.id,
+                    peer_urls: m.peer_urls,
+                    name: a.map(|a| a.name.clone()).unwrap_or_default(),
+                    client_urls: a.map(|a| a.client_urls.clone()).unwrap_or_default(),
+                    is_learner: m.is_learner,
+                }
+            })
+            .collect()
+    }
+
     pub fn new(node: Arc<Node>) -> Self {
         MaintenanceService { node }
     }
@@ -216,21 +235,36 @@ impl Maintenance for MaintenanceService {
             .snapshots
             .scratch()
             .map_err(|e| Status::internal(format!("cannot create a snapshot file: {e}")))?;
-        let (mut file, info) = tokio::task::spawn_blocking(move || {
-            let mut file = file;
-            let info = snapshot::dump_to_file(store.db(), &file)?;
+        let auth = self.node.auth.store.view().state.clone();
+        let members = self.etcd_members();
+        let applied = self
+            .node
+            .raft
+            .metrics()
+            .borrow()
+            .last_applied
+            .map_or(0, |l| l.index);
+        let (mut file, db_len, summary) = tokio::task::spawn_blocking(move || {
+            let view = store.read_view();
+            let (mut file, len, summary) =
+                etcd_snapshot::export(&view, &auth, &members, applied, file)?;
             file.rewind()?;
-            Ok::<_, snapshot::SnapshotError>((file, info))
+            Ok::<_, etcd_snapshot::EtcdSnapshotError>((file, len, summary))
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(|e| Status::internal(e.to_string()))?;
-        let total = snapshot::stream_len(info.bytes);
-        tracing::info!(bytes = total, "sending snapshot");
+        let total = snapshot::stream_len(db_len);
+        tracing::info!(
+            bytes = total,
+            revision = summary.revision,
+            versions = summary.versions,
+            "sending snapshot"
+        );
         let (tx, rx) = tokio::sync::mpsc::channel(SNAPSHOT_CHUNKS_AHEAD);
         tokio::task::spawn_blocking(move || {
             let mut sent = 0u64;
-            let streamed = snapshot::stream_file(&mut file, info.bytes, SNAPSHOT_CHUNK, |blob| {
+            let streamed = snapshot::stream_file(&mut file, db_len, SNAPSHOT_CHUNK, |blob| {
                 sent += blob.len() as u64;
                 let chunk = SnapshotResponse {
                     header: header.take(),

@@ -36,7 +36,7 @@ pub struct Server {
     pub log_path: PathBuf,
     /// `http` or `https` for the client URL.
     pub scheme: &'static str,
-    extra: Vec<String>,
+    pub extra: Vec<String>,
     /// Environment variables set for the process (failpoints, say).
     pub env: Vec<(String, String)>,
     child: Option<Process>,
@@ -103,8 +103,22 @@ impl Server {
         scheme: &'static str,
         env: &[(&str, &str)],
     ) -> Server {
+        let mut s = Self::unstarted(kind, dir, extra, scheme, env);
+        s.spawn().await;
+        s
+    }
+
+    /// A server of `kind` in `dir` with its ports chosen, not started (its
+    /// data directory can be prepared first; `spawn` starts it).
+    pub fn unstarted(
+        kind: Kind,
+        dir: &Path,
+        extra: &[&str],
+        scheme: &'static str,
+        env: &[(&str, &str)],
+    ) -> Server {
         std::fs::create_dir_all(dir).unwrap();
-        let mut s = Server {
+        Server {
             kind,
             port: free_port(),
             peer_port: free_port(),
@@ -117,9 +131,7 @@ impl Server {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             child: None,
-        };
-        s.spawn().await;
-        s
+        }
     }
 
     /// The command that starts this server (its flags and environment).
@@ -142,7 +154,7 @@ impl Server {
         cmd
     }
 
-    async fn spawn(&mut self) {
+    pub async fn spawn(&mut self) {
         let name = format!("{:?}", self.kind);
         self.child = Some(Process::spawn(&name, self.command(), &self.log_path));
         self.wait_ready().await;
