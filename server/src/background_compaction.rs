@@ -1,7 +1,7 @@
 //! Deletes compacted history in the background, as etcd does: applying a
 //! Compaction entry only records and publishes the new compacted revision
 //! (`Store::schedule_compact`); this task then removes the old versions in
-//! batches of `--experimental-compaction-batch-limit`, pausing
+//! batches of `--experimental-compaction-batch-limit` versions, pausing
 //! `--experimental-compaction-sleep-interval` between batches so applies go
 //! on, and records the end (`Store::finish_compaction`), which `--physical`
 //! compactions wait for. A compaction interrupted by a restart is resumed.
@@ -12,6 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::mvcc::store::CompactCursor;
 use crate::mvcc::{Store, StoreError};
 
 /// How the deletion is paced.
@@ -40,7 +41,7 @@ async fn run_pending(store: &Arc<Store>, pace: Pace) -> Result<(), StoreError> {
     while let Some(rev) = store.compaction_pending()? {
         let started = Instant::now();
         let installs = store.installs();
-        let mut from = Vec::new();
+        let mut from = CompactCursor::default();
         let mut removed = 0;
         loop {
             let (s, start) = (store.clone(), std::mem::take(&mut from));

@@ -320,39 +320,45 @@ impl Store {
         .await;
     }
 
-    /// One bounded batch of the compaction at `rev`, from `kv` key `from`
-    /// on: every version at or below `rev` is removed except each key's
-    /// newest one, which stays unless it is a tombstone. Stops at a key
-    /// boundary once about `limit` versions are removed (or eight times as
-    /// many looked at), since which version a key keeps depends on its
-    /// newer ones. Returns how many were removed and where the next batch
+    /// One bounded batch of the compaction at `rev`, from `from` on: every
+    /// version at or below `rev` is removed except each key's newest one,
+    /// which stays unless it is a tombstone. Stops once `limit` versions
+    /// are removed (or eight times as many looked at), even inside one
+    /// key's versions: the cursor carries whether that key already kept
+    /// its version. Returns how many were removed and where the next batch
     /// starts (None when the compaction is done).
     ///
     /// Safe while writes go on: they only add versions above `rev`, which
-    /// change nothing this decides, and readers never look below `rev`.
+    /// sort before the older ones of the same key and change nothing this
+    /// decides, and readers never look below `rev`.
     pub fn compact_step(
         &self,
         rev: i64,
-        from: &[u8],
+        from: &CompactCursor,
         limit: usize,
-    ) -> Result<(usize, Option<Vec<u8>>), StoreError> {
+    ) -> Result<(usize, Option<CompactCursor>), StoreError> {
         let kv = self.cf(CF_KV)?;
         let rev_cf = self.cf(CF_REV)?;
         let mut batch = WriteBatch::default();
         let (mut removed, mut examined) = (0usize, 0usize);
         let mut next = None;
         let mut it = self.db.raw_iterator_cf(kv);
-        it.seek(from);
-        let mut current_prefix: Vec<u8> = Vec::new();
-        let mut kept_one = false;
+        it.seek(&from.key);
+        let mut current_prefix = from.prefix.clone();
+        let mut kept_one = from.kept_one;
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
             let (prefix, _, r) =
                 split_version_key(k).ok_or_else(|| StoreError::Corrupt("kv key".into()))?;
-            if prefix != current_prefix.as_slice() {
-                if removed >= limit || examined >= limit.saturating_mul(8) {
-                    next = Some(k.to_vec());
-                    break;
-                }
+            let same_key = prefix == current_prefix.as_slice();
+            if removed >= limit || examined >= limit.saturating_mul(8) {
+                next = Some(CompactCursor {
+                    key: k.to_vec(),
+                    prefix: prefix.to_vec(),
+                    kept_one: same_key && kept_one,
+                });
+                break;
+            }
+            if !same_key {
                 current_prefix = prefix.to_vec();
                 kept_one = false;
             }
@@ -425,7 +431,7 @@ impl Store {
     #[cfg(test)]
     pub fn compact_now(&self, rev: i64) -> Result<usize, StoreError> {
         self.schedule_compact(rev, |_| Ok(()))?;
-        let (mut removed, mut from) = (0, Vec::new());
+        let (mut removed, mut from) = (0, CompactCursor::default());
         loop {
             let (n, next) = self.compact_step(rev, &from, 2)?;
             removed += n;
@@ -529,6 +535,16 @@ impl Store {
         crc = crc32c::crc32c_append(crc, &view.compact_rev.to_be_bytes());
         Ok((crc, view.rev))
     }
+}
+
+/// Where a compaction's next batch starts ([`Store::compact_step`]): a
+/// `kv` key, the user key it belongs to (escaped), and whether that key
+/// already kept its newest version at or below the compacted revision.
+#[derive(Debug, Clone, Default)]
+pub struct CompactCursor {
+    key: Vec<u8>,
+    prefix: Vec<u8>,
+    kept_one: bool,
 }
 
 /// One version of the history, as [`ReadView::for_each_version`] gives it.
@@ -1418,6 +1434,32 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn one_keys_many_versions_are_compacted_in_small_batches() {
+        let (_d, s) = store();
+        for i in 0..50 {
+            put(&s, "hot", &i.to_string()); // revisions 2..=51
+        }
+        put(&s, "other", "x"); // 52
+        s.schedule_compact(40, |_| Ok(())).unwrap();
+        let (mut from, mut batches, mut removed) = (CompactCursor::default(), 0, 0);
+        loop {
+            let (n, next) = s.compact_step(40, &from, 3).unwrap();
+            assert!(n <= 3, "{n}");
+            removed += n;
+            batches += 1;
+            match next {
+                Some(k) => from = k,
+                None => break,
+            }
+        }
+        assert_eq!(removed, 38, "hot@2..=39 go, hot@40 stays");
+        assert!(batches >= 13, "{batches}");
+        assert_eq!(raw_versions(&s), 50 - 38 + 1);
+        assert_eq!(value_at(&s, "hot", 40).as_deref(), Some("38"));
+        assert_eq!(value_at(&s, "hot", 51).as_deref(), Some("49"));
+    }
+
+    #[test]
     fn compaction_keeps_each_keys_newest_version_and_drops_tombstones() {
         let (_d, s) = store();
         put(&s, "a", "1"); // 2
@@ -1432,8 +1474,9 @@ pub(crate) mod tests {
         assert_eq!(s.compact_rev(), 5, "reads below 5 refused at once");
         assert_eq!(raw_versions(&s), 5, "nothing deleted yet");
         assert_eq!(s.compaction_pending().unwrap(), Some(5));
-        // Batches of one: a key's versions are never split between batches.
-        let (mut from, mut batches) = (Vec::new(), 0);
+        // Batches of one: a key's versions are split between batches, and
+        // each key still keeps its newest version.
+        let (mut from, mut batches) = (CompactCursor::default(), 0);
         loop {
             let (_, next) = s.compact_step(5, &from, 1).unwrap();
             batches += 1;
