@@ -24,8 +24,10 @@ port=23890
 ep="127.0.0.1:$port"
 work=$(mktemp -d)
 pid=""
+load=""
 cleanup() {
   trap '' INT TERM
+  [ -n "$load" ] && pkill -P "$load" 2>/dev/null; [ -n "$load" ] && kill "$load" 2>/dev/null
   [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
   rm -rf "$work"
 }
@@ -84,6 +86,7 @@ for server in $servers; do
   etcdctl --endpoints "$ep" --command-timeout=600s compact "$rev" >/dev/null
   answered=$(since "$t0")
   wait "$load"
+  load=""
   took=""
   for _ in $(seq 600); do
     took=$( (grep -h '"finished scheduled compaction"' "$work/$server.log" || true) | jq -r '.took' | tail -1)

@@ -10,9 +10,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Output};
 
-use common::{etcdctl, stderr, stdout, Kind, Server, TESSERA};
+use common::{stderr, stdout, Kind, Server, TESSERA};
 
 const ROOT: &str = "--user=root:rootpw";
 
@@ -166,6 +166,16 @@ fn save(server: &Server, file: &Path) {
     assert!(s["totalKey"].as_i64().unwrap() > 10, "{s}");
 }
 
+/// `tessera --data-dir DATA snapshot-restore FILE`.
+fn tessera_restore(data: &Path, file: &Path) -> Output {
+    Command::new(TESSERA)
+        .arg(format!("--data-dir={}", data.display()))
+        .arg("snapshot-restore")
+        .arg(file)
+        .output()
+        .unwrap()
+}
+
 /// A server of `kind` whose data directory is restored from `file`.
 async fn restored(kind: Kind, dir: &Path, file: &Path) -> Server {
     let mut server = Server::unstarted(kind, dir, &[], "http", &[]);
@@ -189,11 +199,7 @@ async fn restored(kind: Kind, dir: &Path, file: &Path) -> Server {
             ])
             .output()
             .unwrap(),
-        Kind::Tessera => Command::new(TESSERA)
-            .args([&format!("--data-dir={data}"), "snapshot-restore"])
-            .arg(file)
-            .output()
-            .unwrap(),
+        Kind::Tessera => tessera_restore(&server.data_dir, file),
     };
     assert!(
         out.status.success(),
@@ -260,14 +266,7 @@ fn a_snapshot_with_a_bad_checksum_is_refused_and_nothing_is_written() {
     bytes[at] ^= 0xFF;
     std::fs::write(&file, &bytes).unwrap();
     let data = dir.path().join("restored");
-    let out = Command::new(TESSERA)
-        .args([
-            &format!("--data-dir={}", data.display()),
-            "snapshot-restore",
-        ])
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = tessera_restore(&data, &file);
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("checksum mismatch"),
@@ -277,15 +276,7 @@ fn a_snapshot_with_a_bad_checksum_is_refused_and_nothing_is_written() {
     assert!(!data.exists(), "data dir created");
     // Not a snapshot at all: refused as well.
     std::fs::write(&file, b"garbage").unwrap();
-    let out = Command::new(TESSERA)
-        .args([
-            &format!("--data-dir={}", data.display()),
-            "snapshot-restore",
-        ])
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = tessera_restore(&data, &file);
     assert!(!out.status.success());
     assert!(!data.exists());
-    let _ = etcdctl;
 }
