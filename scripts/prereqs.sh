@@ -30,6 +30,9 @@ if [ "$want" = test ]; then
   command -v curl >/dev/null 2>&1 || pkgs+=(curl)
   # the TLS tests probe ports with openssl s_client; the JWT test makes keys
   command -v openssl >/dev/null 2>&1 || pkgs+=(openssl)
+  # chaos/: hosts in network namespaces (ip), partitions as nftables rules
+  command -v ip >/dev/null 2>&1 || pkgs+=(iproute2)
+  command -v nft >/dev/null 2>&1 || pkgs+=(nftables)
 fi
 if [ ${#pkgs[@]} -gt 0 ]; then
   echo "installing: ${pkgs[*]}" >&2

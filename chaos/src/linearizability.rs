@@ -10,8 +10,10 @@
 
 use std::collections::HashSet;
 
+use serde::{Deserialize, Serialize};
+
 /// What a client asked and, when it knows, what it was told.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Op {
     /// Set the register to a value.
     Put(u64),
@@ -30,7 +32,7 @@ pub enum Op {
 
 /// One operation of a history, with its call and return times (any
 /// monotonic clock). `returned: None` means the outcome is unknown.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
     pub op: Op,
     pub called: u64,

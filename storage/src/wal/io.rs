@@ -78,6 +78,16 @@ impl Backend {
 
     /// Writes `buf` at `offset` and makes it durable before returning.
     pub fn write_durably(&mut self, file: &File, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.write_and_sync(file, offset, buf)?;
+        if sync_fails_now() {
+            // The write went out, but the caller is told its sync failed:
+            // what is on disk is unknown, as after a real failed fdatasync.
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(())
+    }
+
+    fn write_and_sync(&mut self, file: &File, offset: u64, buf: &[u8]) -> io::Result<()> {
         match self {
             Backend::Syscall => {
                 file.write_all_at(buf, offset)?;
@@ -95,6 +105,22 @@ impl Backend {
             }
         }
     }
+}
+
+/// Failpoint `wal-sync-fails-once-after=N`: the process's durable write
+/// number N+1 (counting from 0, over every log that writes through a
+/// `Backend`) reports `EIO` once, as a disk whose `fdatasync` failed; the
+/// ones after it succeed again. A log must not carry on as if the failed one
+/// had been durable (fsyncgate).
+fn sync_fails_now() -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static DURABLE_WRITES: AtomicU64 = AtomicU64::new(0);
+    let Some(after) =
+        crate::failpoint::value("wal-sync-fails-once-after").and_then(|v| v.parse::<u64>().ok())
+    else {
+        return false;
+    };
+    DURABLE_WRITES.fetch_add(1, Ordering::Relaxed) == after
 }
 
 /// Submits a linked write + fdatasync; returns how many bytes were written

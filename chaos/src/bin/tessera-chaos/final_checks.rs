@@ -1,0 +1,265 @@
+//! After the faults: wait for every member, read the store's own history
+//! of the watched keys and the final lists, and run every checker.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use etcd_client::{EventType, GetOptions, WatchOptions};
+use tessera_chaos::lease::check_lease;
+use tessera_chaos::linearizability;
+use tessera_chaos::list_append::check_list;
+use tessera_chaos::watch::{check_acknowledged, check_caught_up, check_watcher, Change};
+
+use crate::workload::{connect, Shared, CATCH_UP, LISTS};
+use crate::Verdict;
+
+/// Waits until every member answers a linearizable read.
+pub async fn wait_serving(endpoints: &[String], within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    for endpoint in endpoints {
+        loop {
+            let answered = async {
+                let mut c = connect(endpoint).await.ok()?;
+                c.get("reg/0", None).await.ok()
+            };
+            if tokio::time::timeout(Duration::from_secs(2), answered)
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("{endpoint} does not answer linearizable reads");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
+}
+
+fn verdict<E: std::fmt::Display>(checker: &str, result: Result<(), E>) -> Verdict {
+    Verdict {
+        checker: checker.to_string(),
+        ok: result.is_ok(),
+        detail: result.err().map(|e| e.to_string()).unwrap_or_default(),
+    }
+}
+
+/// The store's history of `reg/`: a watch from revision 1 until the
+/// sentinel key written last (whose revision the watchers are told).
+async fn reference_history(endpoint: &str, shared: &Shared) -> anyhow::Result<Vec<Change>> {
+    let mut client = connect(endpoint).await?;
+    let sentinel = client
+        .put("reg/~end", "end", None)
+        .await
+        .context("writing the sentinel")?;
+    let end = sentinel.header().map_or(0, |h| h.revision());
+    shared
+        .watch_until
+        .store(end, std::sync::atomic::Ordering::Relaxed);
+    let mut stream = client
+        .watch(
+            "reg/",
+            Some(WatchOptions::new().with_prefix().with_start_revision(1)),
+        )
+        .await?;
+    let mut changes = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while changes.last().is_none_or(|c: &Change| c.revision < end) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(message) = tokio::time::timeout(left, stream.message()).await else {
+            bail!("the reference watch did not reach revision {end}");
+        };
+        let Some(resp) = message? else {
+            bail!("the reference watch ended before revision {end}");
+        };
+        if resp.canceled() {
+            bail!("the reference watch was canceled: {}", resp.cancel_reason());
+        }
+        for e in resp.events() {
+            if let Some(kv) = e.kv() {
+                changes.push(Change {
+                    revision: kv.mod_revision(),
+                    key: String::from_utf8_lossy(kv.key()).into_owned(),
+                    value: match e.event_type() {
+                        EventType::Put => Some(String::from_utf8_lossy(kv.value()).into_owned()),
+                        EventType::Delete => None,
+                    },
+                });
+            }
+        }
+    }
+    Ok(changes)
+}
+
+/// Every member's revision, and their HashKV at `at` when given.
+async fn revisions_and_hashes(
+    endpoints: &[String],
+    at: Option<i64>,
+) -> anyhow::Result<(Vec<i64>, Vec<u32>)> {
+    let (mut revisions, mut hashes) = (Vec::new(), Vec::new());
+    for endpoint in endpoints {
+        let mut c = connect(endpoint).await?;
+        let status = c.status().await?;
+        revisions.push(status.header().map_or(0, |h| h.revision()));
+        if let Some(at) = at {
+            hashes.push(c.hash_kv(at).await?.hash());
+        }
+    }
+    Ok((revisions, hashes))
+}
+
+/// Every member reaches the same revision and the same HashKV there
+/// (errors, e.g. of a member just restarted, are retried for 30 s).
+async fn members_agree(endpoints: &[String]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match revisions_and_hashes(endpoints, None).await {
+            Ok((revisions, _)) => {
+                let top = revisions.iter().copied().max().unwrap_or(0);
+                if revisions.iter().all(|&r| r == top) {
+                    match revisions_and_hashes(endpoints, Some(top)).await {
+                        Ok((_, hashes)) if hashes.windows(2).all(|w| w[0] == w[1]) => return Ok(()),
+                        Ok((after, hashes)) if after.iter().all(|&r| r == top) => {
+                            bail!("members differ at revision {top}: HashKV {hashes:?}")
+                        }
+                        Ok(_) => last = "a write arrived while hashing".into(),
+                        Err(e) => last = format!("{e:#}"),
+                    }
+                } else {
+                    last = format!("revisions {revisions:?}");
+                }
+            }
+            Err(e) => last = format!("{e:#}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("members did not agree within 30 s: {last}")
+}
+
+/// Runs every checker on what the clients recorded; the cluster must be
+/// healed and every client but the `watchers` finished.
+pub async fn check_everything(
+    endpoints: &[String],
+    shared: &Shared,
+    watchers: Vec<tokio::task::JoinHandle<()>>,
+) -> Vec<Verdict> {
+    let mut verdicts = Vec::new();
+    if let Err(e) = wait_serving(endpoints, Duration::from_secs(60)).await {
+        verdicts.push(verdict("members serve after healing", Err(e)));
+        return verdicts;
+    }
+    verdicts.push(verdict(
+        "members agree (HashKV)",
+        members_agree(endpoints).await,
+    ));
+    // The reference history first: its sentinel tells the watchers where
+    // to stop; then they are waited for.
+    let reference = reference_history(&endpoints[0], shared).await;
+    if reference.is_err() {
+        // No sentinel: watchers give up after `CATCH_UP`.
+        shared
+            .watch_until
+            .store(i64::MAX, std::sync::atomic::Ordering::Relaxed);
+    }
+    for watcher in watchers {
+        let _ = tokio::time::timeout(CATCH_UP + Duration::from_secs(15), watcher).await;
+    }
+    let mut final_lists = Vec::new();
+    let final_client = connect(&endpoints[0]).await;
+    if let Ok(mut client) = final_client {
+        for list in 0..LISTS {
+            let read = client
+                .get(format!("list/{list}"), Some(GetOptions::new()))
+                .await;
+            final_lists.push(read.map_err(|e| e.to_string()).map(|r| {
+                r.kvs().first().map_or(Vec::new(), |kv| {
+                    String::from_utf8_lossy(kv.value())
+                        .split(',')
+                        .filter_map(|v| v.parse().ok())
+                        .collect::<Vec<u64>>()
+                })
+            }));
+        }
+    }
+    let history = match shared.history.lock() {
+        Ok(h) => h,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+
+    for (key, events) in history.registers.iter().enumerate() {
+        let completed = events.iter().filter(|e| e.returned.is_some()).count();
+        let started = Instant::now();
+        let mut v = verdict(
+            &format!("linearizable reg/{key}"),
+            linearizability::check(events),
+        );
+        if v.ok {
+            v.detail = format!(
+                "{} operations ({completed} completed), checked in {:.1} s",
+                events.len(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        verdicts.push(v);
+    }
+
+    for (list, events) in history.lists.iter().enumerate() {
+        let result = match final_lists.get(list) {
+            Some(Ok(items)) => check_list(events, items).map_err(|e| e.to_string()),
+            Some(Err(e)) => Err(format!("final read failed: {e}")),
+            None => Err("no final read (no client)".to_string()),
+        };
+        verdicts.push(verdict(&format!("list-append list/{list}"), result));
+    }
+
+    match reference {
+        Ok(reference) => {
+            verdicts.push(verdict(
+                "acknowledged writes kept",
+                check_acknowledged(&reference, &history.acknowledged),
+            ));
+            let result = history.watches.iter().enumerate().try_for_each(|(i, log)| {
+                check_watcher(&reference, i, log)?;
+                check_caught_up(&reference, i, log)
+            });
+            let mut v = verdict("watch guarantees", result);
+            if v.ok {
+                let events: usize = history
+                    .watches
+                    .iter()
+                    .flatten()
+                    .map(|o| match o {
+                        tessera_chaos::watch::Observed::Events { events, .. } => events.len(),
+                        _ => 0,
+                    })
+                    .sum();
+                v.detail = format!(
+                    "{} watchers, {events} events, {} changes in the reference",
+                    history.watches.len(),
+                    reference.len()
+                );
+            }
+            verdicts.push(v);
+        }
+        Err(e) => verdicts.push(verdict("reference history", Err(e))),
+    }
+
+    let observed = history
+        .leases
+        .iter()
+        .filter(|l| l.seen_gone.is_some())
+        .count();
+    let mut v = verdict(
+        "leases never expire early",
+        history.leases.iter().try_for_each(check_lease),
+    );
+    if v.ok {
+        v.detail = format!("{} leases, {observed} seen expiring", history.leases.len());
+    }
+    verdicts.push(v);
+    verdicts
+}

@@ -1,0 +1,386 @@
+//! The data-plane workload: a 4+2 volume on six storage nodes, attached in
+//! the client host as a block device, and a writer that writes versions of
+//! blocks with O_DIRECT and flushes (fdatasync) every few writes, recording
+//! which versions each successful flush acknowledged. The volume is read
+//! back (writer held) after every fault, and once more at the end through
+//! a fresh attach, and every acknowledged version must be there.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tessera_chaos::blocks::{check_readback, decode, encode, BlockWrite};
+use tessera_chaos::cluster::Cluster;
+use tessera_chaos::netns::{Host, Network};
+
+pub const VOLUME: &str = "chaosvol";
+/// Volume size: a few segments, so faults hit stripes of several.
+pub const VOLUME_BYTES: u64 = 256 << 20;
+const BLOCK: usize = 4096;
+/// Blocks the writer uses, spread evenly over the volume.
+const BLOCKS: u64 = 2048;
+/// Writes between flushes.
+const WRITES_PER_FLUSH: usize = 8;
+
+/// Byte offset of the writer's block `b`.
+fn offset(b: u64) -> u64 {
+    let stride = VOLUME_BYTES / BLOCKS;
+    b * (stride - stride % BLOCK as u64)
+}
+
+/// A 4 KiB buffer aligned for O_DIRECT.
+struct Aligned(Box<AlignedBlock>);
+
+#[repr(C, align(4096))]
+struct AlignedBlock([u8; BLOCK]);
+
+impl Aligned {
+    fn new() -> Aligned {
+        Aligned(Box::new(AlignedBlock([0; BLOCK])))
+    }
+}
+
+/// `tessera-store` run in the client host against the control plane.
+#[derive(Clone)]
+pub struct StoreCli {
+    store: PathBuf,
+    endpoints: String,
+    client: Host,
+}
+
+/// How long one `tessera-store` command may take before it is killed.
+const CLI_TIMEOUT: Duration = Duration::from_secs(120);
+
+impl StoreCli {
+    pub fn new(cluster: &Cluster, store: &Path) -> StoreCli {
+        StoreCli {
+            store: store.to_path_buf(),
+            endpoints: cluster.endpoints().join(","),
+            client: cluster.net.hosts[cluster.client_host].clone(),
+        }
+    }
+
+    /// Runs `tessera-store ARGS`; killed after `CLI_TIMEOUT`.
+    pub fn run(&self, args: &[&str]) -> anyhow::Result<Output> {
+        let child = Network::command(&self.client, &self.store.to_string_lossy())?
+            .arg(format!("--endpoints={}", self.endpoints))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running tessera-store {args:?}"))?;
+        let pid = child.id();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let out = child.wait_with_output();
+            let _ = done_tx.send(());
+            out
+        });
+        if done_rx.recv_timeout(CLI_TIMEOUT).is_err() {
+            // SAFETY: kill(2) of our child, which the waiter thread has not
+            // reaped (it has not finished).
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGKILL);
+            }
+        }
+        let out = waiter
+            .join()
+            .map_err(|_| anyhow::anyhow!("waiting for tessera-store panicked"))?
+            .with_context(|| format!("running tessera-store {args:?}"))?;
+        Ok(out)
+    }
+
+    /// Runs `tessera-store ARGS`, which must succeed; its stdout, trimmed.
+    pub fn ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.run(args)?;
+        if !out.status.success() {
+            bail!(
+                "tessera-store {args:?} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// Waits until `n` storage nodes are registered alive.
+    pub fn wait_nodes(&self, n: usize) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = self.run(&["node", "list", "-o", "json"])?;
+            let alive = serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout)
+                .map(|v| v.iter().filter(|n| n["alive"] == true).count())
+                .unwrap_or(0);
+            if alive >= n {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("only {alive} of {n} storage nodes alive");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Creates the 4+2 volume.
+    pub fn create(&self) -> anyhow::Result<()> {
+        let size = VOLUME_BYTES.to_string();
+        self.ok(&[
+            "volume",
+            "create",
+            VOLUME,
+            "--size",
+            &size,
+            "--data-shards",
+            "4",
+            "--parity-shards",
+            "2",
+        ])
+        .map(|_| ())
+    }
+
+    /// Attaches the volume; its device.
+    pub fn attach(&self, run_dir: &Path) -> anyhow::Result<String> {
+        let run = run_dir.to_string_lossy().into_owned();
+        self.ok(&["volume", "attach", VOLUME, "--run-dir", &run])
+    }
+
+    pub fn detach(&self, run_dir: &Path) -> anyhow::Result<()> {
+        let run = run_dir.to_string_lossy().into_owned();
+        self.ok(&["volume", "detach", VOLUME, "--run-dir", &run])
+            .map(|_| ())
+    }
+
+    /// Waits until `repair status` says healthy.
+    pub fn wait_healthy(&self, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            let out = self.ok(&["repair", "status", "-o", "json"])?;
+            let state = serde_json::from_str::<serde_json::Value>(&out)
+                .ok()
+                .and_then(|v| v["state"].as_str().map(str::to_string))
+                .unwrap_or_default();
+            if state == "healthy" {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("repair did not converge: {out}");
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+/// Removes what attaches left in `run_dir` when `volume detach` could not
+/// (the control plane gone, a daemon stuck): the loop device, the attach
+/// daemon, its FUSE mount.
+pub fn force_detach(run_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(run_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Ok(raw) = std::fs::read(entry.path().join("state.json")) else {
+            continue;
+        };
+        let Ok(state) = serde_json::from_slice::<serde_json::Value>(&raw) else {
+            continue;
+        };
+        if let Some(device) = state["device"].as_str() {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", device])
+                .status();
+        }
+        if let Some(pid) = state["pid"].as_i64() {
+            // SAFETY: kill(2) of the attach daemon this run started.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGKILL);
+            }
+        }
+        if let Some(mountpoint) = state["mountpoint"].as_str() {
+            let _ = std::process::Command::new("umount")
+                .args(["-l", mountpoint])
+                .status();
+        }
+        eprintln!(
+            "tessera-chaos: forced the attach in {} away",
+            entry.path().display()
+        );
+    }
+}
+
+/// The writer's record and controls.
+#[derive(Clone)]
+pub struct Writer {
+    pub writes: Arc<Mutex<Vec<BlockWrite>>>,
+    /// Held while the volume is read back: the writer waits.
+    pub hold: Arc<Mutex<()>>,
+    pub stop: Arc<AtomicBool>,
+    pub flushes_ok: Arc<AtomicU64>,
+    pub flushes_failed: Arc<AtomicU64>,
+    pub epoch: Instant,
+}
+
+impl Writer {
+    pub fn new(epoch: Instant) -> Writer {
+        Writer {
+            writes: Arc::default(),
+            hold: Arc::default(),
+            stop: Arc::default(),
+            flushes_ok: Arc::default(),
+            flushes_failed: Arc::default(),
+            epoch,
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// Writes and flushes until stopped. A failed flush leaves the writes
+    /// since the last good flush unacknowledged for good: a later flush
+    /// that succeeds does not vouch for them (fsyncgate).
+    pub fn run(&self, device: &str, seed: u64) -> anyhow::Result<()> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(device)
+            .with_context(|| format!("opening {device}"))?;
+        let mut rng = StdRng::seed_from_u64(seed ^ 0xb10c);
+        let mut versions = vec![0u64; BLOCKS as usize];
+        let mut buf = Aligned::new();
+        let mut pending: Vec<usize> = Vec::new();
+        while !self.stop.load(Ordering::Relaxed) {
+            let _held = lock(&self.hold);
+            for _ in 0..WRITES_PER_FLUSH {
+                let b = rng.gen_range(0..BLOCKS);
+                versions[b as usize] += 1;
+                let version = versions[b as usize];
+                buf.0 .0.copy_from_slice(&encode(b, version, BLOCK));
+                // Recorded before it is issued: a readback may see it as
+                // soon as it is in flight.
+                let index = {
+                    let mut writes = lock(&self.writes);
+                    writes.push(BlockWrite {
+                        block: b,
+                        version,
+                        called: self.now(),
+                        flushed: None,
+                    });
+                    writes.len() - 1
+                };
+                if file.write_all_at(&buf.0 .0, offset(b)).is_ok() {
+                    pending.push(index);
+                }
+            }
+            let flushed = file.sync_data();
+            let now = self.now();
+            let mut writes = lock(&self.writes);
+            if flushed.is_ok() {
+                self.flushes_ok.fetch_add(1, Ordering::Relaxed);
+                for i in pending.drain(..) {
+                    writes[i].flushed = Some(now);
+                }
+            } else {
+                self.flushes_failed.fetch_add(1, Ordering::Relaxed);
+                pending.clear();
+                drop(writes);
+                drop(_held);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// Reads every block of `device` back (O_DIRECT) and checks it against
+/// `writes`, with the writer held.
+pub fn readback(writer: &Writer, device: &str) -> anyhow::Result<Result<(), String>> {
+    let _held = lock(&writer.hold);
+    let file = File::options()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(device)
+        .with_context(|| format!("opening {device}"))?;
+    let called = writer.now();
+    let mut buf = Aligned::new();
+    let mut reads = Vec::with_capacity(BLOCKS as usize);
+    for b in 0..BLOCKS {
+        match file.read_exact_at(&mut buf.0 .0, offset(b)) {
+            Ok(()) => reads.push(decode(b, &buf.0 .0)),
+            Err(e) => return Ok(Err(format!("reading block {b} failed: {e}"))),
+        }
+    }
+    let writes = lock(&writer.writes);
+    Ok(check_readback(&writes, &reads, called).map_err(|e| e.to_string()))
+}
+
+/// The run directory of attaches in the report directory.
+pub fn run_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("run")
+}
+
+/// How many versions reads could see: written, acknowledged.
+pub fn counts(writer: &Writer) -> (usize, usize) {
+    let writes = lock(&writer.writes);
+    (
+        writes.len(),
+        writes.iter().filter(|w| w.flushed.is_some()).count(),
+    )
+}
+
+/// After the faults (the writer finished): repair converges, the attached
+/// volume reads back every acknowledged version, and so does a fresh
+/// attach (nothing served from the old attach's memory).
+pub fn final_checks(
+    cli: &StoreCli,
+    run_dir: &Path,
+    writer: &Writer,
+    device: &str,
+) -> Vec<crate::Verdict> {
+    let verdict = |checker: &str, result: anyhow::Result<Result<(), String>>| {
+        let (ok, detail) = match result {
+            Ok(Ok(())) => (true, String::new()),
+            Ok(Err(e)) => (false, e),
+            Err(e) => (false, format!("{e:#}")),
+        };
+        crate::Verdict {
+            checker: checker.into(),
+            ok,
+            detail,
+        }
+    };
+    let (written, acked) = counts(writer);
+    let mut verdicts = vec![verdict(
+        "repair converges",
+        cli.wait_healthy(Duration::from_secs(120)).map(Ok),
+    )];
+    let mut v = verdict("readback after healing", readback(writer, device));
+    if v.ok {
+        v.detail = format!("{written} block writes, {acked} acknowledged");
+    }
+    verdicts.push(v);
+    let fresh = (|| {
+        cli.detach(run_dir)?;
+        let device = cli.attach(run_dir)?;
+        let checked = readback(writer, &device);
+        cli.detach(run_dir)?;
+        checked
+    })();
+    verdicts.push(verdict("readback through a fresh attach", fresh));
+    verdicts
+}
