@@ -36,6 +36,8 @@ fn run_schedule(workload: &str, nemesis: &str, subnet: u8, seed: u64) {
             nemesis,
             "--seconds",
             "30",
+            "--min-faults",
+            "3",
         ])
         .args(["--seed", &seed.to_string()])
         .arg("--report")
@@ -91,13 +93,28 @@ fn run_schedule(workload: &str, nemesis: &str, subnet: u8, seed: u64) {
     for verdict in report["verdicts"].as_array().unwrap() {
         assert_eq!(verdict["ok"], true, "{verdict}");
     }
-    // The run removed its namespaces.
+    // The run removed its namespaces, processes, mounts and loop devices.
     let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
     let left = String::from_utf8_lossy(&netns.stdout);
     assert!(
         !left.contains(&format!("tc{}{nemesis}-", &workload[..1])),
         "namespaces left behind:\n{left}"
     );
+    let path = dir.path().to_string_lossy().into_owned();
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    assert!(!mounts.contains(&path), "mounts left behind:\n{mounts}");
+    let loops = Command::new("losetup").arg("-a").output().unwrap();
+    let loops = String::from_utf8_lossy(&loops.stdout);
+    assert!(!loops.contains(&path), "loop devices left behind:\n{loops}");
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(
+            !cmdline.contains(&path),
+            "process {:?} left behind: {cmdline}",
+            entry.file_name()
+        );
+    }
     println!("{stdout}");
 }
 

@@ -264,10 +264,11 @@ async fn kill_restart_and_check(server: &mut Server) {
 }
 
 /// fsyncgate: one failed `fdatasync` of the Raft log (failpoint
-/// `wal-sync-fails-once-after`; the syncs after it succeed again) stops
-/// writes for good: the put that hit it is not acknowledged, every later
-/// put is refused with an error (not hung, not silently acknowledged), the
-/// log says why, and after a restart every acknowledged put is there.
+/// `wal-sync-fails-once-after`: that write is lost, the syncs after it
+/// succeed again) stops writes for good: the put that hit it and every
+/// later put get `etcdserver: server stopped` (not hung, not acknowledged),
+/// the log says why, and after a restart exactly the acknowledged puts are
+/// there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_wal_sync_stops_writes_for_good() {
     let dir = tempfile::tempdir().unwrap();
@@ -293,13 +294,18 @@ async fn a_failed_wal_sync_stops_writes_for_good() {
     }
     let (first_failed, status) = failed_at.expect("no put failed: the failpoint never fired");
     assert!(!acked.is_empty(), "the failpoint fired before any put");
-    println!("put {first_failed} failed: {status:?}");
+    assert_eq!(
+        status.message(),
+        "etcdserver: server stopped",
+        "put {first_failed}: {status:?}"
+    );
     // Later syncs would succeed, yet nothing more is acknowledged.
     for i in first_failed + 1..first_failed + 6 {
         let answer = tokio::time::timeout(Duration::from_secs(5), kv.put(put(i)))
             .await
             .unwrap_or_else(|_| panic!("put {i} hung; log:\n{}", server.log()));
-        assert!(answer.is_err(), "put {i} acknowledged after a failed sync");
+        let refused = answer.expect_err("a put acknowledged after a failed sync");
+        assert_eq!(refused.message(), "etcdserver: server stopped");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let log = server.log();
@@ -330,10 +336,13 @@ async fn a_failed_wal_sync_stops_writes_for_good() {
             "acknowledged put {i} lost after the restart"
         );
     }
-    // Nothing after the failure was applied (the failed one may or may not
-    // have been: it was never acknowledged).
-    assert!(
-        present.len() <= acked.len() + 1,
+    // The failpoint wrote nothing of the failed put's log entry, so exactly
+    // the acknowledged puts are there: had the failed one been answered
+    // as written, it would be missing here (lost), and anything later
+    // would be extra.
+    assert_eq!(
+        present.len(),
+        acked.len(),
         "{} keys present, {} acknowledged",
         present.len(),
         acked.len()

@@ -78,13 +78,12 @@ impl Backend {
 
     /// Writes `buf` at `offset` and makes it durable before returning.
     pub fn write_durably(&mut self, file: &File, offset: u64, buf: &[u8]) -> io::Result<()> {
-        self.write_and_sync(file, offset, buf)?;
         if sync_fails_now() {
-            // The write went out, but the caller is told its sync failed:
-            // what is on disk is unknown, as after a real failed fdatasync.
+            // As a failed fdatasync whose dirty pages the kernel dropped:
+            // the caller is told EIO and nothing reaches the disk.
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
-        Ok(())
+        self.write_and_sync(file, offset, buf)
     }
 
     fn write_and_sync(&mut self, file: &File, offset: u64, buf: &[u8]) -> io::Result<()> {
@@ -109,8 +108,8 @@ impl Backend {
 
 /// Failpoint `wal-sync-fails-once-after=N`: the process's durable write
 /// number N+1 (counting from 0, over every log that writes through a
-/// `Backend`) reports `EIO` once, as a disk whose `fdatasync` failed; the
-/// ones after it succeed again. A log must not carry on as if the failed one
+/// `Backend`) reports `EIO` once and writes nothing, as a disk whose
+/// `fdatasync` failed and lost the pages; the ones after it succeed again. A log must not carry on as if the failed one
 /// had been durable (fsyncgate).
 fn sync_fails_now() -> bool {
     use std::sync::atomic::{AtomicU64, Ordering};

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use etcd_client::{EventType, GetOptions, WatchOptions};
 use tessera_chaos::lease::check_lease;
 use tessera_chaos::linearizability;
@@ -47,18 +47,43 @@ fn verdict<E: std::fmt::Display>(checker: &str, result: Result<(), E>) -> Verdic
     }
 }
 
-/// The store's history of `reg/`: a watch from revision 1 until the
-/// sentinel key written last (whose revision the watchers are told).
-async fn reference_history(endpoint: &str, shared: &Shared) -> anyhow::Result<Vec<Change>> {
-    let mut client = connect(endpoint).await?;
-    let sentinel = client
-        .put("reg/~end", "end", None)
-        .await
-        .context("writing the sentinel")?;
-    let end = sentinel.header().map_or(0, |h| h.revision());
+/// Retries `attempt` for up to 30 s (a leader election right after the
+/// faults healed must not fail the run); its last error otherwise.
+async fn retried<T, F, Fut>(what: &str, mut attempt: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), attempt()).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(e)) if Instant::now() > deadline => return Err(e.context(what.to_string())),
+            Err(_) if Instant::now() > deadline => bail!("{what}: timed out"),
+            _ => tokio::time::sleep(Duration::from_millis(300)).await,
+        }
+    }
+}
+
+/// Writes the sentinel key; its revision, which the watchers are told to
+/// reach.
+async fn write_sentinel(endpoint: &str, shared: &Shared) -> anyhow::Result<i64> {
+    let end = retried("writing the sentinel", || async {
+        let mut client = connect(endpoint).await?;
+        let put = client.put("reg/~end", "end", None).await?;
+        Ok(put.header().map_or(0, |h| h.revision()))
+    })
+    .await?;
     shared
         .watch_until
         .store(end, std::sync::atomic::Ordering::Relaxed);
+    Ok(end)
+}
+
+/// The store's history of `reg/`: a watch from revision 1 until revision
+/// `end`.
+async fn reference_history(endpoint: &str, end: i64) -> anyhow::Result<Vec<Change>> {
+    let mut client = connect(endpoint).await?;
     let mut stream = client
         .watch(
             "reg/",
@@ -66,13 +91,8 @@ async fn reference_history(endpoint: &str, shared: &Shared) -> anyhow::Result<Ve
         )
         .await?;
     let mut changes = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
     while changes.last().is_none_or(|c: &Change| c.revision < end) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let Ok(message) = tokio::time::timeout(left, stream.message()).await else {
-            bail!("the reference watch did not reach revision {end}");
-        };
-        let Some(resp) = message? else {
+        let Some(resp) = stream.message().await? else {
             bail!("the reference watch ended before revision {end}");
         };
         if resp.canceled() {
@@ -92,6 +112,20 @@ async fn reference_history(endpoint: &str, shared: &Shared) -> anyhow::Result<Ve
         }
     }
     Ok(changes)
+}
+
+/// The final content of list `list`.
+async fn final_list(endpoint: &str, list: usize) -> anyhow::Result<Vec<u64>> {
+    let mut client = connect(endpoint).await?;
+    let read = client
+        .get(format!("list/{list}"), Some(GetOptions::new()))
+        .await?;
+    Ok(read.kvs().first().map_or(Vec::new(), |kv| {
+        String::from_utf8_lossy(kv.value())
+            .split(',')
+            .filter_map(|v| v.parse().ok())
+            .collect()
+    }))
 }
 
 /// Every member's revision, and their HashKV at `at` when given.
@@ -156,34 +190,32 @@ pub async fn check_everything(
         "members agree (HashKV)",
         members_agree(endpoints).await,
     ));
-    // The reference history first: its sentinel tells the watchers where
-    // to stop; then they are waited for.
-    let reference = reference_history(&endpoints[0], shared).await;
-    if reference.is_err() {
+    // The sentinel first: it tells the watchers where to stop; then the
+    // reference history up to it, and the watchers are waited for.
+    let sentinel = write_sentinel(&endpoints[0], shared).await;
+    let reference = match &sentinel {
+        Ok(end) => {
+            retried("reading the reference history", || {
+                reference_history(&endpoints[0], *end)
+            })
+            .await
+        }
+        Err(e) => Err(anyhow::anyhow!("{e:#}")),
+    };
+    if sentinel.is_err() {
         // No sentinel: watchers give up after `CATCH_UP`.
         shared
             .watch_until
             .store(i64::MAX, std::sync::atomic::Ordering::Relaxed);
     }
+    let watchers_started = watchers.len();
     for watcher in watchers {
         let _ = tokio::time::timeout(CATCH_UP + Duration::from_secs(15), watcher).await;
     }
     let mut final_lists = Vec::new();
-    let final_client = connect(&endpoints[0]).await;
-    if let Ok(mut client) = final_client {
-        for list in 0..LISTS {
-            let read = client
-                .get(format!("list/{list}"), Some(GetOptions::new()))
-                .await;
-            final_lists.push(read.map_err(|e| e.to_string()).map(|r| {
-                r.kvs().first().map_or(Vec::new(), |kv| {
-                    String::from_utf8_lossy(kv.value())
-                        .split(',')
-                        .filter_map(|v| v.parse().ok())
-                        .collect::<Vec<u64>>()
-                })
-            }));
-        }
+    for list in 0..LISTS {
+        let read = retried("reading a final list", || final_list(&endpoints[0], list)).await;
+        final_lists.push(read.map_err(|e| format!("{e:#}")));
     }
     let history = match shared.history.lock() {
         Ok(h) => h,
@@ -222,10 +254,27 @@ pub async fn check_everything(
                 "acknowledged writes kept",
                 check_acknowledged(&reference, &history.acknowledged),
             ));
-            let result = history.watches.iter().enumerate().try_for_each(|(i, log)| {
-                check_watcher(&reference, i, log)?;
-                check_caught_up(&reference, i, log)
-            });
+            let end = sentinel.as_ref().map_or(i64::MAX, |e| *e);
+            let result = history
+                .watches
+                .iter()
+                .enumerate()
+                .try_for_each(|(i, log)| {
+                    check_watcher(&reference, i, log)?;
+                    check_caught_up(end, i, log)
+                })
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    // A watcher that never returned left no log to check.
+                    if history.watches.len() == watchers_started {
+                        Ok(())
+                    } else {
+                        Err(format!(
+                            "{} of {watchers_started} watchers finished",
+                            history.watches.len()
+                        ))
+                    }
+                });
             let mut v = verdict("watch guarantees", result);
             if v.ok {
                 let events: usize = history

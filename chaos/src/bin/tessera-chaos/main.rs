@@ -66,6 +66,10 @@ struct RunArgs {
     /// Stop earlier once this many operations completed.
     #[arg(long)]
     ops: Option<u64>,
+    /// Go on past --seconds (up to three times it) until this many faults
+    /// were injected.
+    #[arg(long, default_value_t = 0)]
+    min_faults: usize,
     /// Seed of the fault schedule and of the clients' choices (default:
     /// from the clock; printed, and written to the report).
     #[arg(long)]
@@ -235,6 +239,9 @@ fn run(mut args: RunArgs) -> anyhow::Result<bool> {
     );
     if let Some(ops) = args.ops {
         replay.push_str(&format!(" --ops {ops}"));
+    }
+    if args.min_faults > 0 {
+        replay.push_str(&format!(" --min-faults {}", args.min_faults));
     }
     for flag in &args.member_flag {
         replay.push_str(&format!(" --member-flag='{flag}'"));
@@ -482,9 +489,15 @@ async fn drive(
         Some((writer, _, _)) => writer.flushes_ok.load(Ordering::Relaxed),
         None => shared.completed.load(Ordering::Relaxed),
     };
-    let done = |shared: &Shared| {
-        Instant::now() >= deadline
-            || args.ops.is_some_and(|n| completed(shared) >= n)
+    // Past the time (or operation count) with at least --min-faults made;
+    // the schedule goes on for the missing faults up to three times the
+    // time asked.
+    let hard_deadline = Instant::now() + Duration::from_secs(args.seconds * 3);
+    let done = |shared: &Shared, faults: usize| {
+        let reached =
+            Instant::now() >= deadline || args.ops.is_some_and(|n| completed(shared) >= n);
+        (reached && faults >= args.min_faults)
+            || Instant::now() >= hard_deadline
             || INTERRUPTED.load(Ordering::Relaxed)
     };
     let progress = |shared: &Shared, faults: usize| match &volume_run {
@@ -499,7 +512,7 @@ async fn drive(
             shared.attempted.load(Ordering::Relaxed)
         ),
     };
-    while !done(&shared) && crashed.is_none() {
+    while !done(&shared, faults.len()) && crashed.is_none() {
         sleep_checking(
             &cluster,
             &shared,
@@ -509,7 +522,7 @@ async fn drive(
             &|s| progress(s, faults.len()),
         )
         .await;
-        if done(&shared) || crashed.is_some() {
+        if done(&shared, faults.len()) || crashed.is_some() {
             break;
         }
         let leader_now = if volume_mode {

@@ -221,6 +221,10 @@ pub struct Writer {
     pub writes: Arc<Mutex<Vec<BlockWrite>>>,
     /// Held while the volume is read back: the writer waits.
     pub hold: Arc<Mutex<()>>,
+    /// Set by a readback waiting for `hold`: the writer does not take it
+    /// again until the readback has (std's mutex is not fair, and the
+    /// writer re-locks within nanoseconds of unlocking).
+    pub readback_waiting: Arc<AtomicBool>,
     pub stop: Arc<AtomicBool>,
     pub flushes_ok: Arc<AtomicU64>,
     pub flushes_failed: Arc<AtomicU64>,
@@ -232,6 +236,7 @@ impl Writer {
         Writer {
             writes: Arc::default(),
             hold: Arc::default(),
+            readback_waiting: Arc::default(),
             stop: Arc::default(),
             flushes_ok: Arc::default(),
             flushes_failed: Arc::default(),
@@ -258,6 +263,9 @@ impl Writer {
         let mut buf = Aligned::new();
         let mut pending: Vec<usize> = Vec::new();
         while !self.stop.load(Ordering::Relaxed) {
+            while self.readback_waiting.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
             let _held = lock(&self.hold);
             for _ in 0..WRITES_PER_FLUSH {
                 let b = rng.gen_range(0..BLOCKS);
@@ -310,7 +318,9 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Reads every block of `device` back (O_DIRECT) and checks it against
 /// `writes`, with the writer held.
 pub fn readback(writer: &Writer, device: &str) -> anyhow::Result<Result<(), String>> {
+    writer.readback_waiting.store(true, Ordering::Release);
     let _held = lock(&writer.hold);
+    writer.readback_waiting.store(false, Ordering::Release);
     let file = File::options()
         .read(true)
         .custom_flags(libc::O_DIRECT)
