@@ -29,26 +29,7 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-start_server() {
-  local name=$1 binary=$2
-  rm -rf "$work/data"
-  "$binary" --data-dir "$work/data" --listen-client-urls "http://$ep" \
-    --advertise-client-urls "http://$ep" --listen-peer-urls "http://127.0.0.1:$((port + 10))" \
-    >"$work/$name.log" 2>&1 &
-  pid=$!
-  for _ in $(seq 100); do
-    curl -sf "http://$ep/health" >/dev/null 2>&1 && return
-    sleep 0.1
-  done
-  echo "$name did not start" >&2
-  exit 1
-}
-
-stop_server() {
-  kill "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-  pid=""
-}
+. bench/single-server.sh
 
 # One check perf run; prints "verdict throughput slowest_s stddev_s".
 check_perf() {

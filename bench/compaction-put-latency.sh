@@ -36,26 +36,7 @@ trap cleanup EXIT INT TERM
 now() { date +%s.%N; }
 since() { echo "$(now) - $1" | bc; }
 
-start_server() {
-  local name=$1 binary=$2
-  rm -rf "$work/data"
-  "$binary" --data-dir "$work/data" --listen-client-urls "http://$ep" \
-    --advertise-client-urls "http://$ep" --listen-peer-urls "http://127.0.0.1:$((port + 10))" \
-    --quota-backend-bytes=$((8 << 30)) --logger=zap >"$work/$name.log" 2>&1 &
-  pid=$!
-  for _ in $(seq 100); do
-    curl -sf "http://$ep/health" >/dev/null 2>&1 && return
-    sleep 0.1
-  done
-  echo "$name did not start" >&2
-  exit 1
-}
-
-stop_server() {
-  kill "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-  pid=""
-}
+. bench/single-server.sh
 
 # Rate-limited puts for $seconds; prints "p50 p99 slowest" in ms.
 steady_puts() {
@@ -72,7 +53,7 @@ for server in $servers; do
     etcd) binary=etcd ;;
     tessera) binary="$bin/tessera" ;;
   esac
-  start_server "$server" "$binary"
+  start_server "$server" "$binary" --quota-backend-bytes=$((8 << 30)) --logger=zap
   echo "filling $server with $history revisions..." >&2
   "$bin/tessera-bench" --endpoints "$ep" --conns 16 --clients 64 --output json \
     put --total "$history" --key-size 8 --val-size 64 --key-space-size 1000 >/dev/null

@@ -131,6 +131,17 @@ impl Cluster {
             .collect()
     }
 
+    /// The network and the servers faults hit: the storage nodes, or the
+    /// members.
+    pub fn faultable(&mut self, stores: bool) -> (&Network, &mut Processes) {
+        let targets = if stores {
+            &mut self.stores
+        } else {
+            &mut self.members
+        };
+        (&self.net, targets)
+    }
+
     /// Fails if any server exited on its own.
     pub fn check_alive(&mut self) -> Result<(), ProcessError> {
         self.members.check_alive()?;

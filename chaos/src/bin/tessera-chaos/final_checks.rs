@@ -217,10 +217,7 @@ pub async fn check_everything(
         let read = retried("reading a final list", || final_list(&endpoints[0], list)).await;
         final_lists.push(read.map_err(|e| format!("{e:#}")));
     }
-    let history = match shared.history.lock() {
-        Ok(h) => h,
-        Err(poisoned) => poisoned.into_inner(),
-    };
+    let history = crate::lock(&shared.history);
 
     for (key, events) in history.registers.iter().enumerate() {
         let completed = events.iter().filter(|e| e.returned.is_some()).count();

@@ -543,13 +543,9 @@ async fn drive(
         {
             let (cluster, world, fault) = (cluster.clone(), world.clone(), fault.clone());
             tokio::task::spawn_blocking(move || {
-                let c = &mut *lock(&cluster);
-                let targets = if volume_mode {
-                    &mut c.stores
-                } else {
-                    &mut c.members
-                };
-                nemesis::apply(&c.net, targets, &world, &fault)
+                let mut cluster = lock(&cluster);
+                let (net, targets) = cluster.faultable(volume_mode);
+                nemesis::apply(net, targets, &world, &fault)
             })
             .await??;
         }
@@ -572,13 +568,9 @@ async fn drive(
         {
             let (cluster, fault) = (cluster.clone(), fault.clone());
             tokio::task::spawn_blocking(move || {
-                let c = &mut *lock(&cluster);
-                let targets = if volume_mode {
-                    &mut c.stores
-                } else {
-                    &mut c.members
-                };
-                nemesis::heal(&c.net, targets, &fault)
+                let mut cluster = lock(&cluster);
+                let (net, targets) = cluster.faultable(volume_mode);
+                nemesis::heal(net, targets, &fault)
             })
             .await??;
         }
@@ -651,14 +643,14 @@ async fn drive(
         let (written, acked) = volume::counts(&writer);
         attempted = written as u64;
         completed_ops = acked as u64;
-        let writes = std::mem::take(&mut *volume::lock(&writer.writes));
-        volume::lock(&shared.history).volume_writes = writes;
+        let writes = std::mem::take(&mut *lock(&writer.writes));
+        lock(&shared.history).volume_writes = writes;
     } else {
         verdicts.extend(final_checks::check_everything(&endpoints, &shared, watchers).await);
         attempted = shared.attempted.load(Ordering::Relaxed);
         completed_ops = shared.completed.load(Ordering::Relaxed);
     }
-    let history = std::mem::take(&mut *volume::lock(&shared.history));
+    let history = std::mem::take(&mut *lock(&shared.history));
     let valid = verdicts.iter().all(|v| v.ok);
     let report = Report {
         seed,
@@ -688,9 +680,11 @@ impl Drop for StopOnDrop {
 /// How long the readback after a fault may wait for the writer's I/O.
 const READBACK_TIMEOUT: Duration = Duration::from_secs(120);
 
-pub fn lock(cluster: &Mutex<Cluster>) -> std::sync::MutexGuard<'_, Cluster> {
-    match cluster.lock() {
-        Ok(c) => c,
+/// Locks `m`, also after a thread panicked holding it (the data is a
+/// record or the cluster, still worth reporting and cleaning up).
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(guard) => guard,
         Err(poisoned) => poisoned.into_inner(),
     }
 }

@@ -18,6 +18,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tessera_chaos::blocks::{check_readback, decode, encode, BlockWrite};
 use tessera_chaos::cluster::Cluster;
+
+use crate::lock;
 use tessera_chaos::netns::{Host, Network};
 
 pub const VOLUME: &str = "chaosvol";
@@ -305,13 +307,6 @@ impl Writer {
             }
         }
         Ok(())
-    }
-}
-
-pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
     }
 }
 

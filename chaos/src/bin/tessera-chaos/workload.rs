@@ -91,11 +91,7 @@ impl Shared {
     }
 
     fn record<T>(&self, f: impl FnOnce(&mut History) -> T) -> T {
-        let mut history = match self.history.lock() {
-            Ok(h) => h,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        f(&mut history)
+        f(&mut crate::lock(&self.history))
     }
 
     fn count(&self, ok: bool) {
