@@ -93,10 +93,11 @@ pub enum BlockViolation {
     Corrupt { block: u64 },
     #[error("block {block}: read back version {version}, which was never written")]
     Phantom { block: u64, version: u64 },
-    #[error("split brain: a flush of block {block} version {version} was acknowledged at {flushed} after the writer was fenced at {fenced_at}")]
+    #[error("split brain: block {block} version {version}, written at {called} after the writer was fenced at {fenced_at}, was acknowledged at {flushed}")]
     AckedAfterFence {
         block: u64,
         version: u64,
+        called: u64,
         flushed: u64,
         fenced_at: u64,
     },
@@ -143,15 +144,19 @@ pub fn check_readback(
     Ok(())
 }
 
-/// No flush of a fenced writer's writes was acknowledged after the fence.
+/// No write a fenced writer issued after the fence (`fenced_at`: when the
+/// fencing attach returned) was acknowledged. (A write issued before it may
+/// be acknowledged later: its shards can have reached the nodes before the
+/// fence; whether the new writer sees it is `check_readback`'s business.)
 pub fn check_fenced(writes: &[BlockWrite], fenced_at: u64) -> Result<(), BlockViolation> {
     match writes
         .iter()
-        .find(|w| w.flushed.is_some_and(|f| f > fenced_at))
+        .find(|w| w.called > fenced_at && w.flushed.is_some())
     {
         Some(w) => Err(BlockViolation::AckedAfterFence {
             block: w.block,
             version: w.version,
+            called: w.called,
             flushed: w.flushed.unwrap_or(0),
             fenced_at,
         }),
@@ -227,11 +232,23 @@ mod tests {
 
     #[test]
     fn an_ack_after_the_fence_is_split_brain() {
-        let writes = [w(0, 1, 0, Some(5)), w(0, 2, 6, Some(12))];
-        assert_eq!(check_fenced(&writes[..1], 10), Ok(()));
+        let writes = [
+            w(0, 1, 0, Some(5)),
+            // Issued before the fence, acknowledged after it: allowed.
+            w(0, 2, 6, Some(12)),
+            // Issued after it, never acknowledged: the fence working.
+            w(1, 1, 11, None),
+            // Issued after it and acknowledged: split brain.
+            w(1, 2, 13, Some(14)),
+        ];
+        assert_eq!(check_fenced(&writes[..3], 10), Ok(()));
         assert!(matches!(
             check_fenced(&writes, 10),
-            Err(BlockViolation::AckedAfterFence { version: 2, .. })
+            Err(BlockViolation::AckedAfterFence {
+                block: 1,
+                version: 2,
+                ..
+            })
         ));
     }
 }

@@ -9,6 +9,9 @@ use std::time::Duration;
 use crate::netns::Network;
 use crate::process::{Proc, ProcessError, Processes};
 
+/// The port storage nodes serve on, in their hosts.
+pub const STORE_PORT: u16 = 7100;
+
 /// What to start.
 pub struct Spec<'a> {
     pub tessera: &'a Path,
@@ -69,6 +72,7 @@ impl Cluster {
                 spec.tessera.to_path_buf(),
                 args,
                 spec.dir.join(format!("{name}.log")),
+                spec.dir.join(&name),
             ));
         }
         let endpoints = (0..spec.members)
@@ -89,7 +93,7 @@ impl Cluster {
                 "serve".into(),
                 format!("--name={name}"),
                 format!("--data-dir={}", spec.dir.join(&name).display()),
-                format!("--listen={addr}:7100"),
+                format!("--listen={addr}:{STORE_PORT}"),
                 format!("--zone=z{}", j % 3),
                 format!("--metrics-listen={addr}:7200"),
             ];
@@ -99,6 +103,7 @@ impl Cluster {
                 program,
                 args,
                 spec.dir.join(format!("{name}.log")),
+                spec.dir.join(&name),
             ));
         }
         let mut cluster = Cluster {

@@ -274,6 +274,37 @@ impl Network {
         self.drop_traffic(to, &[self.hosts[from].addr], &[])
     }
 
+    /// Makes `host`'s link slow: what it sends and receives over the
+    /// bridge beyond `bytes_per_second` each way is dropped, so TCP backs
+    /// off to that rate (with the losses of a congested link). This kernel
+    /// has no netem to delay packets; a rate limit is what nftables can do.
+    pub fn slow(&self, host: usize, bytes_per_second: u64) -> Result<(), NetError> {
+        let kib = (bytes_per_second / 1024).max(1);
+        let rules = format!(
+            "table inet chaos {{
+  chain slow_input {{ type filter hook input priority 1; policy accept;
+    iifname != \"lo\" limit rate over {kib} kbytes/second drop
+  }}
+  chain slow_output {{ type filter hook output priority 1; policy accept;
+    oifname != \"lo\" limit rate over {kib} kbytes/second drop
+  }}
+}}
+"
+        );
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.hosts[host].namespace,
+                "nft",
+                "-f",
+                "-",
+            ],
+            Some(&rules),
+        )
+    }
+
     /// Installs `host`'s rules: drop input from `sources` and output to
     /// `destinations`.
     fn drop_traffic(
@@ -401,6 +432,38 @@ mod tests {
         .unwrap()
     }
 
+    /// How long sending `bytes` from host `from` to host `to` takes, until
+    /// the receiver has them all.
+    fn transfer(net: &Network, from: usize, to: usize, bytes: usize) -> Duration {
+        use std::io::{Read, Write};
+        let (src, dst) = (net.hosts[from].clone(), net.hosts[to].clone());
+        let listener = {
+            let dst = dst.clone();
+            std::thread::spawn(move || {
+                Network::enter(&dst).unwrap();
+                TcpListener::bind((dst.addr, 7001)).unwrap()
+            })
+            .join()
+            .unwrap()
+        };
+        let receiver = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut got = Vec::new();
+            conn.read_to_end(&mut got).unwrap();
+            got.len()
+        });
+        let started = std::time::Instant::now();
+        std::thread::spawn(move || {
+            Network::enter(&src).unwrap();
+            let mut conn = TcpStream::connect((dst.addr, 7001)).unwrap();
+            conn.write_all(&vec![7u8; bytes]).unwrap();
+        })
+        .join()
+        .unwrap();
+        assert_eq!(receiver.join().unwrap(), bytes);
+        started.elapsed()
+    }
+
     /// Needs root (namespaces, nftables): run by CI as root.
     #[test]
     fn partitions_one_way_drops_and_links_cut_only_what_they_name() {
@@ -439,6 +502,17 @@ mod tests {
         assert!(!reachable(&net, 0, 2, 7000) && reachable(&net, 0, 1, 7000));
         net.heal().unwrap();
         assert!(reachable(&net, 0, 2, 7000));
+
+        // A slow link: 256 KiB at 64 KiB/s cannot take under a second (it
+        // takes about four); healed, it goes at the bridge's speed.
+        net.slow(1, 64 << 10).unwrap();
+        let slowed = transfer(&net, 0, 1, 256 << 10);
+        net.heal().unwrap();
+        let healed = transfer(&net, 0, 1, 256 << 10);
+        assert!(
+            slowed > Duration::from_secs(1) && healed < slowed / 2,
+            "slowed {slowed:?}, healed {healed:?}"
+        );
 
         let names: Vec<String> = net.hosts.iter().map(|h| h.namespace.clone()).collect();
         drop(listeners);

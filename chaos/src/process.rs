@@ -8,6 +8,9 @@ use std::time::{Duration, Instant};
 
 use crate::netns::{NetError, Network};
 
+/// The environment variable Tessera's binaries read failpoints from.
+pub const FAILPOINTS_ENV: &str = "TESSERA_FAILPOINTS";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
     #[error(transparent)]
@@ -34,6 +37,8 @@ pub struct Proc {
     pub program: PathBuf,
     pub args: Vec<String>,
     pub log_path: PathBuf,
+    /// Its data directory (the disk faults act on it).
+    pub data_dir: PathBuf,
     child: Option<Child>,
     paused: bool,
 }
@@ -45,6 +50,7 @@ impl Proc {
         program: PathBuf,
         args: Vec<String>,
         log_path: PathBuf,
+        data_dir: PathBuf,
     ) -> Proc {
         Proc {
             name: name.to_string(),
@@ -52,6 +58,7 @@ impl Proc {
             program,
             args,
             log_path,
+            data_dir,
             child: None,
             paused: false,
         }
@@ -93,6 +100,17 @@ impl Processes {
 
     /// Starts server `i` in its host (it may not serve yet).
     pub fn spawn(&mut self, net: &Network, i: usize) -> Result<(), ProcessError> {
+        self.spawn_with_failpoints(net, i, None)
+    }
+
+    /// Starts server `i` with `TESSERA_FAILPOINTS` set to `failpoints`
+    /// (unset when `None`, also when this process has it set).
+    pub fn spawn_with_failpoints(
+        &mut self,
+        net: &Network,
+        i: usize,
+        failpoints: Option<&str>,
+    ) -> Result<(), ProcessError> {
         let p = &self.procs[i];
         if p.child.is_some() {
             return Ok(());
@@ -113,6 +131,10 @@ impl Processes {
                 cmd.env_remove(key);
             }
         }
+        match failpoints {
+            Some(spec) => cmd.env(FAILPOINTS_ENV, spec),
+            None => cmd.env_remove(FAILPOINTS_ENV),
+        };
         let child = cmd
             .args(&p.args)
             .stdin(Stdio::null())

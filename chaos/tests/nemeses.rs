@@ -1,8 +1,9 @@
 //! A short `tessera-chaos run` for each nemesis, against a 3-member control
 //! plane (its members faulted) and against a 4+2 volume on six storage
-//! nodes (the nodes faulted), all in network namespaces (needs root, as CI
-//! runs): each run must end valid, with faults injected and work done under
-//! them. The runs take turns: each is a whole cluster, enough for two
+//! nodes (the nodes, and the control plane under them, faulted; every
+//! volume run ends with a split brain), all in network namespaces (needs
+//! root, as CI runs): each run must end valid, with faults injected and
+//! work done under them. The runs take turns: each is a whole cluster, enough for two
 //! cores.
 
 use std::path::Path;
@@ -131,6 +132,16 @@ fn pauses_of_members_keep_histories_valid() {
 #[test]
 fn kills_of_members_keep_histories_valid() {
     run_schedule("control", "kill", 203, 3);
+}
+
+#[test]
+fn failing_disks_of_members_keep_histories_valid() {
+    run_schedule("control", "disk", 207, 7);
+}
+
+#[test]
+fn failing_disks_of_storage_nodes_keep_acknowledged_flushes() {
+    run_schedule("volume", "disk", 208, 8);
 }
 
 #[test]

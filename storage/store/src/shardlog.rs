@@ -36,6 +36,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message;
@@ -809,6 +810,11 @@ impl ShardLog {
                 loc.layout.rows
             )));
         }
+        if tessera_storage::failpoint::is_on("shard-read-eio") {
+            // A disk that fails reads: the client must rebuild the rows
+            // from the other shards.
+            return Err(LogError::Io(io::Error::from_raw_os_error(EIO)));
+        }
         let mut data = vec![0u8; rows as usize * BLOCK];
         file.read_exact_at(
             &mut data,
@@ -1142,6 +1148,11 @@ impl Writer {
                 );
             self.current = next;
             self.offset = len;
+            if tessera_storage::failpoint::is_on(UNSYNCED_LOST) {
+                // The new file's header is synced: nothing of the old
+                // file's is unsynced any more.
+                self.note_synced_end(len)?;
+            }
         }
         let file = {
             let state = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -1156,12 +1167,52 @@ impl Writer {
                 "fdatasync failed (failpoint shard-log-sync-fails)",
             ));
         }
+        if tessera_storage::failpoint::is_on("shard-log-enospc") {
+            // A full disk: the write fails before any byte lands.
+            return Err(io::Error::from_raw_os_error(ENOSPC));
+        }
         let at = self.offset;
-        self.backend.write_durably(&file, at, buf)?;
+        if tessera_storage::failpoint::is_on(UNSYNCED_LOST) {
+            self.write_then_sync_slowly(&file, at, buf)?;
+        } else {
+            self.backend.write_durably(&file, at, buf)?;
+        }
         self.offset += buf.len() as u64;
         Ok((self.current, at))
     }
+
+    /// Failpoint `shard-log-unsynced-writes-lost`: the write and its sync
+    /// are separate calls with 20 ms between them, so a SIGKILL often finds
+    /// written but unsynced bytes, and after every sync the synced end of
+    /// the file is noted in [`SYNCED_END_FILE`] (page cache only: it
+    /// survives the kill). A harness then plays a power loss: it zeroes
+    /// what lies past the noted end before restarting the node, which must
+    /// still have every write it acknowledged.
+    fn write_then_sync_slowly(&mut self, file: &File, at: u64, buf: &[u8]) -> io::Result<()> {
+        file.write_all_at(buf, at)?;
+        std::thread::sleep(Duration::from_millis(20));
+        file.sync_data()?;
+        self.note_synced_end(at + buf.len() as u64)
+    }
+
+    /// Notes `end` as the synced end of the current file (see
+    /// [`Writer::write_then_sync_slowly`]).
+    fn note_synced_end(&self, end: u64) -> io::Result<()> {
+        let path = file_path(&self.inner.dir, self.current);
+        std::fs::write(
+            self.inner.dir.join(SYNCED_END_FILE),
+            format!("{} {end}\n", path.display()),
+        )
+    }
 }
+
+/// The failpoint that simulates a power loss's lost unsynced writes.
+const UNSYNCED_LOST: &str = "shard-log-unsynced-writes-lost";
+/// Where that failpoint notes the synced end of the current log file:
+/// `<path> <offset>`.
+pub const SYNCED_END_FILE: &str = "synced-end.failpoint";
+const EIO: i32 = 5;
+const ENOSPC: i32 = 28;
 
 fn reply_of(op: Op) -> Reply {
     match op {

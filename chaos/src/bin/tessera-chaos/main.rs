@@ -48,7 +48,8 @@ enum Workload {
     /// faults hit its members.
     Control,
     /// A writer on a 4+2 volume over six storage nodes; faults hit the
-    /// storage nodes.
+    /// storage nodes (two in three) and the control plane; at the end a
+    /// second writer fences the first (split brain).
     Volume,
 }
 
@@ -57,8 +58,12 @@ struct RunArgs {
     /// The workload, and so which servers the faults hit.
     #[arg(long, value_enum, default_value_t = Workload::Control)]
     workload: Workload,
-    /// Faults to inject, comma-separated: partition, pause, kill.
-    #[arg(long, value_delimiter = ',', default_value = "partition,pause,kill")]
+    /// Faults to inject, comma-separated: partition, pause, kill, disk.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "partition,pause,kill,disk"
+    )]
     nemesis: Vec<Nemesis>,
     /// How long the workload and faults run, in seconds.
     #[arg(long, default_value_t = 60)]
@@ -297,16 +302,12 @@ fn run(mut args: RunArgs) -> anyhow::Result<bool> {
         eprintln!("tessera-chaos: healing: {e}");
     }
     if volume_mode {
+        // Still attached when the run failed before the final checks
+        // detached it.
         let run_dir = volume::run_dir(&data_dir);
         let cli = volume::StoreCli::new(&lock(&cluster), &store);
-        if let Err(e) = cli.detach(&run_dir) {
-            // Not attached (the run failed before, or the final checks
-            // detached it): nothing to clean. Otherwise, by force.
-            if !format!("{e:#}").contains("not attached") {
-                eprintln!("tessera-chaos: detaching {}: {e:#}", volume::VOLUME);
-                volume::force_detach(&run_dir);
-            }
-        }
+        volume::detach_or_force(&cli, &run_dir);
+        volume::detach_or_force(&cli, &volume::second_run_dir(&run_dir));
     }
     lock(&cluster).stop_all();
     let (report, history) =
@@ -375,30 +376,26 @@ async fn drive(
     cluster: Arc<Mutex<Cluster>>,
 ) -> anyhow::Result<(Report, workload::History)> {
     let volume_mode = args.workload == Workload::Volume;
-    let (endpoints, target_names, world) = {
+    let (endpoints, member_names, store_names, store_world) = {
         let c = lock(&cluster);
-        let targets = if volume_mode { &c.stores } else { &c.members };
-        // Storage nodes cut off by a partition lose the client and the
-        // control plane too; members keep the client (it reaches an
-        // isolated leader, as clients of a real cluster do).
-        let world: Vec<usize> = if volume_mode {
-            c.members
-                .procs
-                .iter()
-                .map(|m| m.host)
-                .chain([c.client_host])
-                .collect()
-        } else {
-            Vec::new()
+        let names = |p: &tessera_chaos::process::Processes| {
+            p.procs.iter().map(|m| m.name.clone()).collect::<Vec<_>>()
         };
+        // Storage nodes cut off by a partition lose the client and the
+        // control plane too; members keep the client and the storage nodes
+        // (they reach an isolated leader, as clients of a real cluster do).
+        let store_world: Vec<usize> = c
+            .members
+            .procs
+            .iter()
+            .map(|m| m.host)
+            .chain([c.client_host])
+            .collect();
         (
             c.endpoints(),
-            targets
-                .procs
-                .iter()
-                .map(|m| m.name.clone())
-                .collect::<Vec<_>>(),
-            world,
+            names(&c.members),
+            names(&c.stores),
+            store_world,
         )
     };
     final_checks::wait_serving(&endpoints, Duration::from_secs(60))
@@ -422,7 +419,7 @@ async fn drive(
         let (writer, device) = {
             let run_dir = volume::run_dir(&args.data_dir());
             let cli = cli.clone();
-            let stores = target_names.len();
+            let stores = store_names.len();
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                 cli.wait_nodes(stores)?;
                 cli.create()?;
@@ -438,11 +435,12 @@ async fn drive(
         _stop_on_return.push(StopOnDrop(writer.stop.clone()));
         let w = writer.clone();
         let d = device.clone();
-        tasks.push(tokio::task::spawn_blocking(move || {
+        // Not one of `tasks`: it writes on through the final checks.
+        tokio::task::spawn_blocking(move || {
             if let Err(e) = w.run(&d, seed) {
                 eprintln!("tessera-chaos: writer: {e:#}");
             }
-        }));
+        });
         volume_run = Some((writer, device, cli));
     } else {
         eprintln!("workload starts");
@@ -525,26 +523,29 @@ async fn drive(
         if done(&shared, faults.len()) || crashed.is_some() {
             break;
         }
-        let leader_now = if volume_mode {
-            None
+        // In the volume workload, faults hit the storage nodes or the
+        // control plane under them.
+        let stores = volume_mode && schedule.hits_stores();
+        let (leader_now, names, world) = if stores {
+            (None, &store_names, store_world.clone())
         } else {
-            leader(&endpoints).await
+            (leader(&endpoints).await, &member_names, Vec::new())
         };
-        let Some(fault) = schedule.next(target_names.len(), leader_now) else {
+        let Some(fault) = schedule.next(names.len(), leader_now, stores) else {
             continue;
         };
         let hold = schedule.hold();
-        let described = describe(&fault, &target_names, leader_now);
+        let described = describe(&fault, names, leader_now);
         eprintln!(
             "[{:>5.1}s] fault: {described}",
             shared.epoch.elapsed().as_secs_f64()
         );
         // Faults run ip/nft and signal processes: off the clients' thread.
         {
-            let (cluster, world, fault) = (cluster.clone(), world.clone(), fault.clone());
+            let (cluster, fault) = (cluster.clone(), fault.clone());
             tokio::task::spawn_blocking(move || {
                 let mut cluster = lock(&cluster);
-                let (net, targets) = cluster.faultable(volume_mode);
+                let (net, targets) = cluster.faultable(stores);
                 nemesis::apply(net, targets, &world, &fault)
             })
             .await??;
@@ -569,7 +570,7 @@ async fn drive(
             let (cluster, fault) = (cluster.clone(), fault.clone());
             tokio::task::spawn_blocking(move || {
                 let mut cluster = lock(&cluster);
-                let (net, targets) = cluster.faultable(volume_mode);
+                let (net, targets) = cluster.faultable(stores);
                 nemesis::heal(net, targets, &fault)
             })
             .await??;
@@ -603,9 +604,6 @@ async fn drive(
         }
     }
     shared.stop.store(true, Ordering::Relaxed);
-    if let Some((writer, _, _)) = &volume_run {
-        writer.stop.store(true, Ordering::Relaxed);
-    }
     {
         let cluster = cluster.clone();
         tokio::task::spawn_blocking(move || lock(&cluster).heal_all()).await??;
@@ -629,9 +627,10 @@ async fn drive(
             detail: readback_failure.unwrap_or_else(|| format!("{readbacks} readbacks")),
         });
         let run_dir = volume::run_dir(&args.data_dir());
-        let w = writer.clone();
-        let checks =
-            tokio::task::spawn_blocking(move || volume::final_checks(&cli, &run_dir, &w, &device));
+        let (w, c) = (writer.clone(), cluster.clone());
+        let checks = tokio::task::spawn_blocking(move || {
+            volume::final_checks(&c, &cli, &run_dir, &w, &device)
+        });
         match tokio::time::timeout(Duration::from_secs(600), checks).await {
             Ok(joined) => verdicts.extend(joined?),
             Err(_) => verdicts.push(Verdict {
@@ -669,7 +668,7 @@ async fn drive(
 }
 
 /// Sets its flag when dropped.
-struct StopOnDrop(Arc<std::sync::atomic::AtomicBool>);
+pub struct StopOnDrop(pub Arc<std::sync::atomic::AtomicBool>);
 
 impl Drop for StopOnDrop {
     fn drop(&mut self) {
@@ -747,7 +746,18 @@ fn describe(fault: &Fault, names: &[String], leader: Option<usize>) -> String {
         ),
         Fault::OneWay { from, to } => format!("{} drops everything from {}", name(to), name(from)),
         Fault::LinkDown { member } => format!("link of {} down", name(member)),
+        Fault::SlowLink {
+            member,
+            bytes_per_second,
+        } => format!(
+            "link of {} slowed to {} KiB/s",
+            name(member),
+            bytes_per_second >> 10
+        ),
         Fault::Pause { member } => format!("SIGSTOP {}", name(member)),
         Fault::Kill { member } => format!("SIGKILL {}", name(member)),
+        Fault::Disk { member, fault } => {
+            format!("disk of {}: {}", name(member), fault.failpoints())
+        }
     }
 }

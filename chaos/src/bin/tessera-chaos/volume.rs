@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tessera_chaos::blocks::{check_readback, decode, encode, BlockWrite};
-use tessera_chaos::cluster::Cluster;
+use tessera_chaos::blocks::{check_fenced, check_readback, decode, encode, BlockWrite};
+use tessera_chaos::cluster::{Cluster, STORE_PORT};
 
 use crate::lock;
 use tessera_chaos::netns::{Host, Network};
@@ -66,6 +66,14 @@ impl StoreCli {
             store: store.to_path_buf(),
             endpoints: cluster.endpoints().join(","),
             client: cluster.net.hosts[cluster.client_host].clone(),
+        }
+    }
+
+    /// The same commands, run in `host`.
+    pub fn in_host(&self, host: Host) -> StoreCli {
+        StoreCli {
+            client: host,
+            ..self.clone()
         }
     }
 
@@ -183,7 +191,7 @@ impl StoreCli {
 /// Removes what attaches left in `run_dir` when `volume detach` could not
 /// (the control plane gone, a daemon stuck): the loop device, the attach
 /// daemon, its FUSE mount.
-pub fn force_detach(run_dir: &Path) {
+fn force_detach(run_dir: &Path) {
     let Ok(entries) = std::fs::read_dir(run_dir) else {
         return;
     };
@@ -217,6 +225,17 @@ pub fn force_detach(run_dir: &Path) {
     }
 }
 
+/// Detaches the volume attached with `run_dir`, by force when `volume
+/// detach` cannot (nothing to do when it is not attached).
+pub fn detach_or_force(cli: &StoreCli, run_dir: &Path) {
+    if let Err(e) = cli.detach(run_dir) {
+        if !format!("{e:#}").contains("not attached") {
+            eprintln!("tessera-chaos: detaching {VOLUME}: {e:#}");
+            force_detach(run_dir);
+        }
+    }
+}
+
 /// The writer's record and controls.
 #[derive(Clone)]
 pub struct Writer {
@@ -228,6 +247,8 @@ pub struct Writer {
     /// writer re-locks within nanoseconds of unlocking).
     pub readback_waiting: Arc<AtomicBool>,
     pub stop: Arc<AtomicBool>,
+    /// Set when `run` returns.
+    pub finished: Arc<AtomicBool>,
     pub flushes_ok: Arc<AtomicU64>,
     pub flushes_failed: Arc<AtomicU64>,
     pub epoch: Instant,
@@ -240,20 +261,35 @@ impl Writer {
             hold: Arc::default(),
             readback_waiting: Arc::default(),
             stop: Arc::default(),
+            finished: Arc::default(),
             flushes_ok: Arc::default(),
             flushes_failed: Arc::default(),
             epoch,
         }
     }
 
-    fn now(&self) -> u64 {
+    pub fn now(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// Stops the writer and waits (up to a minute) until it has.
+    pub fn stop_and_wait(&self) -> anyhow::Result<()> {
+        self.stop.store(true, Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.finished.load(Ordering::Relaxed) {
+            if Instant::now() > deadline {
+                bail!("the writer did not stop within 60 s (its I/O stuck?)");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
     }
 
     /// Writes and flushes until stopped. A failed flush leaves the writes
     /// since the last good flush unacknowledged for good: a later flush
     /// that succeeds does not vouch for them (fsyncgate).
     pub fn run(&self, device: &str, seed: u64) -> anyhow::Result<()> {
+        let _finished = crate::StopOnDrop(self.finished.clone());
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -348,44 +384,182 @@ pub fn counts(writer: &Writer) -> (usize, usize) {
     )
 }
 
-/// After the faults (the writer finished): repair converges, the attached
-/// volume reads back every acknowledged version, and so does a fresh
-/// attach (nothing served from the old attach's memory).
+/// A checker's verdict from what it returned: `Ok(Ok)` passed, `Ok(Err)`
+/// found a violation, `Err` could not check.
+fn verdict(checker: &str, result: anyhow::Result<Result<String, String>>) -> crate::Verdict {
+    let (ok, detail) = match result {
+        Ok(Ok(detail)) => (true, detail),
+        Ok(Err(e)) => (false, e),
+        Err(e) => (false, format!("{e:#}")),
+    };
+    crate::Verdict {
+        checker: checker.into(),
+        ok,
+        detail,
+    }
+}
+
+/// After the faults, healed (the writer still writing): the attached
+/// volume reads back every acknowledged version; a second writer fences
+/// the first (split brain, which stops the writer); repair converges; a
+/// fresh attach reads back every acknowledged version (nothing served from
+/// an attach's memory).
 pub fn final_checks(
+    cluster: &Mutex<Cluster>,
     cli: &StoreCli,
     run_dir: &Path,
     writer: &Writer,
     device: &str,
 ) -> Vec<crate::Verdict> {
-    let verdict = |checker: &str, result: anyhow::Result<Result<(), String>>| {
-        let (ok, detail) = match result {
-            Ok(Ok(())) => (true, String::new()),
-            Ok(Err(e)) => (false, e),
-            Err(e) => (false, format!("{e:#}")),
-        };
-        crate::Verdict {
-            checker: checker.into(),
-            ok,
-            detail,
-        }
-    };
     let (written, acked) = counts(writer);
+    let summary = format!("{written} block writes, {acked} acknowledged");
     let mut verdicts = vec![verdict(
-        "repair converges",
-        cli.wait_healthy(Duration::from_secs(120)).map(Ok),
+        "readback after healing",
+        readback(writer, device).map(|r| r.map(|()| summary)),
     )];
-    let mut v = verdict("readback after healing", readback(writer, device));
-    if v.ok {
-        v.detail = format!("{written} block writes, {acked} acknowledged");
+    verdicts.extend(split_brain(cluster, cli, run_dir, writer));
+    if let Err(e) = writer.stop_and_wait() {
+        verdicts.push(verdict("writer stops", Err(e)));
     }
-    verdicts.push(v);
+    verdicts.push(verdict(
+        "repair converges",
+        cli.wait_healthy(Duration::from_secs(120))
+            .map(|()| Ok(String::new())),
+    ));
     let fresh = (|| {
         cli.detach(run_dir)?;
         let device = cli.attach(run_dir)?;
         let checked = readback(writer, &device);
         cli.detach(run_dir)?;
-        checked
+        checked.map(|r| r.map(|()| String::new()))
     })();
     verdicts.push(verdict("readback through a fresh attach", fresh));
+    verdicts.push(verdict(
+        "any two storage nodes can be lost",
+        redundancy_restored(cluster, cli, run_dir, writer),
+    ));
     verdicts
+}
+
+/// Repair (and the writer's own retries) gave every stripe back all its
+/// shards: with any two storage nodes down (as many as the 4+2 code
+/// tolerates), a fresh attach still reads back every acknowledged version.
+/// Shards a node missed while it was faulted and nobody rebuilt show up
+/// here, where reads during the run rebuilt around them. The pairs cover
+/// every node once; each pair is killed, checked, and restarted.
+fn redundancy_restored(
+    cluster: &Mutex<Cluster>,
+    cli: &StoreCli,
+    run_dir: &Path,
+    writer: &Writer,
+) -> anyhow::Result<Result<String, String>> {
+    let nodes = lock(cluster).stores.len();
+    for pair in (0..nodes).collect::<Vec<_>>().chunks(2) {
+        let names: Vec<String> = {
+            let mut c = lock(cluster);
+            for &i in pair {
+                c.stores.kill(i);
+            }
+            pair.iter()
+                .map(|&i| c.stores.procs[i].name.clone())
+                .collect()
+        };
+        let checked = (|| {
+            let device = cli.attach(run_dir)?;
+            let read = readback(writer, &device);
+            cli.detach(run_dir)?;
+            read
+        })();
+        let addrs: Vec<std::net::SocketAddr> = {
+            let mut c = lock(cluster);
+            let c = &mut *c;
+            for &i in pair {
+                c.stores.spawn(&c.net, i)?;
+            }
+            pair.iter()
+                .map(|&i| (c.net.hosts[c.stores.procs[i].host].addr, STORE_PORT).into())
+                .collect()
+        };
+        let without = names.join(" and ");
+        match checked {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Ok(Err(format!("without {without}: {e}"))),
+            Err(e) => return Ok(Err(format!("without {without}: {e:#}"))),
+        }
+        // Serving again (a node listens once it has registered) before
+        // the next pair goes down.
+        for addr in addrs {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err() {
+                if Instant::now() > deadline {
+                    bail!("storage node at {addr} did not serve again within 60 s");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    Ok(Ok(format!("checked without each of {} pairs", nodes / 2)))
+}
+
+/// The attach run directory of the split brain's second writer.
+pub fn second_run_dir(run_dir: &Path) -> PathBuf {
+    run_dir.with_file_name("run-second-writer")
+}
+
+/// Split brain: the writer's host is cut off from the control plane while
+/// it goes on writing, and the volume is attached again from a storage
+/// node's host, which fences the first writer. No write the first writer
+/// issues after that attach returned may be acknowledged, and the second
+/// writer reads every version the first one had acknowledged.
+fn split_brain(
+    cluster: &Mutex<Cluster>,
+    cli: &StoreCli,
+    run_dir: &Path,
+    writer: &Writer,
+) -> Vec<crate::Verdict> {
+    let second_dir = second_run_dir(run_dir);
+    let (net_cut, second) = {
+        let c = lock(cluster);
+        let members: Vec<usize> = c.members.procs.iter().map(|m| m.host).collect();
+        let cut = c.net.cut(&[c.client_host], &members);
+        let host = c.stores.procs.first().map(|s| c.net.hosts[s.host].clone());
+        (cut, host)
+    };
+    let result = (|| -> anyhow::Result<(Result<String, String>, Result<String, String>)> {
+        net_cut?;
+        let second = cli.in_host(second.context("no storage node host")?);
+        let acked_at_cut = writer.flushes_ok.load(Ordering::Relaxed);
+        std::thread::sleep(Duration::from_secs(1));
+        let device = second.attach(&second_dir)?;
+        let fenced_at = writer.now();
+        let acked_at_fence = writer.flushes_ok.load(Ordering::Relaxed);
+        eprintln!("split brain: {VOLUME} attached again as {device} from another host; the first writer is cut off from the control plane");
+        std::thread::sleep(Duration::from_secs(3));
+        writer.stop_and_wait()?;
+        let fenced = {
+            let writes = lock(&writer.writes);
+            let tried = writes.iter().filter(|w| w.called > fenced_at).count();
+            check_fenced(&writes, fenced_at)
+                .map(|()| {
+                    format!(
+                        "{} flushes acknowledged while cut off before the second attach, none of {tried} writes after it",
+                        acked_at_fence - acked_at_cut
+                    )
+                })
+                .map_err(|e| e.to_string())
+        };
+        let read = readback(writer, &device)?.map(|()| String::new());
+        second.detach(&second_dir)?;
+        Ok((fenced, read))
+    })();
+    if let Err(e) = lock(cluster).net.heal() {
+        eprintln!("tessera-chaos: healing after the split brain: {e}");
+    }
+    match result {
+        Ok((fenced, read)) => vec![
+            verdict("fenced writer acknowledges nothing", Ok(fenced)),
+            verdict("second writer reads every acknowledged write", Ok(read)),
+        ],
+        Err(e) => vec![verdict("split brain", Err(e))],
+    }
 }
