@@ -1106,6 +1106,14 @@ impl Meta {
                         }
                         tokio::time::sleep(every).await;
                     },
+                    Err(etcd_client::Error::LeaseKeepAliveError(why)) => {
+                        // Gone (it expired while the control plane was
+                        // out of reach): it never comes back, and
+                        // `LeaseGuard::expired` tells the holder to take
+                        // a new one.
+                        tracing::error!(lease = id, %why, "lease expired");
+                        return;
+                    }
                     Err(e) => {
                         tracing::warn!(lease = id, error = %e, "lease keep-alive failed; retrying")
                     }

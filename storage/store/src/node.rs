@@ -22,7 +22,7 @@ use tessera_proto::store::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::meta::{Meta, NodeRecord};
+use crate::meta::{Meta, MetaError, NodeRecord};
 use crate::repair::{RepairOptions, RepairStats};
 use crate::scrub::{ScrubStats, Scrubber};
 use crate::shardlog::{stripe_id, stripe_of, LogError, LogOptions, ShardLog};
@@ -32,6 +32,9 @@ use crate::shardlog::{stripe_id, stripe_of, LogError, LogOptions, ShardLog};
 pub const MAX_MESSAGE: usize = 64 << 20;
 /// TTL of a node's liveness lease, seconds.
 const LEASE_TTL: i64 = 10;
+/// How long a starting node retries registering while the control plane
+/// does not answer.
+const REGISTER_PATIENCE: Duration = Duration::from_secs(60);
 /// How often the node's use is published and deleted volumes are looked for.
 const HOUSEKEEPING: Duration = Duration::from_secs(10);
 
@@ -263,9 +266,27 @@ pub async fn serve(
         capacity: config.capacity,
         used: log.used_bytes(),
     };
-    let mut lease = meta.keep_lease(LEASE_TTL).await?;
-    meta.register_node(&record, instance, previous, lease.id)
-        .await?;
+    // The control plane may be electing a leader, or out of reach for a
+    // moment, just as this node starts: registering is retried for a while
+    // before the node gives up.
+    let started = std::time::Instant::now();
+    let mut lease = loop {
+        let attempt = async {
+            let lease = meta.keep_lease(LEASE_TTL).await?;
+            meta.register_node(&record, instance, previous, lease.id)
+                .await?;
+            Ok::<_, MetaError>(lease)
+        }
+        .await;
+        match attempt {
+            Ok(lease) => break lease,
+            Err(e @ MetaError::Etcd { .. }) if started.elapsed() < REGISTER_PATIENCE => {
+                tracing::warn!(error = %e, "cannot register in the control plane yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     std::fs::write(&instance_file, format!("{instance}\n"))
         .with_context(|| format!("cannot write {}", instance_file.display()))?;
     tracing::info!(name = %config.name, address = %config.advertise, zone = %config.zone, "registered in the control plane");

@@ -264,6 +264,56 @@ impl State {
         freed
     }
 
+    /// Forgets the shards in file `last` whose rows do not match their
+    /// checksums; returns them, and their regions to punch. A power loss
+    /// during the last group write can keep a record's header but lose
+    /// pages of its rows, and the header scan cannot tell: held on, such a
+    /// shard would count toward its stripe (a stripe that never reached its
+    /// quorum could then look readable and hide the older, acknowledged
+    /// version of its blocks). Forgotten, it is missing, and the writer or
+    /// repair rebuilds it. Only the newest file with shard records can hold
+    /// an unsynced one (a group write never spans files, and a sync covers
+    /// everything written before it); damage elsewhere is the scrubber's.
+    #[allow(clippy::type_complexity)]
+    fn forget_torn_shards(
+        &mut self,
+        last: u64,
+    ) -> io::Result<(Vec<(u64, u32, (Stripe, u32))>, Vec<(Arc<File>, u64, u64)>)> {
+        let Some(file) = self.files.get(&last).map(|f| f.file.clone()) else {
+            return Ok(Default::default());
+        };
+        let mut torn = Vec::new();
+        let mut data = Vec::new();
+        for (&volume, vol) in &self.volumes {
+            for (&segment, shards) in &vol.segments {
+                for (&key, loc) in shards.iter().filter(|(_, loc)| loc.file == last) {
+                    data.resize(loc.layout.rows as usize * BLOCK, 0);
+                    file.read_exact_at(&mut data, loc.data_offset)?;
+                    let intact = data
+                        .chunks(BLOCK)
+                        .zip(loc.crcs.iter())
+                        .all(|(block, &crc)| crc32fast::hash(block) == crc);
+                    if !intact {
+                        torn.push((volume, segment, key));
+                    }
+                }
+            }
+        }
+        let mut freed = Vec::new();
+        for &(volume, segment, key) in &torn {
+            let loc = self
+                .volumes
+                .get_mut(&volume)
+                .and_then(|v| v.segments.get_mut(&segment))
+                .and_then(|s| s.remove(&key));
+            if let Some(loc) = loc {
+                tracing::warn!(volume = %format!("{volume:x}"), segment, shard = key.1, epoch = (key.0).0, seq = (key.0).1, "shard log: a shard torn by a crash in its last write is forgotten (rebuilt from the others)");
+                freed.extend(self.release(&loc));
+            }
+        }
+        Ok((torn, freed))
+    }
+
     /// A shard no longer held: its file has one live shard less; returns its
     /// data region to punch.
     fn release(&mut self, loc: &Loc) -> Option<(Arc<File>, u64, u64)> {
@@ -504,6 +554,9 @@ impl ShardLog {
         let mut state = State::default();
         let numbers = list_files(dir)?;
         let mut punched = Vec::new();
+        // The newest file with shard records: the only one a crash can
+        // have left a torn shard in (see `forget_torn_shards`).
+        let mut last_with_shards = None;
         for (i, &n) in numbers.iter().enumerate() {
             let path = file_path(dir, n);
             let file = Arc::new(OpenOptions::new().read(true).write(true).open(&path)?);
@@ -524,6 +577,9 @@ impl ShardLog {
                         end,
                     } => {
                         if let Some(kind) = &record.kind {
+                            if matches!(kind, Kind::Shard(_)) {
+                                last_with_shards = Some(n);
+                            }
                             punched.extend(state.apply(kind, n, data_offset));
                         }
                         offset = end;
@@ -545,6 +601,11 @@ impl ShardLog {
                 }
             }
         }
+        let (torn, freed) = match last_with_shards {
+            Some(n) => state.forget_torn_shards(n)?,
+            None => Default::default(),
+        };
+        punched.extend(freed);
         // Discards found after their shards: free those regions again (a
         // crash may have come between the discard and the punch).
         for (file, offset, len) in punched {
@@ -578,10 +639,21 @@ impl ShardLog {
             file_size: options.file_size,
             failed: None,
         };
+        if tessera_storage::failpoint::is_on(UNSYNCED_LOST) {
+            // The new file is synced: a kill before the first write loses
+            // nothing but what that write adds.
+            writer.note_synced_end(offset)?;
+        }
         std::thread::Builder::new()
             .name("shard-log".into())
             .spawn(move || writer.run(rx))?;
         let log = ShardLog { inner, ops: tx };
+        // Torn shards stay forgotten once shards are written after them:
+        // until then, the next open checks the same file again.
+        for (volume, segment, (stripe, shard)) in torn {
+            let epoch = log.epoch(volume);
+            log.discard(volume, segment, epoch, vec![stripe_id(stripe)], Some(shard))?;
+        }
         log.delete_dead_files();
         Ok(log)
     }
@@ -813,7 +885,7 @@ impl ShardLog {
         if tessera_storage::failpoint::is_on("shard-read-eio") {
             // A disk that fails reads: the client must rebuild the rows
             // from the other shards.
-            return Err(LogError::Io(io::Error::from_raw_os_error(EIO)));
+            return Err(LogError::Io(io::Error::from_raw_os_error(libc::EIO)));
         }
         let mut data = vec![0u8; rows as usize * BLOCK];
         file.read_exact_at(
@@ -1169,7 +1241,7 @@ impl Writer {
         }
         if tessera_storage::failpoint::is_on("shard-log-enospc") {
             // A full disk: the write fails before any byte lands.
-            return Err(io::Error::from_raw_os_error(ENOSPC));
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
         let at = self.offset;
         if tessera_storage::failpoint::is_on(UNSYNCED_LOST) {
@@ -1196,13 +1268,14 @@ impl Writer {
     }
 
     /// Notes `end` as the synced end of the current file (see
-    /// [`Writer::write_then_sync_slowly`]).
+    /// [`Writer::write_then_sync_slowly`]); replaced whole by a rename, so
+    /// a kill never leaves half a note.
     fn note_synced_end(&self, end: u64) -> io::Result<()> {
         let path = file_path(&self.inner.dir, self.current);
-        std::fs::write(
-            self.inner.dir.join(SYNCED_END_FILE),
-            format!("{} {end}\n", path.display()),
-        )
+        let note = self.inner.dir.join(SYNCED_END_FILE);
+        let tmp = note.with_extension("tmp");
+        std::fs::write(&tmp, format!("{} {end}\n", path.display()))?;
+        std::fs::rename(&tmp, &note)
     }
 }
 
@@ -1211,8 +1284,6 @@ const UNSYNCED_LOST: &str = "shard-log-unsynced-writes-lost";
 /// Where that failpoint notes the synced end of the current log file:
 /// `<path> <offset>`.
 pub const SYNCED_END_FILE: &str = "synced-end.failpoint";
-const EIO: i32 = 5;
-const ENOSPC: i32 = 28;
 
 fn reply_of(op: Op) -> Reply {
     match op {
@@ -1404,6 +1475,53 @@ mod tests {
         drop(log);
         let log = ShardLog::open(dir.path(), options(1 << 20)).unwrap();
         assert_eq!(log.stripes(1, 0).len(), 5);
+    }
+
+    /// A power loss that kept the last record's header but zeroed a page
+    /// of its rows: that shard is forgotten at open (so it counts as
+    /// missing, not held), the ones before it stay, and so do shards in
+    /// older files whatever their state (the scrubber's business).
+    #[test]
+    fn a_shard_torn_under_an_intact_header_is_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = ShardLog::open(dir.path(), options(1 << 20)).unwrap();
+            for seq in 0..3 {
+                let (r, d) = shard(1, 0, 0, (1, seq), 3 + seq as u8);
+                log.append(r, d, 0).unwrap();
+            }
+        }
+        let path = file_path(dir.path(), 0);
+        let len = std::fs::metadata(&path).unwrap().len();
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        // The last shard's second row (its last 4 KiB) is zeroed.
+        f.write_all_at(&[0u8; BLOCK], len - BLOCK as u64).unwrap();
+        drop(f);
+        let log = ShardLog::open(dir.path(), options(1 << 20)).unwrap();
+        let held: Vec<Stripe> = log.stripes(1, 0).iter().map(|h| h.stripe).collect();
+        assert_eq!(held, vec![(1, 0), (1, 1)]);
+        assert!(matches!(
+            log.read(1, 0, 0, (1, 2), 0, 1),
+            Err(LogError::NotFound { .. })
+        ));
+        assert_eq!(
+            log.read(1, 0, 0, (1, 1), 0, 2).unwrap().0,
+            vec![4u8; 2 * BLOCK]
+        );
+        // It stays forgotten when the file it is in is no longer the last.
+        drop(log);
+        let log = ShardLog::open(dir.path(), options(1 << 20)).unwrap();
+        assert_eq!(log.stripes(1, 0).len(), 2);
+        // Written again (the writer's retry), it is held again.
+        let (r, d) = shard(1, 0, 0, (1, 2), 5);
+        log.append(r, d, 0).unwrap();
+        drop(log);
+        let log = ShardLog::open(dir.path(), options(1 << 20)).unwrap();
+        assert_eq!(log.stripes(1, 0).len(), 3);
+        assert_eq!(
+            log.read(1, 0, 0, (1, 2), 0, 2).unwrap().0,
+            vec![5u8; 2 * BLOCK]
+        );
     }
 
     /// A layout no writer makes (it would make a huge header, or point

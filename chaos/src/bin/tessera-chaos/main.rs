@@ -18,7 +18,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use tessera_chaos::cluster::{Cluster, Spec};
-use tessera_chaos::nemesis::{self, Fault, Nemesis, Schedule};
+use tessera_chaos::nemesis::{self, DiskFault, Fault, Nemesis, Schedule};
 use tessera_chaos::netns::Network;
 
 use crate::workload::Shared;
@@ -557,6 +557,27 @@ async fn drive(
             names: described,
         });
         let n = faults.len();
+        let failing_reads = matches!(
+            fault,
+            Fault::Disk {
+                fault: DiskFault::ReadEio,
+                ..
+            }
+        );
+        if let (true, Some((writer, device, _))) = (failing_reads, &volume_run) {
+            // While a node's reads fail, everything must still read back
+            // (rebuilt from the other shards), once it serves again.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            readbacks += 1;
+            if let Err(e) = readback_in_time(writer, device).await? {
+                eprintln!(
+                    "[{:>5.1}s] readback: {e}",
+                    shared.epoch.elapsed().as_secs_f64()
+                );
+                // Healed below; the run stops then.
+                readback_failure.get_or_insert(format!("during fault {n}: {e}"));
+            }
+        }
         sleep_checking(
             &cluster,
             &shared,
@@ -579,21 +600,13 @@ async fn drive(
             last.healed_ms = Some(shared.epoch.elapsed().as_millis() as u64);
         }
         eprintln!("[{:>5.1}s] healed", shared.epoch.elapsed().as_secs_f64());
+        if readback_failure.is_some() {
+            break;
+        }
         if let Some((writer, device, _)) = &volume_run {
             // Every acknowledged flush must read back once the fault is over.
-            // The writer is held meanwhile; if its I/O never resumes, the
-            // readback never starts: that is a failure too.
-            let (w, d) = (writer.clone(), device.clone());
-            let read = tokio::task::spawn_blocking(move || volume::readback(&w, &d));
-            let checked = match tokio::time::timeout(READBACK_TIMEOUT, read).await {
-                Ok(joined) => joined??,
-                Err(_) => Err(format!(
-                    "I/O did not resume within {} s of healing",
-                    READBACK_TIMEOUT.as_secs()
-                )),
-            };
             readbacks += 1;
-            if let Err(e) = checked {
+            if let Err(e) = readback_in_time(writer, device).await? {
                 eprintln!(
                     "[{:>5.1}s] readback: {e}",
                     shared.epoch.elapsed().as_secs_f64()
@@ -628,16 +641,29 @@ async fn drive(
         });
         let run_dir = volume::run_dir(&args.data_dir());
         let (w, c) = (writer.clone(), cluster.clone());
-        let checks = tokio::task::spawn_blocking(move || {
-            volume::final_checks(&c, &cli, &run_dir, &w, &device)
+        let give_up = Arc::new(AtomicBool::new(false));
+        let g = give_up.clone();
+        let mut checks = tokio::task::spawn_blocking(move || {
+            volume::final_checks(&c, &cli, &run_dir, &w, &device, &g)
         });
-        match tokio::time::timeout(Duration::from_secs(600), checks).await {
+        match tokio::time::timeout(Duration::from_secs(600), &mut checks).await {
             Ok(joined) => verdicts.extend(joined?),
-            Err(_) => verdicts.push(Verdict {
-                checker: "final volume checks".into(),
-                ok: false,
-                detail: "did not finish within 600 s (the writer's I/O stuck?)".into(),
-            }),
+            Err(_) => {
+                verdicts.push(Verdict {
+                    checker: "final volume checks".into(),
+                    ok: false,
+                    detail: "did not finish within 600 s (the writer's I/O stuck?)".into(),
+                });
+                // They stop at their next step; cleaning up while they
+                // still start nodes and attach would leave some behind.
+                give_up.store(true, Ordering::Relaxed);
+                if tokio::time::timeout(Duration::from_secs(300), checks)
+                    .await
+                    .is_err()
+                {
+                    eprintln!("tessera-chaos: the final volume checks are still stuck; cleaning up regardless");
+                }
+            }
         }
         let (written, acked) = volume::counts(&writer);
         attempted = written as u64;
@@ -674,6 +700,23 @@ impl Drop for StopOnDrop {
     fn drop(&mut self) {
         self.0.store(true, Ordering::Relaxed);
     }
+}
+
+/// Reads the volume back (the writer held meanwhile); if its I/O never
+/// resumes, the readback never starts: that is a failure too.
+async fn readback_in_time(
+    writer: &volume::Writer,
+    device: &str,
+) -> anyhow::Result<Result<(), String>> {
+    let (w, d) = (writer.clone(), device.to_string());
+    let read = tokio::task::spawn_blocking(move || volume::readback(&w, &d));
+    Ok(match tokio::time::timeout(READBACK_TIMEOUT, read).await {
+        Ok(joined) => joined??,
+        Err(_) => Err(format!(
+            "I/O did not resume within {} s",
+            READBACK_TIMEOUT.as_secs()
+        )),
+    })
 }
 
 /// How long the readback after a fault may wait for the writer's I/O.

@@ -25,8 +25,13 @@ use tessera_chaos::watch::{Change, Observed};
 pub const OP_TIMEOUT: Duration = Duration::from_secs(2);
 /// Register keys (`reg/0`..), watched by the watchers.
 pub const REGISTERS: usize = 3;
-/// List keys (`list/0`..).
+/// List keys appended to at a time (`list/0`..).
 pub const LISTS: usize = 2;
+/// Every this long the list clients move on to `LISTS` new keys, so that
+/// values stay small: etcd's history keeps every version of a list (no
+/// compaction under the watchers), and lists that grew for the whole run
+/// would fill the backend quota within minutes.
+const LIST_GENERATION: Duration = Duration::from_secs(10);
 /// Lease TTL asked for, in seconds.
 const LEASE_TTL: i64 = 3;
 
@@ -35,7 +40,7 @@ const LEASE_TTL: i64 = 3;
 pub struct History {
     /// Per register key.
     pub registers: Vec<Vec<Event>>,
-    /// Per list key.
+    /// Per list key (`list/N` at index N).
     pub lists: Vec<Vec<ListEvent>>,
     /// Writes of watched keys the clients were acknowledged for, with the
     /// revision of the acknowledgement.
@@ -45,6 +50,16 @@ pub struct History {
     pub leases: Vec<LeaseLife>,
     /// The volume workload's block writes.
     pub volume_writes: Vec<BlockWrite>,
+}
+
+impl History {
+    /// The events of list key `list` (made as lists appear).
+    fn list(&mut self, list: usize) -> &mut Vec<ListEvent> {
+        if self.lists.len() <= list {
+            self.lists.resize(list + 1, Vec::new());
+        }
+        &mut self.lists[list]
+    }
 }
 
 /// What the clients share: the clock, the stop flag, the record and a
@@ -276,7 +291,8 @@ pub async fn list_client(id: u64, endpoint: String, seed: u64, shared: Shared) {
     };
     let mut counter = 0u64;
     while !shared.stopped() {
-        let list = rng.gen_range(0..LISTS);
+        let generation = (shared.now() / LIST_GENERATION.as_nanos() as u64) as usize;
+        let list = generation * LISTS + rng.gen_range(0..LISTS);
         let key = format!("list/{list}");
         let called = shared.now();
         if rng.gen_bool(0.5) {
@@ -285,7 +301,7 @@ pub async fn list_client(id: u64, endpoint: String, seed: u64, shared: Shared) {
             let seen = resp.map(|r| r.kvs().first().map_or(Vec::new(), |kv| decode(kv.value())));
             shared.count(returned.is_some());
             shared.record(|h| {
-                h.lists[list].push(ListEvent {
+                h.list(list).push(ListEvent {
                     op: ListOp::Read(seen),
                     called,
                     returned,
@@ -341,7 +357,7 @@ pub async fn list_client(id: u64, endpoint: String, seed: u64, shared: Shared) {
         shared.count(returned.is_some());
         if returned.is_some() || maybe_applied {
             shared.record(|h| {
-                h.lists[list].push(ListEvent {
+                h.list(list).push(ListEvent {
                     op: ListOp::Append(value),
                     called,
                     returned,
