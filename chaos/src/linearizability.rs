@@ -163,6 +163,24 @@ impl Bits {
             self.0[i / 64] &= !(1 << (i % 64));
         }
     }
+
+    /// The lowest index not in the set (`n` rounded up when all are).
+    fn first_unset(&self) -> usize {
+        self.0
+            .iter()
+            .position(|&w| w != u64::MAX)
+            .map_or(self.0.len() * 64, |w| {
+                w * 64 + self.0[w].trailing_ones() as usize
+            })
+    }
+}
+
+/// SplitMix64: the per-operation keys of the placed set's hash.
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 /// One level of the depth-first search: the state before it, the
@@ -178,36 +196,71 @@ struct Frame {
 struct Search<'a> {
     events: &'a [Event],
     placed: Bits,
+    /// A 128-bit Zobrist hash of `placed` (the XOR of its operations'
+    /// keys), kept up to date in O(1): Lowe's cache holds it instead of
+    /// the set, so a 30-minute history (10^5 operations) fits in memory
+    /// and each step costs no copy of the set. Two sets sharing a hash
+    /// would wrongly prune a branch; at 2^-128 per pair, never in practice.
+    hash: u128,
+    keys: Vec<u128>,
     /// Returned operations still to place.
     remaining: usize,
-    /// (placed set, register state) pairs already explored: Lowe's cache.
-    seen: HashSet<(Bits, Option<u64>)>,
+    /// (placed-set hash, register state) pairs already explored.
+    seen: HashSet<(u128, Option<u64>)>,
+    /// The longest order found, and how much of it the current order
+    /// still shares (extended in O(1) while the search does not back up).
     best: Vec<usize>,
+    shared_with_best: usize,
 }
 
 impl<'a> Search<'a> {
     fn new(events: &'a [Event]) -> Self {
+        let keys = (0..events.len() as u64)
+            .map(|i| (u128::from(splitmix64(2 * i)) << 64) | u128::from(splitmix64(2 * i + 1)))
+            .collect();
         Search {
             events,
             placed: Bits::new(events.len()),
+            hash: 0,
+            keys,
             remaining: events.iter().filter(|e| e.returned.is_some()).count(),
             seen: HashSet::new(),
             best: Vec::new(),
+            shared_with_best: 0,
         }
     }
 
+    fn place(&mut self, i: usize, on: bool) {
+        self.placed.set(i, on);
+        self.hash ^= self.keys[i];
+    }
+
     /// Operations that may be linearized next: not placed yet and called
-    /// before every unplaced operation returned.
+    /// before every unplaced operation returned. Events are sorted by call
+    /// time, and every event before the first unplaced one is placed, so
+    /// the scan starts there and stops at the first call after the
+    /// earliest return seen (later events return later still).
     fn candidates(&self, placed: &Bits) -> Vec<usize> {
-        let horizon = (0..self.events.len())
-            .filter(|&i| !placed.get(i))
-            .filter_map(|i| self.events[i].returned)
-            .min()
-            .unwrap_or(u64::MAX);
-        (0..self.events.len())
-            .take_while(|&i| self.events[i].called <= horizon)
-            .filter(|&i| !placed.get(i))
-            .collect()
+        let first = placed.first_unset().min(self.events.len());
+        let mut horizon = u64::MAX;
+        let mut out = Vec::new();
+        for i in first..self.events.len() {
+            let e = &self.events[i];
+            if e.called > horizon {
+                break;
+            }
+            if placed.get(i) {
+                continue;
+            }
+            if let Some(r) = e.returned {
+                horizon = horizon.min(r);
+            }
+            out.push(i);
+        }
+        // An operation called after the earliest return among the
+        // unplaced ones (found later in the scan) must wait.
+        out.retain(|&i| self.events[i].called <= horizon);
+        out
     }
 
     /// Iterative depth-first search (histories run to thousands of
@@ -228,11 +281,12 @@ impl<'a> Search<'a> {
                 // Every choice at this level failed: undo the one that led here.
                 let done = stack.pop().and_then(|f| f.placed);
                 if let Some(i) = done {
-                    self.placed.set(i, false);
+                    self.place(i, false);
                     if self.events[i].returned.is_some() {
                         self.remaining += 1;
                     }
                     order.pop();
+                    self.shared_with_best = self.shared_with_best.min(order.len());
                 }
                 continue;
             };
@@ -240,9 +294,9 @@ impl<'a> Search<'a> {
             let Some(next_state) = step(frame.state, &self.events[i].op) else {
                 continue;
             };
-            self.placed.set(i, true);
-            if !self.seen.insert((self.placed.clone(), next_state)) {
-                self.placed.set(i, false);
+            self.place(i, true);
+            if !self.seen.insert((self.hash, next_state)) {
+                self.place(i, false);
                 continue;
             }
             if self.events[i].returned.is_some() {
@@ -250,7 +304,12 @@ impl<'a> Search<'a> {
             }
             order.push(i);
             if order.len() > self.best.len() {
-                self.best = order.clone();
+                if self.shared_with_best == self.best.len() {
+                    self.best.push(i);
+                } else {
+                    self.best = order.clone();
+                }
+                self.shared_with_best = order.len();
             }
             let candidates = self.candidates(&self.placed);
             stack.push(Frame {
@@ -380,7 +439,8 @@ mod tests {
         };
         // (linearization point, call, return, op kind, value)
         let mut planned = Vec::new();
-        for i in 0..3000u64 {
+        // As many operations as a key gets in a 30-minute chaos run.
+        for i in 0..100_000u64 {
             let point = i * 10 + 5;
             let called = point - rand(40).min(point);
             let returned = point + rand(40);
