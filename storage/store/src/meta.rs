@@ -280,7 +280,12 @@ impl Meta {
                 Some(PutOptions::new().with_lease(lease)),
             ),
         ];
-        let mut conditions = vec![Compare::version(alive.clone(), CompareOp::Equal, 0)];
+        // Free; or already ours (a retry after a commit whose reply was
+        // lost); or left by this data directory's last instance.
+        let mut conditions = vec![
+            Compare::version(alive.clone(), CompareOp::Equal, 0),
+            Compare::value(alive.clone(), CompareOp::Equal, instance.to_string()),
+        ];
         if let Some(previous) = previous {
             conditions.push(Compare::value(
                 alive.clone(),

@@ -453,10 +453,12 @@ pub fn final_checks(
 /// shards: with any two storage nodes down (as many as the 4+2 code
 /// tolerates), a fresh attach still reads back every acknowledged version.
 /// Shards a node missed while it was faulted and nobody rebuilt show up
-/// here, where reads during the run rebuilt around them. Each node is down
-/// with two different partners (a stripe missing its shard on node 1 but
-/// read from node 0 reads fine with 0 and 1 down; it fails with 1 and 2
-/// down); each pair is killed, checked, and restarted.
+/// here, where reads during the run rebuilt around them: a block must be
+/// rebuilt (its data shard's node down) while the missing shard's node is
+/// up. So each node is down with two different partners (a block on node
+/// 0 whose stripe misses its shard on node 1 reads fine with 0 and 1 down,
+/// and fails with 5 and 0 down); each pair is killed, checked, and
+/// restarted.
 fn redundancy_restored(
     cluster: &Mutex<Cluster>,
     cli: &StoreCli,
@@ -491,6 +493,10 @@ fn redundancy_restored(
             read
         })();
         let addrs: Vec<std::net::SocketAddr> = {
+            if give_up.load(Ordering::Relaxed) {
+                // The run is cleaning up: nothing may start behind it.
+                bail!("given up");
+            }
             let mut c = lock(cluster);
             let c = &mut *c;
             let spawned: Vec<_> = pair.iter().map(|&i| c.stores.spawn(&c.net, i)).collect();
