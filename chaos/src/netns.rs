@@ -291,18 +291,7 @@ impl Network {
 }}
 "
         );
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &self.hosts[host].namespace,
-                "nft",
-                "-f",
-                "-",
-            ],
-            Some(&rules),
-        )
+        self.nft(host, &rules)
     }
 
     /// Installs `host`'s rules: drop input from `sources` and output to
@@ -331,6 +320,11 @@ impl Network {
             rules.push_str(&format!("    ip daddr {{ {} }} drop\n", set(destinations)));
         }
         rules.push_str("  }\n}\n");
+        self.nft(host, &rules)
+    }
+
+    /// Loads nftables `rules` in `host`'s namespace.
+    fn nft(&self, host: usize, rules: &str) -> Result<(), NetError> {
         run(
             "ip",
             &[
@@ -341,7 +335,7 @@ impl Network {
                 "-f",
                 "-",
             ],
-            Some(&rules),
+            Some(rules),
         )
     }
 
