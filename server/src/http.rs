@@ -60,6 +60,6 @@ async fn version() -> impl IntoResponse {
 async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        node.metrics.render(&node.gauges()),
+        node.render_metrics(),
     )
 }

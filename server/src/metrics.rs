@@ -3,6 +3,9 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use tessera_storage::histogram::Histogram;
+use tessera_storage::wal::WalStats;
+
 #[derive(Default)]
 pub struct Metrics {
     pub puts: AtomicU64,
@@ -29,12 +32,18 @@ pub struct Gauges {
     pub compact_revision: i64,
 }
 
+/// The disk's metrics, owned by the WAL and the backend.
+pub struct Disk<'a> {
+    pub wal: &'a WalStats,
+    pub backend_commit: &'a Histogram,
+}
+
 impl Metrics {
     pub fn inc(&self, c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn render(&self, g: &Gauges) -> String {
+    pub fn render(&self, g: &Gauges, disk: &Disk) -> String {
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, value: String| {
             let _ = writeln!(
@@ -145,10 +154,26 @@ impl Metrics {
             "The revision of the last compaction in store.",
             g.compact_revision.to_string(),
         );
+        metric(
+            "etcd_disk_wal_write_bytes_total",
+            "gauge",
+            "Total number of bytes written in WAL.",
+            get(&disk.wal.bytes),
+        );
         let _ = writeln!(
             out,
             "# HELP etcd_server_version Which version is running. 1 for 'server_version' label with current version.\n# TYPE etcd_server_version gauge\netcd_server_version{{server_version=\"{}\"}} 1",
             crate::config::ETCD_VERSION
+        );
+        disk.wal.sync_seconds.render(
+            &mut out,
+            "etcd_disk_wal_fsync_duration_seconds",
+            "The latency distributions of fsync called by WAL.",
+        );
+        disk.backend_commit.render(
+            &mut out,
+            "etcd_disk_backend_commit_duration_seconds",
+            "The latency distributions of commit called by backend.",
         );
         crate::process_metrics::render(&mut out);
         out

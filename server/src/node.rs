@@ -28,7 +28,7 @@ use crate::config::Config;
 use crate::db::{self, CF_RAFT_STATE};
 use crate::errors::EtcdError;
 use crate::lessor::Lessor;
-use crate::metrics::{Gauges, Metrics};
+use crate::metrics::{Disk, Gauges, Metrics};
 use crate::mvcc::{Store, StoreError};
 use crate::peer::{self, method, PeerClients};
 use crate::proposals::ProposalBatcher;
@@ -88,6 +88,8 @@ pub struct Node {
     /// Bounds the requests waiting for their token's Authenticate entry
     /// (each is woken on every Raft metrics change while it waits).
     token_waiters: tokio::sync::Semaphore,
+    /// The Raft log's counters and fsync latency, for `/metrics`.
+    wal_stats: Arc<tessera_storage::wal::WalStats>,
 }
 
 /// The directory of the Raft snapshot file under a data dir (as etcd's).
@@ -392,6 +394,7 @@ impl Node {
             appended: log.proposals(),
             quota_size: Mutex::new(None),
             token_waiters: tokio::sync::Semaphore::new(MAX_TOKEN_WAITERS),
+            wal_stats: log.wal_stats(),
         });
 
         let initial = node.config.initial_members()?;
@@ -899,10 +902,10 @@ impl Node {
             .or_else(|| headers.get("authorization"))?
             .to_str()
             .ok()?;
+        // Not gated on auth being enabled here: a member that has not yet
+        // applied `auth enable` either would judge the token once it has,
+        // and a token minted after that entry would then be refused.
         let index = self.auth.simple_token_index(token)?;
-        if !self.auth.store.view().enabled() {
-            return None;
-        }
         let applied = self
             .raft
             .metrics()
@@ -1118,6 +1121,15 @@ impl Node {
             self.raise_alarm(self.member_id, AlarmType::Nospace).await?;
         }
         Err(EtcdError::NoSpace.into())
+    }
+
+    /// This member's metrics in Prometheus' text format.
+    pub fn render_metrics(&self) -> String {
+        let disk = Disk {
+            wal: &self.wal_stats,
+            backend_commit: &self.store.commit_seconds,
+        };
+        self.metrics.render(&self.gauges(), &disk)
     }
 
     pub fn gauges(&self) -> Gauges {

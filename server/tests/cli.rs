@@ -4,6 +4,7 @@
 mod common;
 
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use common::{stdout, Kind, Server, TESSERA};
 
@@ -166,15 +167,12 @@ async fn snapshot_save_then_restore_starts_a_member_with_the_data() {
     );
 }
 
-/// A plain HTTP/1.1 GET on the client port; returns (status line, body).
+/// A plain HTTP/1.0 GET on the client port (so the body is not chunked);
+/// returns (status line, body).
 fn http_get(endpoint: &str, path: &str) -> (String, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(endpoint).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {endpoint}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {endpoint}\r\n\r\n").unwrap();
     let mut raw = String::new();
     s.read_to_string(&mut raw).unwrap();
     let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
@@ -219,6 +217,59 @@ async fn http_health_version_and_metrics() {
             .and_then(|v| v.parse::<f64>().ok());
         assert!(value.is_some_and(|v| v > 0.0), "{name} in:\n{body}");
     }
+}
+
+/// The `le` labels of a histogram's buckets and its `_count`, from a
+/// `/metrics` body.
+fn histogram(body: &str, name: &str) -> (Vec<String>, u64) {
+    let bucket = format!("{name}_bucket{{le=\"");
+    let les = body
+        .lines()
+        .filter_map(|l| Some(l.strip_prefix(&bucket)?.split('"').next()?.to_string()))
+        .collect();
+    let count = body
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}_count ")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    (les, count)
+}
+
+/// The disk latency histograms dashboards and alerts for etcd read (WAL
+/// fsync, backend commit) are there under etcd's names and buckets, and
+/// count the writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_latency_histograms_match_etcds() {
+    let names = [
+        "etcd_disk_wal_fsync_duration_seconds",
+        "etcd_disk_backend_commit_duration_seconds",
+    ];
+    let mut buckets = Vec::new();
+    for kind in [Kind::Etcd, Kind::Tessera] {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Server::start(kind, dir.path(), &[]).await;
+        assert!(server.etcdctl(&["put", "k", "v"]).status.success());
+        for name in names {
+            // etcd commits its backend every 100 ms, not per write.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let (les, count) = loop {
+                let (_, body) = http_get(&server.endpoint(), "/metrics");
+                let (les, count) = histogram(&body, name);
+                if count > 0 || Instant::now() > deadline {
+                    break (les, count);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            assert!(count > 0, "{kind:?}: {name} counted nothing");
+            assert_eq!(
+                les.last().map(String::as_str),
+                Some("+Inf"),
+                "{kind:?}: {name}"
+            );
+            buckets.push(les);
+        }
+    }
+    assert_eq!(buckets[..2], buckets[2..], "etcd's buckets, then Tessera's");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

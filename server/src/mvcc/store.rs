@@ -11,6 +11,7 @@ use rocksdb::{
     WriteOptions, DB,
 };
 use tessera_proto::mvccpb::{event::EventType, Event, KeyValue};
+use tessera_storage::histogram::Histogram;
 
 use super::encoding::{
     after_all_versions, key_prefix, parse_rev_key, rev_key, seek_key_at, split_version_key,
@@ -65,6 +66,9 @@ pub struct Store {
     installs: std::sync::atomic::AtomicU64,
     /// The finished compacted revision, for `--physical` compactions.
     compaction_done: tokio::sync::watch::Sender<i64>,
+    /// How long each applied batch's RocksDB write took (etcd's
+    /// `etcd_disk_backend_commit_duration_seconds`).
+    pub commit_seconds: Histogram,
 }
 
 impl Store {
@@ -77,6 +81,7 @@ impl Store {
             compaction_wanted: tokio::sync::Notify::new(),
             installs: std::sync::atomic::AtomicU64::new(0),
             compaction_done: tokio::sync::watch::Sender::new(NEVER_COMPACTED),
+            commit_seconds: Histogram::disk_latency(),
         };
         store.reload()?;
         store.publish_finished_compaction()?;
@@ -235,7 +240,9 @@ impl Store {
         let mut opts = WriteOptions::default();
         opts.set_sync(false);
         let _w = self.view_lock.write().unwrap_or_else(|p| p.into_inner());
+        let started = std::time::Instant::now();
         self.db.write_opt(batch, &opts)?;
+        self.commit_seconds.observe(started.elapsed());
         if let Some(r) = new_rev {
             self.current_rev.store(r, Ordering::SeqCst);
         }

@@ -248,6 +248,11 @@ impl LogStore {
     }
 
     /// The backend the WAL writes through (`io_uring` or `syscall`).
+    /// The WAL's counters and its write + `fdatasync` latency.
+    pub fn wal_stats(&self) -> Arc<tessera_storage::wal::WalStats> {
+        self.inner.wal.stats().clone()
+    }
+
     pub fn wal_backend(&self) -> &'static str {
         self.inner.wal.backend()
     }

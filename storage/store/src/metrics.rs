@@ -101,6 +101,11 @@ fn render(log: &ShardLog, config: &NodeConfig, stats: &NodeStats) -> String {
             "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
         );
     }
+    log.stats().sync_seconds.render(
+        &mut out,
+        "tessera_store_sync_duration_seconds",
+        "The latency distributions of the shard log's group commits (write and fdatasync).",
+    );
     out
 }
 

@@ -44,6 +44,7 @@ use tessera_proto::store::{
     log_record::Kind, CheckpointRecord, DiscardRecord, DropRecord, FenceRecord, Layout, LogRecord,
     ShardRecord, StripeId,
 };
+use tessera_storage::histogram::Histogram;
 use tessera_storage::wal::io::{Backend, IoMode};
 
 use crate::codec::{BLOCK, MAX_ROWS, MAX_SHARDS};
@@ -325,7 +326,6 @@ impl State {
 }
 
 /// Counters for `/metrics`.
-#[derive(Default)]
 pub struct LogStats {
     pub appends: AtomicU64,
     pub append_bytes: AtomicU64,
@@ -335,6 +335,23 @@ pub struct LogStats {
     /// Blocks whose checksum did not match when read.
     pub checksum_failures: AtomicU64,
     pub files_deleted: AtomicU64,
+    /// How long each group commit's write + `fdatasync` took.
+    pub sync_seconds: Histogram,
+}
+
+impl Default for LogStats {
+    fn default() -> Self {
+        LogStats {
+            appends: AtomicU64::new(0),
+            append_bytes: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
+            read_bytes: AtomicU64::new(0),
+            checksum_failures: AtomicU64::new(0),
+            files_deleted: AtomicU64::new(0),
+            sync_seconds: Histogram::disk_latency(),
+        }
+    }
 }
 
 type Reply = std::sync::mpsc::SyncSender<Result<(), LogError>>;
@@ -1160,6 +1177,7 @@ impl Writer {
         if staged.is_empty() {
             return;
         }
+        let started = std::time::Instant::now();
         let written = self.write(&buf);
         match written {
             Err(e) => {
@@ -1172,6 +1190,7 @@ impl Writer {
             }
             Ok((file, base)) => {
                 let stats = &self.inner.stats;
+                stats.sync_seconds.observe(started.elapsed());
                 stats.syncs.fetch_add(1, Ordering::Relaxed);
                 stats
                     .append_bytes

@@ -451,6 +451,11 @@ fn the_data_plane_runs_on_etcd_too() {
     let input = c.dir.path().join("input");
     random_file(&input, 16 << 20, 7);
     assert!(write_device(&input, &device).0);
+    // Every group commit's latency is on /metrics as a histogram.
+    let synced: u64 = (0..6)
+        .map(|i| c.nodes[i].metric("tessera_store_sync_duration_seconds_count"))
+        .sum();
+    assert!(synced > 0, "no shard log sync latency recorded");
     let back = c.dir.path().join("back");
     c.kill_node(5);
     assert!(read_device(&device, &back, 16 << 20).0);
