@@ -168,6 +168,7 @@ pub async fn create_volume(meta: &Meta, req: &CreateRequest) -> anyhow::Result<V
         segments: placement,
         bases: Vec::new(),
         rebuilding: Vec::new(),
+        closed_epoch: 0,
     };
     meta.create_volume(&record).await?;
     Ok(record)

@@ -6,12 +6,12 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
 use crate::attach::{self, AttachState};
-use crate::meta::{now_secs, AttachRecord, Meta, SnapshotRecord};
+use crate::meta::{now_secs, AttachRecord, LeaseGuard, Meta, SnapshotRecord};
 use crate::volume::{Volume, VolumeOptions};
 
 /// The environment variable naming the pipe the daemon reports on.
@@ -175,9 +175,9 @@ pub fn detach(run_dir: &Path, target: &Target) -> anyhow::Result<()> {
     attach::loop_detach_own(&state.device, &state.file())?;
     // SAFETY: a plain kill(2).
     unsafe { libc::kill(state.pid as libc::pid_t, libc::SIGTERM) };
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while attach::attach_daemon_alive(state.pid) {
-        if std::time::Instant::now() > deadline {
+        if Instant::now() > deadline {
             bail!(
                 "the attach daemon (process {}) did not stop within 60 s",
                 state.pid
@@ -227,6 +227,10 @@ pub async fn run(
         }
     }
 }
+
+/// How often a writer whose attach lease expired tries to record itself
+/// again.
+const RENEWAL_INTERVAL: Duration = Duration::from_secs(2);
 
 /// How often the daemon looks at the control plane for new placements,
 /// a larger size, deleted snapshots and snapshot requests.
@@ -319,6 +323,7 @@ async fn serve(
         device: &device,
         file: &mounted.file,
     };
+    let mut next_renewal = Instant::now();
     loop {
         tokio::select! {
             _ = term.recv() => break,
@@ -335,7 +340,17 @@ async fn serve(
                 if let Some(size) = attached.follow_control_plane().await {
                     record.size = size;
                     if let (Target::Volume(name), Some(lease)) = (target, &lease) {
-                        let _ = meta.set_attached(name, &record, lease.id).await;
+                        let _ = meta.update_attached(name, &record, lease.id).await;
+                    }
+                }
+                if let (Target::Volume(name), Some(old)) = (target, &lease) {
+                    if old.expired() && volume.fenced().is_none() && Instant::now() >= next_renewal {
+                        next_renewal = Instant::now() + RENEWAL_INTERVAL;
+                        match renew_record(meta, name, &record).await {
+                            Renewal::Renewed(renewed) => lease = Some(*renewed),
+                            Renewal::MovedOn => lease = None,
+                            Renewal::NotYet => {}
+                        }
                     }
                 }
             }
@@ -348,6 +363,13 @@ async fn serve(
     let flushed = volume.close().await;
     drop(mounted);
     if let (Target::Volume(name), Some(lease)) = (target, lease) {
+        // Closed cleanly: a snapshot taken without a writer need not fence
+        // this epoch first (see `snapshots::create_snapshot`).
+        if flushed.is_ok() && volume.fenced().is_none() {
+            if let Err(e) = meta.mark_closed(name, epoch).await {
+                tracing::warn!(target = %key, error = %e, "cannot record the clean close");
+            }
+        }
         lease.revoke().await;
         let _ = meta.clear_attached(name, epoch).await;
     }
@@ -355,6 +377,50 @@ async fn serve(
     flushed.context("the last flush failed")?;
     tracing::info!(target = %key, "detached");
     Ok(())
+}
+
+enum Renewal {
+    Renewed(Box<LeaseGuard>),
+    /// A newer writer attached or a snapshot fenced this one: the record
+    /// is not this writer's to keep any more.
+    MovedOn,
+    NotYet,
+}
+
+/// The writer's attach lease expired while it was cut off from the
+/// control plane, and with it the record: records it again under a new
+/// lease, unless a newer writer attached or a snapshot fenced this one
+/// meanwhile (then the nodes refuse its writes and it says so).
+async fn renew_record(meta: &Meta, name: &str, record: &AttachRecord) -> Renewal {
+    let lease = match meta.keep_lease(ATTACH_LEASE_TTL).await {
+        Ok(lease) => lease,
+        Err(e) => {
+            tracing::warn!(volume = name, error = %e, "cannot take a new attach lease yet");
+            return Renewal::NotYet;
+        }
+    };
+    match meta.reattach(name, record, lease.id).await {
+        Ok(true) => {
+            tracing::warn!(
+                volume = name,
+                "the attach lease had expired: recorded again under a new one"
+            );
+            Renewal::Renewed(Box::new(lease))
+        }
+        Ok(false) => {
+            tracing::error!(
+                volume = name,
+                "the attach lease expired and the volume moved on: not recorded again"
+            );
+            lease.revoke().await;
+            Renewal::MovedOn
+        }
+        Err(e) => {
+            tracing::warn!(volume = name, error = %e, "cannot record the writer again yet");
+            lease.revoke().await;
+            Renewal::NotYet
+        }
+    }
 }
 
 /// `attach-local`: a local file behind the attach path (FUSE file and
@@ -461,6 +527,13 @@ impl Attached<'_> {
                 .volume(volume)
                 .await?
                 .ok_or_else(|| anyhow::anyhow!("volume {volume:?} is gone"))?;
+            if record.epoch != self.volume.epoch() {
+                bail!(
+                    "this writer (epoch {}) was superseded (epoch {})",
+                    self.volume.epoch(),
+                    record.epoch
+                );
+            }
             let cut = self.volume.snapshot_point()?;
             let snap = SnapshotRecord {
                 name: name.to_string(),

@@ -124,6 +124,12 @@ pub struct VolumeRecord {
     /// `(segment, shard)`s placed on a new node that repair is filling.
     #[serde(default)]
     pub rebuilding: Vec<(u32, u32)>,
+    /// The last epoch whose writer closed the volume cleanly (everything
+    /// flushed, nothing more to come). While it is behind `epoch`, a writer
+    /// may still be out there: crashed, or cut off from the control plane
+    /// with its attach record expired but still writing to the nodes.
+    #[serde(default)]
+    pub closed_epoch: u64,
 }
 
 /// A layer a clone reads through: a volume's stripes up to a cut.
@@ -460,6 +466,22 @@ impl Meta {
     /// Raises the volume's epoch by one, atomically: two writers attaching
     /// at once get different epochs. Returns the record with the new epoch.
     pub async fn bump_epoch(&self, name: &str) -> Result<VolumeRecord, MetaError> {
+        self.bump_epoch_when(name, None).await
+    }
+
+    /// [`Meta::bump_epoch`] only while no writer is recorded (`Attached`
+    /// otherwise): for fencing a writer that is gone without racing one
+    /// that is attaching.
+    pub async fn bump_epoch_unattached(&self, name: &str) -> Result<VolumeRecord, MetaError> {
+        let unattached = Compare::version(format!("{ATTACH}{name}"), CompareOp::Equal, 0);
+        self.bump_epoch_when(name, Some(unattached)).await
+    }
+
+    async fn bump_epoch_when(
+        &self,
+        name: &str,
+        also: Option<Compare>,
+    ) -> Result<VolumeRecord, MetaError> {
         for _ in 0..20 {
             let (mut record, revision) = self
                 .volume(name)
@@ -467,12 +489,14 @@ impl Meta {
                 .ok_or_else(|| MetaError::NoSuchVolume(name.to_string()))?;
             record.epoch += 1;
             let key = format!("{VOLUMES}{name}");
+            let mut when = vec![Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                revision,
+            )];
+            when.extend(also.clone());
             let txn = Txn::new()
-                .when([Compare::mod_revision(
-                    key.clone(),
-                    CompareOp::Equal,
-                    revision,
-                )])
+                .when(when)
                 .and_then([TxnOp::put(key, encode(&record), None)]);
             let resp = self
                 .client
@@ -482,6 +506,25 @@ impl Meta {
                 .map_err(|e| self.err(e))?;
             if resp.succeeded() {
                 return Ok(record);
+            }
+        }
+        Err(MetaError::Conflict(name.to_string()))
+    }
+
+    /// Records that the writer of `epoch` closed the volume cleanly; a
+    /// no-op if a newer writer has attached since.
+    pub async fn mark_closed(&self, name: &str, epoch: u64) -> Result<(), MetaError> {
+        for _ in 0..20 {
+            let Some((mut record, revision)) = self.volume(name).await? else {
+                return Ok(());
+            };
+            if record.epoch != epoch || record.closed_epoch == epoch {
+                return Ok(());
+            }
+            record.closed_epoch = epoch;
+            match self.update_volume(&record, revision).await {
+                Err(MetaError::Conflict(_)) => continue,
+                done => return done,
             }
         }
         Err(MetaError::Conflict(name.to_string()))
@@ -506,21 +549,97 @@ impl Meta {
         Ok(())
     }
 
+    /// Rewrites the record of the writer of `record.epoch` (a larger size):
+    /// only while the record there is still that writer's, so a fenced
+    /// writer never overwrites its successor's. Whether it did.
+    pub async fn update_attached(
+        &self,
+        name: &str,
+        record: &AttachRecord,
+        lease: i64,
+    ) -> Result<bool, MetaError> {
+        let key = format!("{ATTACH}{name}");
+        let Some((current, revision)) = self.attached_at(name).await? else {
+            return Ok(false);
+        };
+        if current.epoch != record.epoch {
+            return Ok(false);
+        }
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                revision,
+            )])
+            .and_then([TxnOp::put(
+                key,
+                encode(record),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        self.txn(txn).await
+    }
+
+    /// Records the writer of `record.epoch` again under a new `lease`
+    /// after its old one expired (it was cut off from the control plane):
+    /// only while no record is there and the volume's epoch is still the
+    /// writer's (no newer writer attached, no snapshot fenced it). Whether
+    /// it did; `Conflict` if the volume kept changing otherwise (repair,
+    /// expansion), to be tried again.
+    pub async fn reattach(
+        &self,
+        name: &str,
+        record: &AttachRecord,
+        lease: i64,
+    ) -> Result<bool, MetaError> {
+        let key = format!("{ATTACH}{name}");
+        for _ in 0..20 {
+            let Some((volume, revision)) = self.volume(name).await? else {
+                return Ok(false);
+            };
+            if volume.epoch != record.epoch || self.attached_at(name).await?.is_some() {
+                return Ok(false);
+            }
+            let txn = Txn::new()
+                .when([
+                    Compare::version(key.clone(), CompareOp::Equal, 0),
+                    Compare::mod_revision(format!("{VOLUMES}{name}"), CompareOp::Equal, revision),
+                ])
+                .and_then([TxnOp::put(
+                    key.clone(),
+                    encode(record),
+                    Some(PutOptions::new().with_lease(lease)),
+                )]);
+            if self.txn(txn).await? {
+                return Ok(true);
+            }
+        }
+        Err(MetaError::Conflict(name.to_string()))
+    }
+
     /// Forgets the writer of epoch `epoch` (not a newer one).
     pub async fn clear_attached(&self, name: &str, epoch: u64) -> Result<(), MetaError> {
-        if let Some(current) = self.attached(name).await? {
+        let key = format!("{ATTACH}{name}");
+        if let Some((current, revision)) = self.attached_at(name).await? {
             if current.epoch == epoch {
-                self.client
-                    .clone()
-                    .delete(format!("{ATTACH}{name}"), None)
-                    .await
-                    .map_err(|e| self.err(e))?;
+                let txn = Txn::new()
+                    .when([Compare::mod_revision(
+                        key.clone(),
+                        CompareOp::Equal,
+                        revision,
+                    )])
+                    .and_then([TxnOp::delete(key, None)]);
+                self.txn(txn).await?;
             }
         }
         Ok(())
     }
 
     pub async fn attached(&self, name: &str) -> Result<Option<AttachRecord>, MetaError> {
+        Ok(self.attached_at(name).await?.map(|(record, _)| record))
+    }
+
+    /// The attach record of `name` and the revision it was last written at.
+    async fn attached_at(&self, name: &str) -> Result<Option<(AttachRecord, i64)>, MetaError> {
         let resp = self
             .client
             .clone()
@@ -529,7 +648,7 @@ impl Meta {
             .map_err(|e| self.err(e))?;
         resp.kvs()
             .first()
-            .map(|kv| decode(kv.key(), kv.value()))
+            .map(|kv| Ok((decode(kv.key(), kv.value())?, kv.mod_revision())))
             .transpose()
     }
 

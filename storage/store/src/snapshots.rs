@@ -6,7 +6,9 @@
 //! control plane (`snapreq/<volume>/<name>`) and taken between two of its
 //! writes; otherwise the volume's stripes are all there is, and the cut is
 //! everything up to its last writer's epoch, recorded in one transaction
-//! that fails if a writer attaches meanwhile.
+//! that fails if a writer attaches meanwhile. That last writer must have
+//! closed the volume cleanly; if it did not, it is fenced first
+//! ([`fence_unclosed_writer`]).
 
 use std::time::{Duration, Instant};
 
@@ -15,6 +17,7 @@ use serde::Serialize;
 
 use crate::cli::{check_name, format_size, placement_for, table};
 use crate::meta::{now_secs, Base, Meta, MetaError, SnapshotRecord, VolumeRecord};
+use crate::volume::{Volume, VolumeError, VolumeOptions};
 
 /// How long `snapshot create` waits for an attached volume's writer.
 pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -47,6 +50,13 @@ pub async fn create_snapshot(
                 ),
             }
         }
+        if record.closed_epoch != record.epoch {
+            if Instant::now() >= deadline {
+                bail!("volume {volume:?} kept changing while its last writer was fenced for snapshot {name:?}");
+            }
+            fence_unclosed_writer(meta, volume, deadline).await?;
+            continue;
+        }
         let snap = SnapshotRecord {
             name: name.to_string(),
             volume: volume.to_string(),
@@ -64,6 +74,38 @@ pub async fn create_snapshot(
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// The volume's last writer did not close it cleanly: it crashed, or its
+/// attach record expired while it was cut off from the control plane and
+/// it still writes to the nodes. A cut at its epoch would then take in
+/// what it writes later, and it would discard stripes the snapshot needs,
+/// not knowing of it. So the volume is opened and closed here as a writer
+/// of its own (a new epoch, the nodes fenced, unreadable stripes dropped)
+/// and that epoch recorded as closed: the cut is then final.
+async fn fence_unclosed_writer(meta: &Meta, volume: &str, deadline: Instant) -> anyhow::Result<()> {
+    tracing::info!(
+        volume,
+        "the last writer did not close the volume: fencing it"
+    );
+    let left = deadline.saturating_duration_since(Instant::now());
+    let fence = async {
+        let opened = Volume::open_unattached(meta, volume, VolumeOptions::default()).await?;
+        opened.close().await?;
+        meta.mark_closed(volume, opened.epoch()).await?;
+        Ok::<_, VolumeError>(())
+    };
+    let why = match tokio::time::timeout(left, fence).await {
+        Ok(Ok(())) => return Ok(()),
+        // A writer attached, or another fencer bumped past this one: the
+        // caller looks again.
+        Ok(Err(VolumeError::Fenced(_) | VolumeError::Meta(MetaError::Conflict(_)))) => {
+            return Ok(())
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("not done within {left:?}"),
+    };
+    bail!("volume {volume:?} was not detached cleanly and its last writer cannot be fenced: {why}")
 }
 
 /// Asks the attached writer of `volume` for snapshot `name` and waits for
@@ -197,6 +239,7 @@ async fn clone_from(
             segments: placement,
             bases,
             rebuilding: Vec::new(),
+            closed_epoch: 0,
         };
         match meta.create_clone(&record, snapshot, lineage).await {
             Ok(()) => return Ok(record),

@@ -391,6 +391,25 @@ impl Volume {
             return Err(VolumeError::NoSuchVolume(name.to_string()));
         }
         let record = meta.bump_epoch(name).await?;
+        Self::open_at_epoch(meta, record, options).await
+    }
+
+    /// [`Volume::open`] only while no writer is recorded (the epoch bump
+    /// checks it): fences a writer that is gone, never one attaching.
+    pub async fn open_unattached(
+        meta: &Meta,
+        name: &str,
+        options: VolumeOptions,
+    ) -> Result<Volume, VolumeError> {
+        let record = meta.bump_epoch_unattached(name).await?;
+        Self::open_at_epoch(meta, record, options).await
+    }
+
+    async fn open_at_epoch(
+        meta: &Meta,
+        record: VolumeRecord,
+        options: VolumeOptions,
+    ) -> Result<Volume, VolumeError> {
         let cuts = meta.snapshot_cuts(record.id).await?;
         let opening = Opening {
             epoch: record.epoch,

@@ -158,6 +158,102 @@ fn snapshots_hold_a_flush_point_and_cost_no_io() {
     cluster.detach("gen");
 }
 
+/// A writer whose attach lease expired records itself again under a new
+/// one. A writer whose record vanished while it still writes (as when it
+/// is cut off from the control plane past its lease; here the record is
+/// deleted) is fenced by a snapshot taken without it: the snapshot holds
+/// what the writer had flushed, and nothing the writer does later lands
+/// in it or takes from it. A volume detached cleanly is not fenced.
+#[test]
+fn a_snapshot_without_a_recorded_writer_fences_it() {
+    let mut cluster = Cluster::start(ControlPlaneKind::Tessera, 6);
+    cluster.create("orphan", "16MiB", &[]);
+    let device = cluster.attach("orphan");
+    let region = 4 * MIB;
+    let blocks = (region / 4096) as u64;
+    let dir = cluster.dir.path().to_path_buf();
+    let first = dir.join("gen1");
+    generation_file(&first, blocks, 1);
+    write_device(&first, &device);
+    let etcdctl = |args: &[&str]| {
+        let out = std::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &cluster.endpoints()])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let record_lease = || {
+        let got = etcdctl(&["get", "/tessera/store/attach/orphan", "-w", "json"]);
+        let got: serde_json::Value = serde_json::from_str(&got).ok()?;
+        got["kvs"][0]["lease"].as_i64()
+    };
+
+    // Its lease ends (as when it expires): the writer records itself again
+    // under a new one.
+    let lease = record_lease().expect("no attach record");
+    etcdctl(&["lease", "revoke", &format!("{lease:x}")]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match record_lease() {
+            Some(renewed) if renewed != lease => break,
+            _ => assert!(
+                Instant::now() < deadline,
+                "the attach record was not renewed"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The record vanishes without the writer knowing.
+    assert_eq!(etcdctl(&["del", "/tessera/store/attach/orphan"]), "1");
+    let attach_log = || {
+        std::fs::read_to_string(cluster.run_dir().join("orphan").join("attach.log"))
+            .unwrap_or_default()
+    };
+    assert!(!attach_log().contains("fenced"), "{}", attach_log());
+
+    cluster.ok(&["snapshot", "create", "orphan", "orphan-snap"]);
+    let second = dir.join("gen2");
+    generation_file(&second, blocks, 2);
+    let (wrote, _) = try_sh(&format!(
+        "dd if={} of={device} bs=1M oflag=direct conv=fsync,notrunc status=none",
+        second.display()
+    ));
+    assert!(!wrote, "the writer wrote on after the snapshot");
+    let log = attach_log();
+    assert!(log.contains("fenced"), "the writer was not fenced:\n{log}");
+
+    let snap_device = cluster.attach_snapshot("orphan-snap");
+    let out = dir.join("snap.read");
+    read_device(&snap_device, &out, region);
+    let data = std::fs::read(&out).unwrap();
+    assert_eq!(whole_generation(&data), Ok(1));
+    cluster.detach_snapshot("orphan-snap");
+
+    // A volume detached cleanly is snapshotted without opening it.
+    cluster.create("clean", "16MiB", &[]);
+    let clean = cluster.attach("clean");
+    write_device(&first, &clean);
+    cluster.detach("clean");
+    cluster.ok(&["snapshot", "create", "clean", "clean-snap"]);
+    let epoch = |name: &str| {
+        let info = cluster.ok(&["volume", "info", name, "-o", "json"]);
+        serde_json::from_str::<serde_json::Value>(&info).unwrap()["epoch"].as_u64()
+    };
+    assert_eq!(
+        epoch("clean"),
+        Some(1),
+        "a cleanly closed volume was fenced"
+    );
+    assert_eq!(
+        epoch("orphan"),
+        Some(2),
+        "the orphaned writer's epoch was not fenced"
+    );
+}
+
 /// Clones from a snapshot and from a live volume are independent of their
 /// sources and of each other, outlive them, and every byte's space comes
 /// back once all are deleted.
