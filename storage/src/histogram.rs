@@ -1,7 +1,7 @@
 //! A latency histogram rendered in Prometheus' text format, with fixed
 //! bucket bounds as Prometheus' Go client makes them (so the series read
-//! like etcd's: same names, same `le` labels). Lock-free: recording is one
-//! atomic add per bucket hit plus two for the sum and count.
+//! like etcd's: same names, same `le` labels). Lock-free: recording is two
+//! atomic adds, the bucket's count and the sum.
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -247,12 +247,12 @@ impl LogStore {
         Ok(None)
     }
 
-    /// The backend the WAL writes through (`io_uring` or `syscall`).
     /// The WAL's counters and its write + `fdatasync` latency.
     pub fn wal_stats(&self) -> Arc<tessera_storage::wal::WalStats> {
         self.inner.wal.stats().clone()
     }
 
+    /// The backend the WAL writes through (`io_uring` or `syscall`).
     pub fn wal_backend(&self) -> &'static str {
         self.inner.wal.backend()
     }

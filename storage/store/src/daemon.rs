@@ -527,13 +527,6 @@ impl Attached<'_> {
                 .volume(volume)
                 .await?
                 .ok_or_else(|| anyhow::anyhow!("volume {volume:?} is gone"))?;
-            if record.epoch != self.volume.epoch() {
-                bail!(
-                    "this writer (epoch {}) was superseded (epoch {})",
-                    self.volume.epoch(),
-                    record.epoch
-                );
-            }
             let cut = self.volume.snapshot_point()?;
             let snap = SnapshotRecord {
                 name: name.to_string(),
@@ -545,15 +538,24 @@ impl Attached<'_> {
                 bases: record.bases,
                 deleted: false,
             };
-            if let Err(e) = meta.create_snapshot(&snap).await {
-                self.volume.release_cut(cut);
-                return Err(e.into());
+            match meta
+                .create_writer_snapshot(&snap, self.volume.epoch())
+                .await
+            {
+                Ok(true) => anyhow::Ok(Some(cut)),
+                Ok(false) => {
+                    self.volume.release_cut(cut);
+                    Ok(None)
+                }
+                Err(e) => {
+                    self.volume.release_cut(cut);
+                    Err(e.into())
+                }
             }
-            anyhow::Ok(cut)
         }
         .await;
         match outcome {
-            Ok(cut) => {
+            Ok(Some(cut)) => {
                 tracing::info!(
                     snapshot = name,
                     epoch = cut.0,
@@ -561,6 +563,14 @@ impl Attached<'_> {
                     "snapshot taken"
                 );
                 let _ = meta.clear_snapshot_request(volume, name).await;
+            }
+            // This writer is not the recorded one (superseded, or its
+            // lease lapsed): the request is left to whoever writes now.
+            Ok(None) => {
+                tracing::debug!(
+                    snapshot = name,
+                    "not the recorded writer: snapshot request left alone"
+                )
             }
             Err(e) => {
                 tracing::warn!(snapshot = name, error = %format!("{e:#}"), "cannot take a snapshot");

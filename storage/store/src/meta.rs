@@ -469,7 +469,7 @@ impl Meta {
         self.bump_epoch_when(name, None).await
     }
 
-    /// [`Meta::bump_epoch`] only while no writer is recorded (`Attached`
+    /// [`Meta::bump_epoch`] only while no writer is recorded (`Conflict`
     /// otherwise): for fencing a writer that is gone without racing one
     /// that is attaching.
     pub async fn bump_epoch_unattached(&self, name: &str) -> Result<VolumeRecord, MetaError> {
@@ -506,6 +506,9 @@ impl Meta {
                 .map_err(|e| self.err(e))?;
             if resp.succeeded() {
                 return Ok(record);
+            }
+            if also.is_some() && self.attached_at(name).await?.is_some() {
+                break; // That compare cannot succeed while a writer is recorded.
             }
         }
         Err(MetaError::Conflict(name.to_string()))
@@ -679,23 +682,41 @@ impl Meta {
             .transpose()
     }
 
-    /// Creates a snapshot record; refused if the name is taken.
-    pub async fn create_snapshot(&self, record: &SnapshotRecord) -> Result<(), MetaError> {
+    /// Records a snapshot the writer of `epoch` took, only while the
+    /// volume's attach record is that writer's: a fencing open needs no
+    /// record there, so it either sees this snapshot's cut or never
+    /// starts before it. `Ok(false)`: the record is not this writer's
+    /// (superseded, or lapsed with its lease). Refused if the name is
+    /// taken.
+    pub async fn create_writer_snapshot(
+        &self,
+        record: &SnapshotRecord,
+        epoch: u64,
+    ) -> Result<bool, MetaError> {
         let key = format!("{SNAPSHOTS}{}", record.name);
-        let txn = Txn::new()
-            .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key, encode(record), None)]);
-        let resp = self
-            .client
-            .clone()
-            .txn(txn)
-            .await
-            .map_err(|e| self.err(e))?;
-        if resp.succeeded() {
-            Ok(())
-        } else {
-            Err(MetaError::SnapshotExists(record.name.clone()))
+        let Some((writer, revision)) = self.attached_at(&record.volume).await? else {
+            return Ok(false);
+        };
+        if writer.epoch != epoch {
+            return Ok(false);
         }
+        let txn = Txn::new()
+            .when([
+                Compare::version(key.clone(), CompareOp::Equal, 0),
+                Compare::mod_revision(
+                    format!("{ATTACH}{}", record.volume),
+                    CompareOp::Equal,
+                    revision,
+                ),
+            ])
+            .and_then([TxnOp::put(key, encode(record), None)]);
+        if self.txn(txn).await? {
+            return Ok(true);
+        }
+        if self.snapshot(&record.name).await?.is_some() {
+            return Err(MetaError::SnapshotExists(record.name.clone()));
+        }
+        Ok(false)
     }
 
     /// The cuts that snapshots (hidden ones included) hold on volume `id`:

@@ -98,12 +98,15 @@ async fn fence_unclosed_writer(meta: &Meta, volume: &str, deadline: Instant) -> 
     let why = match tokio::time::timeout(left, fence).await {
         Ok(Ok(())) => return Ok(()),
         // A writer attached, or another fencer bumped past this one: the
-        // caller looks again.
+        // caller looks again, after giving that one time to finish (two
+        // fencers bumping at once would cut each other off for good).
         Ok(Err(VolumeError::Fenced(_) | VolumeError::Meta(MetaError::Conflict(_)))) => {
-            return Ok(())
+            let pause = Duration::from_millis(500 + rand::random::<u64>() % 1000);
+            tokio::time::sleep(pause.min(left)).await;
+            return Ok(());
         }
         Ok(Err(e)) => e.to_string(),
-        Err(_) => format!("not done within {left:?}"),
+        Err(_) => format!("not done within {} s", left.as_secs()),
     };
     bail!("volume {volume:?} was not detached cleanly and its last writer cannot be fenced: {why}")
 }

@@ -685,7 +685,7 @@ impl Volume {
     fn set_fenced(&self, why: String) {
         let mut f = self.inner.fenced.lock().unwrap_or_else(|p| p.into_inner());
         if f.is_none() {
-            tracing::error!(volume = %self.inner.name, %why, "this writer was fenced: another writer attached");
+            tracing::error!(volume = %self.inner.name, %why, "this writer was fenced: a newer writer, or a snapshot fencing a writer it found gone, took over");
             *f = Some(why);
         }
         drop(f);
